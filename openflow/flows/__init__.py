@@ -1,0 +1,1 @@
+"""Flows: one protocol (``base.Flow``), couplings, canonical transformations, continuous flows, priors."""

@@ -1,0 +1,1 @@
+"""Engine adapters (installed as ``openflow.plugins``)."""

@@ -1,0 +1,1 @@
+"""Optional TorchForce export, available only where ``openmmtorch`` imports."""

@@ -49,18 +49,20 @@ def coulomb_cluster(n: int = 6, dim: int = 2, temperature=1.0, mass: float = 1.0
     for _ in range(n):
         system.addParticle(mass)
 
+    # All pairs as bonds: for the small n of interest this is ~60x faster per evaluation on the
+    # Reference platform than a CustomNonbondedForce, and in 2D it lets the distance ignore z.
     if dim == 3:
-        pairs = openmm.CustomNonbondedForce("1/r")
-        pairs.setNonbondedMethod(openmm.CustomNonbondedForce.NoCutoff)
-        for _ in range(n):
-            pairs.addParticle([])
+        pairs = openmm.CustomBondForce("1/r")
         trap = openmm.CustomExternalForce("x^2+y^2+z^2")
     else:
         pairs = openmm.CustomCompoundBondForce(2, "1/sqrt((x2-x1)^2+(y2-y1)^2)")
-        for i in range(n):
-            for j in range(i + 1, n):
-                pairs.addBond([i, j], [])
         trap = openmm.CustomExternalForce("x^2+y^2")
+    for i in range(n):
+        for j in range(i + 1, n):
+            if dim == 3:
+                pairs.addBond(i, j, [])
+            else:
+                pairs.addBond([i, j], [])
     for i in range(n):
         trap.addParticle(i, [])
     system.addForce(pairs)

@@ -1,0 +1,226 @@
+"""The ``openflow`` command.
+
+Subcommands live in a registry: each is one small function taking the parsed arguments, plus
+an optional function adding its arguments to its parser. A new subcommand is added with::
+
+    def _train_arguments(parser): parser.add_argument("config")
+
+    @subcommand("train", "train a flow", _train_arguments)
+    def train(args): ...
+
+Bad input (``ValueError``, ``TypeError``, missing files and other ``OSError``s, argparse errors)
+ends with one line on stderr and exit status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import platform as python_platform
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+USAGE_ERROR = 2
+
+
+class UsageError(Exception):
+    """Bad command-line input found after parsing; reported in one line with exit status 2."""
+
+
+@dataclass
+class Subcommand:
+    name: str
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None] | None
+    run: Callable[[argparse.Namespace], int | None]
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {}
+
+
+def subcommand(name: str, help: str, arguments: Callable[[argparse.ArgumentParser], None] | None = None):
+    """Register the decorated function ``run(args) -> exit status | None`` as ``openflow NAME``."""
+
+    def register(run):
+        SUBCOMMANDS[name] = Subcommand(name, help, arguments, run)
+        return run
+
+    return register
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are a single line (no usage block)."""
+
+    def error(self, message):
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="openflow", description="Normalizing flows, canonical transformations and learned CVs for OpenMM.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, command in SUBCOMMANDS.items():
+        sub = commands.add_parser(name, help=command.help, description=command.help)
+        if command.arguments is not None:
+            command.arguments(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``openflow`` with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return USAGE_ERROR
+        return SUBCOMMANDS[args.command].run(args) or 0
+    except SystemExit as done:  # --help
+        return done.code if isinstance(done.code, int) else 0
+    except UsageError as error:
+        print(f"{error}", file=sys.stderr)
+    except BrokenPipeError:  # output piped into a closed reader, e.g. `openflow info | head -1`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except (ValueError, TypeError, OSError) as error:
+        print(f"openflow: error: {error}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("openflow: interrupted", file=sys.stderr)
+        return 130
+    return USAGE_ERROR
+
+
+# ----------------------------------------------------------------------------- info
+
+
+def _info_arguments(parser):
+    parser.add_argument("--json", action="store_true", help="print the information as JSON")
+
+
+def environment() -> dict:
+    """Versions, OpenMM platforms and the torch device, as a flat-ish dict."""
+    import mdtraj
+    import numpy
+    import openmm
+    import torch
+
+    import openflow
+    from openflow.plugins.openmm import available_platforms
+
+    cuda = torch.cuda.is_available()
+    return {
+        "versions": {
+            "openflow": openflow.__version__,
+            "openmm": openmm.__version__,
+            "torch": torch.__version__,
+            "mdtraj": mdtraj.__version__,
+            "numpy": numpy.__version__,
+            "python": python_platform.python_version(),
+        },
+        "openmm_platforms": available_platforms(),
+        "openmm_plugin_load_failures": list(openmm.Platform.getPluginLoadFailures()),
+        "torch_cuda_available": cuda,
+        "torch_device": torch.cuda.get_device_name(0) if cuda else "cpu",
+    }
+
+
+@subcommand("info", "print versions, OpenMM platforms and the torch device", _info_arguments)
+def info(args):
+    facts = environment()
+    if args.json:
+        print(json.dumps(facts, indent=2))
+        return
+    for name, version in facts["versions"].items():
+        print(f"{name:10s} {version}")
+    print(f"OpenMM platforms: {', '.join(facts['openmm_platforms'])}")
+    if facts["openmm_plugin_load_failures"]:
+        print(f"  ({len(facts['openmm_plugin_load_failures'])} OpenMM plugins did not load; `openflow info --json` says why)")
+    print(f"torch device: {facts['torch_device']} (CUDA available: {'yes' if facts['torch_cuda_available'] else 'no'})")
+
+
+# ----------------------------------------------------------------------------- simulate
+
+# Command-line options that are passed to the system builder when it takes them.
+SYSTEM_OPTIONS = ("solvent", "forcefield", "constraints", "n", "dim", "boundary")
+
+
+def _simulate_arguments(parser):
+    from openflow.systems import BUILDERS
+
+    system = parser.add_argument_group("system")
+    system.add_argument("--system", required=True, choices=sorted(BUILDERS), help="which system to build")
+    system.add_argument("--solvent", choices=("vacuum", "implicit"), help="alanine dipeptide: vacuum or OBC2 implicit solvent")
+    system.add_argument("--forcefield", help="alanine dipeptide: amber99sbildn (default), amber14, ff96")
+    system.add_argument("--constraints", choices=("none", "hbonds"), help="alanine dipeptide: bond constraints (default none)")
+    system.add_argument("--n", type=int, help="harmonic chain / Coulomb cluster: number of particles")
+    system.add_argument("--dim", type=int, choices=(2, 3), help="Coulomb cluster: 2 or 3 dimensions")
+    system.add_argument("--boundary", choices=("fixed-fixed", "fixed-free"), help="harmonic chain: boundary condition")
+    heat = system.add_mutually_exclusive_group()
+    heat.add_argument("--temperature", type=float, help="temperature in K")
+    heat.add_argument("--kT", type=float, help="reduced temperature kT in kJ/mol (model systems: default 1)")
+
+    run = parser.add_argument_group("run")
+    length = run.add_mutually_exclusive_group(required=True)
+    length.add_argument("--ns", type=float, help="simulated time in ns (reduced systems: 1 ps is the time unit)")
+    length.add_argument("--steps", type=int, help="number of production steps")
+    run.add_argument("--out", required=True, help="output folder")
+    run.add_argument("--interval", type=int, help="steps between saved frames (default: one frame per ps)")
+    run.add_argument("--platform", help="OpenMM platform (default: automatic, by measurement)")
+    run.add_argument("--seed", type=int, help="random seed (velocities and Langevin noise)")
+    run.add_argument("--timestep", type=float, help="time step in ps (default: 1 fs, 2 fs with hbonds, 0.01 ps for model systems)")
+    run.add_argument("--friction", type=float, help="Langevin friction in 1/ps (default 1)")
+    run.add_argument("--equilibration-steps", type=int, help="unsaved steps after minimisation (default: 10 ps worth)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def system_from_args(args):
+    """Build ``args.system`` with the system options given on the command line.
+
+    An option the chosen builder does not take is a ``UsageError``; ``--temperature`` is in K,
+    ``--kT`` in kJ/mol (both reach the builder's ``temperature``).
+    """
+    import openmm.unit as unit
+
+    from openflow.systems import BUILDERS, build
+
+    given = {name: getattr(args, name) for name in SYSTEM_OPTIONS if getattr(args, name) is not None}
+    if args.temperature is not None:
+        given["temperature"] = args.temperature * unit.kelvin
+    if args.kT is not None:
+        given["temperature"] = args.kT
+    accepted = inspect.signature(BUILDERS[args.system]).parameters
+    foreign = sorted(name for name in given if name not in accepted)
+    if foreign:
+        flags = ", ".join("--temperature/--kT" if name == "temperature" else f"--{name}" for name in foreign)
+        raise UsageError(f"openflow simulate: {flags} {'does' if len(foreign) == 1 else 'do'} not apply to --system {args.system}")
+    if given.get("constraints") == "none":
+        given["constraints"] = None
+    return build(args.system, **given)
+
+
+@subcommand("simulate", "run Langevin MD of a system; write DCD + PDB + energy log", _simulate_arguments)
+def simulate(args):
+    from openflow.data import simulate as run_simulation
+
+    system = system_from_args(args)
+    result = run_simulation(
+        system,
+        steps=args.steps,
+        ns=args.ns,
+        interval=args.interval,
+        out=args.out,
+        seed=args.seed,
+        platform=args.platform,
+        timestep=args.timestep,
+        friction=args.friction,
+        equilibration_steps=args.equilibration_steps,
+        progress=not args.no_progress,
+    )
+    print(f"{result.n_frames} frames ({result.steps} steps of {result.timestep_ps:g} ps) on {result.platform}: {result.ns_per_day:.1f} ns/day")
+    for label, path in (("trajectory", result.trajectory), ("topology", result.topology), ("energies", result.energies), ("settings", result.metadata)):
+        print(f"  {label:10s} {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -22,7 +22,16 @@ import torch
 from tqdm.auto import tqdm
 
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "config", "step", "n_skipped", "rng", "data")
-_OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+def _lbfgs(params, lr: float, weight_decay: float) -> torch.optim.LBFGS:
+    """One L-BFGS iteration (with a strong-Wolfe line search) per Trainer step: for deterministic
+    objectives, e.g. a fixed moment-matched batch or full-batch maximum likelihood."""
+    if weight_decay:
+        raise ValueError("weight_decay is not supported with optimizer='lbfgs'")
+    return torch.optim.LBFGS(params, lr=lr, max_iter=1, max_eval=25, history_size=50, line_search_fn="strong_wolfe",
+                             tolerance_grad=0.0, tolerance_change=0.0)
+
+
+_OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "lbfgs": _lbfgs}
 _SCHEDULES = ("none", "cosine", "step")
 
 
@@ -236,7 +245,8 @@ class Trainer:
     data: ``None`` (energy-based: ``batch is None``), a tensor ``(N, ...)`` or tuple of tensors
         (shuffled into minibatches of ``batch_size`` every epoch, moved to the device once), or
         an iterable such as a ``DataLoader`` (batches moved to the device, restarted when spent).
-    optimizer: ``"adam"`` or ``"adamw"`` with ``lr`` and ``weight_decay``.
+    optimizer: ``"adam"`` or ``"adamw"`` with ``lr`` and ``weight_decay``, or ``"lbfgs"`` (one iteration
+        with a strong-Wolfe line search per step; for deterministic losses, e.g. full-batch).
     schedule: ``"none"``, ``"cosine"`` (to ``min_lr`` over ``total_steps``) or ``"step"``
         (multiply by ``gamma`` every ``step_size`` steps).
     grad_clip: maximal global gradient norm, or ``None``.
@@ -443,7 +453,10 @@ class Trainer:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip))
             ok = math.isfinite(grad_norm)
         if ok:
-            self.optimizer.step()
+            if isinstance(self.optimizer, torch.optim.LBFGS):
+                self.optimizer.step(lambda: self._reevaluate(batch))
+            else:
+                self.optimizer.step()
             if self.scheduler is not None:
                 self.scheduler.step()
         else:
@@ -458,6 +471,14 @@ class Trainer:
             raise ValueError(f"metric names {clash} are reserved by the Trainer")
         record.update(metrics)
         return {key: _json_value(value) for key, value in record.items()}
+
+    def _reevaluate(self, batch) -> torch.Tensor:
+        """Loss and gradient on the same batch, for optimizers that evaluate several times a step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        out = self.loss_fn(self.model, batch)
+        loss = out[0] if isinstance(out, tuple) else out
+        loss.backward()
+        return loss
 
     def fit(self, steps: int, resume: bool = False) -> list[dict]:
         """Train until ``self.step == steps`` (the total, counting steps done before a resume).

@@ -284,3 +284,26 @@ def test_set_seed_and_resolve_device():
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             assert resolve_device("cuda").type == "cuda"
+
+
+def test_lbfgs_reaches_the_exact_maximum_likelihood_of_a_full_batch(tmp_path):
+    """Full-batch NLL of a diagonal Gaussian: the optimum is the sample mean and (biased) std."""
+    torch.manual_seed(3)
+    data = torch.randn(500, 3, dtype=torch.float64) * torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64) + 1.0
+
+    class Gaussian(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mean = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+            self.log_std = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+
+        def log_prob(self, x):
+            return torch.distributions.Normal(self.mean, self.log_std.exp()).log_prob(x).sum(1)
+
+    model = Gaussian()
+    trainer = Trainer(model, lambda m, _: -m.log_prob(data).mean(), optimizer="lbfgs", lr=1.0,
+                      device="cpu", out_dir=tmp_path, progress=False)
+    trainer.fit(40)
+    torch.testing.assert_close(model.mean.detach(), data.mean(0), rtol=0, atol=1e-8)
+    torch.testing.assert_close(model.log_std.exp().detach(), data.std(0, unbiased=False), rtol=0, atol=1e-8)
+    assert (tmp_path / "checkpoint.pt").exists()

@@ -222,5 +222,25 @@ def simulate(args):
         print(f"  {label:10s} {path}")
 
 
+
+# ----------------------------------------------------------------------------- run
+
+
+def _run_arguments(parser):
+    parser.add_argument("workflow", help="workflow file (YAML), e.g. workflows/harmonic_chain.yaml")
+    parser.add_argument("--out", required=True, help="output folder (metrics.json, plots, checkpoints, config.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting, dotted for nested ones (e.g. --set mle.steps=50); repeatable")
+
+
+@subcommand("run", "run an end-to-end workflow file; write metrics.json, plots and checkpoints", _run_arguments)
+def run(args):
+    from openflow.workflows import parse_overrides, run as run_workflow
+
+    metrics = run_workflow(args.workflow, args.out, parse_overrides(args.set))
+    print(json.dumps(metrics, indent=2, sort_keys=True))
+    print(f"wrote {os.path.join(args.out, 'metrics.json')}")
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -110,3 +110,13 @@ def test_slow_modes_sorted_slowest_first():
     assert order.tolist() == np.argsort(OMEGA.numpy()).tolist() == [1, 3, 2, 0]
     torch.testing.assert_close(omega_sorted, OMEGA[[1, 3, 2, 0]])
     torch.testing.assert_close(prior.omega.detach(), OMEGA)
+
+
+def test_moment_matched_normal_has_exact_first_and_second_moments():
+    from openflow.flows.priors import moment_matched_normal
+
+    eps = moment_matched_normal(300, 7, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(eps.mean(0), torch.zeros(7, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(eps.T @ eps / 300, torch.eye(7, dtype=torch.float64), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError):
+        moment_matched_normal(5, 7)

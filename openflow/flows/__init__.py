@@ -1,1 +1,23 @@
 """Flows: one protocol (``base.Flow``), couplings, canonical transformations, continuous flows, priors."""
+from .base import BoltzmannGenerator, Flow, InverseFlow, SequentialFlow
+from .cnf import ContinuousFlow, MLPPotential, MLPVelocity, MongeAmpereFlow, SymmetricPotential
+from .coupling import ActNorm, AffineCoupling, real_nvp
+from .internal import InternalCoordinates, InternalCoordinatesFlow, ZMatrix, alanine_dipeptide_zmatrix, zmatrix_from_topology
+from .linear import LinearExp
+from .priors import LatentHarmonicPrior, StandardNormal, moment_matched_normal
+from .symplectic import (
+    CanonicalSequential,
+    HamiltonianFlow,
+    LinearSymplectic,
+    NeuralCanonicalTransformation,
+    PointTransformation,
+    SymplecticScaling,
+)
+
+__all__ = [
+    "ActNorm", "AffineCoupling", "BoltzmannGenerator", "CanonicalSequential", "ContinuousFlow", "Flow",
+    "HamiltonianFlow", "InternalCoordinates", "InternalCoordinatesFlow", "InverseFlow", "LatentHarmonicPrior", "LinearExp", "LinearSymplectic", "MLPPotential",
+    "MLPVelocity", "MongeAmpereFlow", "NeuralCanonicalTransformation", "PointTransformation", "SequentialFlow",
+    "StandardNormal", "SymmetricPotential", "SymplecticScaling", "ZMatrix", "alanine_dipeptide_zmatrix", "moment_matched_normal", "real_nvp",
+    "zmatrix_from_topology",
+]

@@ -1,0 +1,1016 @@
+"""Batched potential energies of an OpenMM ``System`` in pure torch.
+
+``TorchEnergy(system)(x)`` maps active coordinates ``x`` ``(B, d)`` nm to reduced energies
+``u = E / kT`` ``(B,)``, vectorised over the batch and over the terms of every force, and
+differentiable by autograd (forces ``= -du/dx``), on CPU and CUDA, in float32 or float64. Every
+number comes from the ``openmm.System`` itself; only the force groups in
+``System.energy_groups()`` count. Translated forces:
+
+- ``HarmonicBondForce``, ``HarmonicAngleForce``, ``PeriodicTorsionForce``;
+- ``NonbondedForce`` with ``NoCutoff``: Coulomb + Lennard-Jones (Lorentz-Berthelot), exceptions
+  with their own ``chargeProd``/``sigma``/``epsilon``, excluded pairs left out;
+- ``GBSAOBCForce`` (OBC2 as in OpenMM's ``ReferenceObc.cpp``, ACE surface term included);
+- ``CustomBondForce``, ``CustomAngleForce``, ``CustomTorsionForce``, ``CustomExternalForce``,
+  ``CustomCompoundBondForce``, ``CustomNonbondedForce`` (``NoCutoff``) and ``CustomGBForce``
+  (``NoCutoff``, e.g. ``openmm.app``'s ``implicit/obc2.xml``): their Lepton expressions are parsed
+  here (same grammar and precedence as Lepton, ``;`` definitions included) and evaluated in
+  torch with the global and per-term parameters substituted;
+- ``CMMotionRemover`` and ``AndersenThermostat`` contribute no energy.
+
+Anything else (cutoffs, periodic boxes, tabulated functions, virtual sites, other force types)
+raises ``NotImplementedError`` naming the force; ``batched_energy(system)`` then warns loudly and
+falls back to the per-configuration OpenMM bridge. Non-finite energies (overlapping atoms, NaN
+input) become ``u = +inf`` with zero gradient and are counted, exactly as in ``OpenMMEnergy``.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import operator
+import re
+import time
+import warnings
+
+import numpy as np
+import openmm
+import openmm.unit as unit
+import torch
+from torch import nn
+
+from openflow.systems import System
+
+from .bridge import OpenMMEnergy
+
+# 1/(4 pi eps0) in kJ/mol nm/e^2, the value OpenMM >= 8 uses (CODATA 2018 constants); older
+# OpenMM used 138.935456 (relative difference 1e-8). The OpenMM app's CustomGBForce expressions
+# carry their own literal (138.935485), which the expression translator reads as written.
+ONE_4PI_EPS0 = 138.93545764438198
+OBC2_ALPHA, OBC2_BETA, OBC2_GAMMA = 1.0, 0.8, 4.85
+OBC_DIELECTRIC_OFFSET = 0.009  # nm
+OBC_PROBE_RADIUS = 0.14  # nm
+NO_ENERGY_FORCES = (openmm.CMMotionRemover, openmm.AndersenThermostat)
+NONFINITE_WARNING = (
+    "TorchEnergy gave non-finite energies or forces for some configurations; they are set to "
+    "u = +inf with zero gradient (counts in TorchEnergy.stats())"
+)
+
+
+class TorchEnergyFallbackWarning(UserWarning):
+    """``batched_energy(energy="auto")`` could not translate a force and uses the slow OpenMM bridge."""
+
+
+# ===================================================================================================
+# Lepton expressions -> torch
+# ===================================================================================================
+_PRECEDENCE = {"+": 0, "-": 0, "*": 1, "/": 1, "^": 3}  # as Lepton; unary minus binds at 2
+_RIGHT_ASSOCIATIVE = {"^"}
+_NEGATION_PRECEDENCE = 2
+_TOKEN = re.compile(
+    r"\s*(?:(?P<number>(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)"
+    r"|(?P<function>[A-Za-z_][^\s+\-*/^(),]*)\("
+    r"|(?P<name>[A-Za-z_][^\s+\-*/^(),]*)"
+    r"|(?P<symbol>[-+*/^(),]))"
+)
+_BINARY = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv, "^": operator.pow}
+_FUNCTIONS = {  # name: (number of arguments, torch implementation)
+    "sqrt": (1, torch.sqrt),
+    "exp": (1, torch.exp),
+    "log": (1, torch.log),
+    "sin": (1, torch.sin),
+    "cos": (1, torch.cos),
+    "tan": (1, torch.tan),
+    "sec": (1, lambda a: 1.0 / torch.cos(a)),
+    "csc": (1, lambda a: 1.0 / torch.sin(a)),
+    "cot": (1, lambda a: 1.0 / torch.tan(a)),
+    "asin": (1, torch.asin),
+    "acos": (1, torch.acos),
+    "atan": (1, torch.atan),
+    "atan2": (2, torch.atan2),
+    "sinh": (1, torch.sinh),
+    "cosh": (1, torch.cosh),
+    "tanh": (1, torch.tanh),
+    "erf": (1, torch.erf),
+    "erfc": (1, torch.erfc),
+    "step": (1, lambda a: (a >= 0).to(a.dtype)),
+    "delta": (1, lambda a: (a == 0).to(a.dtype)),
+    "square": (1, lambda a: a * a),
+    "cube": (1, lambda a: a * a * a),
+    "recip": (1, lambda a: 1.0 / a),
+    "min": (2, torch.minimum),
+    "max": (2, torch.maximum),
+    "abs": (1, torch.abs),
+    "floor": (1, torch.floor),
+    "ceil": (1, torch.ceil),
+    "select": (3, lambda c, a, b: torch.where(c != 0, a, b)),
+}
+# CustomCompoundBondForce geometry functions: their arguments name particles p1, p2, ...
+_PARTICLE_FUNCTIONS = {"distance": 2, "angle": 3, "dihedral": 4}
+
+
+def _tokenize(text: str) -> list[tuple[str, str]]:
+    tokens, position, text = [], 0, text.rstrip()
+    while position < len(text):
+        match = _TOKEN.match(text, position)
+        if match is None:
+            raise ValueError(f"unexpected character {text[position:].strip()[:1]!r}")
+        kind = match.lastgroup
+        tokens.append((kind, match.group(kind)))
+        position = match.end()
+    return tokens
+
+
+def _parse_tokens(tokens: list, position: int, definitions: dict, precedence: int) -> tuple[tuple, int]:
+    """Lepton's precedence climbing: returns ``(node, next position)``.
+
+    Nodes are tuples: ``("number", v)``, ``("variable", name)``, ``("negate", a)``,
+    ``(operator, a, b)``, ``("call", name, args)``. A definition is substituted as the very same
+    node object, so shared subexpressions are evaluated once (see ``_evaluate``).
+    """
+    if position == len(tokens):
+        raise ValueError("unexpected end of expression")
+    kind, text = tokens[position]
+    position += 1
+    if kind == "number":
+        node = ("number", float(text))
+    elif kind == "name":
+        node = definitions.get(text, ("variable", text))
+    elif kind == "symbol" and text == "(":
+        node, position = _parse_tokens(tokens, position, definitions, 0)
+        position = _expect(tokens, position, ")")
+    elif kind == "function":
+        args = []
+        while True:
+            arg, position = _parse_tokens(tokens, position, definitions, 0)
+            args.append(arg)
+            if position < len(tokens) and tokens[position] == ("symbol", ","):
+                position += 1
+                continue
+            break
+        position = _expect(tokens, position, ")")
+        node = _call(text, args)
+    elif kind == "symbol" and text == "-":
+        operand, position = _parse_tokens(tokens, position, definitions, _NEGATION_PRECEDENCE)
+        node = ("negate", operand)
+    else:
+        raise ValueError(f"unexpected token {text!r}")
+    while position < len(tokens) and tokens[position][0] == "symbol" and tokens[position][1] in _PRECEDENCE:
+        operator = tokens[position][1]
+        if _PRECEDENCE[operator] < precedence:
+            break
+        next_precedence = _PRECEDENCE[operator] + (operator not in _RIGHT_ASSOCIATIVE)
+        rhs, position = _parse_tokens(tokens, position + 1, definitions, next_precedence)
+        node = (operator, node, rhs)
+    return node, position
+
+
+def _expect(tokens: list, position: int, symbol: str) -> int:
+    if position == len(tokens) or tokens[position] != ("symbol", symbol):
+        raise ValueError("unbalanced parentheses")
+    return position + 1
+
+
+def _call(name: str, args: list) -> tuple:
+    if name in _PARTICLE_FUNCTIONS:
+        if len(args) != _PARTICLE_FUNCTIONS[name] or any(a[0] != "variable" or not re.fullmatch(r"p\d+", a[1]) for a in args):
+            raise ValueError(f"{name}() takes {_PARTICLE_FUNCTIONS[name]} particle names p1, p2, ...")
+        return ("call", name, tuple(int(a[1][1:]) for a in args))
+    if name not in _FUNCTIONS:
+        raise NotImplementedError(f"function {name}() (tabulated or unknown) has no torch translation")
+    if len(args) != _FUNCTIONS[name][0]:
+        raise ValueError(f"{name}() takes {_FUNCTIONS[name][0]} argument(s), got {len(args)}")
+    return ("call", name, tuple(args))
+
+
+class LeptonExpression:
+    """A Lepton expression (OpenMM's custom-force language) evaluated on torch tensors.
+
+    ``LeptonExpression("0.5*k*(r-r0)^2; r0=0.1")({"k": k, "r": r})`` broadcasts like torch.
+    Definitions after ``;`` are read from the last one backwards, as Lepton does: a definition
+    may use those written after it. ``variables`` lists the free names the expression needs.
+    """
+
+    def __init__(self, text: str):
+        self.text = text
+        try:
+            main, *definition_texts = text.split(";")
+            definitions = {}
+            for piece in reversed(definition_texts):
+                if not piece.strip():
+                    continue
+                name, equals, body = piece.partition("=")
+                if not equals or not name.strip():
+                    raise ValueError(f"definition {piece.strip()!r} does not name a value")
+                definitions[name.strip()] = self._parse(body, definitions)
+            self.root = self._parse(main, definitions)
+        except ValueError as error:
+            raise ValueError(f"cannot parse the Lepton expression {text!r}: {error}") from None
+        self.variables = frozenset(_free_variables(self.root))
+        self.particles = frozenset(_particles(self.root))
+
+    @staticmethod
+    def _parse(text: str, definitions: dict) -> tuple:
+        tokens = _tokenize(text)
+        node, position = _parse_tokens(tokens, 0, definitions, 0)
+        if position != len(tokens):
+            raise ValueError(f"unexpected text at the end: {tokens[position][1]!r}")
+        return node
+
+    def __call__(self, variables: dict, geometry=None):
+        """Evaluate with ``variables`` (name -> tensor or float); ``geometry(name, particles)`` serves
+        ``distance``/``angle``/``dihedral``. Returns a tensor (or a float if nothing is a tensor)."""
+        return _evaluate(self.root, variables, geometry, {})
+
+    def __repr__(self) -> str:
+        return f"LeptonExpression({self.text!r})"
+
+
+def _children(node: tuple) -> tuple:
+    if node[0] in ("number", "variable"):
+        return ()
+    if node[0] == "call":
+        return () if node[1] in _PARTICLE_FUNCTIONS else node[2]
+    return node[1:]
+
+
+def _free_variables(node: tuple) -> set:
+    if node[0] == "variable":
+        return {node[1]}
+    return set().union(*(_free_variables(child) for child in _children(node)))
+
+
+def _particles(node: tuple) -> set:
+    if node[0] == "call" and node[1] in _PARTICLE_FUNCTIONS:
+        return set(node[2])
+    return set().union(*(_particles(child) for child in _children(node)))
+
+
+def _apply(function, args: list):
+    """Apply a torch function to tensors and/or floats (floats alone are computed in float64)."""
+    like = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    if like is None:
+        return function(*[torch.tensor(a, dtype=torch.float64) for a in args]).item()
+    return function(*[a if isinstance(a, torch.Tensor) else torch.tensor(a, dtype=like.dtype, device=like.device) for a in args])
+
+
+def _evaluate(node: tuple, variables: dict, geometry, memo: dict):
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    kind = node[0]
+    if kind == "number":
+        value = node[1]
+    elif kind == "variable":
+        value = variables[node[1]]
+    elif kind == "negate":
+        value = -_evaluate(node[1], variables, geometry, memo)
+    elif kind == "call" and node[1] in _PARTICLE_FUNCTIONS:
+        value = geometry(node[1], node[2])
+    elif kind == "call":
+        value = _apply(_FUNCTIONS[node[1]][1], [_evaluate(a, variables, geometry, memo) for a in node[2]])
+    else:
+        lhs, rhs = (_evaluate(a, variables, geometry, memo) for a in node[1:])
+        if isinstance(lhs, torch.Tensor) or isinstance(rhs, torch.Tensor):
+            value = _BINARY[kind](lhs, rhs)  # a float operand stays a scalar: fast kernels, e.g. x^2
+        else:
+            value = _apply(_BINARY[kind], [lhs, rhs])
+    memo[key] = value
+    return value
+
+
+# ===================================================================================================
+# Geometry. Internally positions are laid out (3, N, B): the batch is the contiguous innermost
+# dimension, so gathers copy whole rows, every elementwise op runs over long vectors and a
+# component is a contiguous (N, B) block. Per-term quantities are (M, B), parameters (M, 1).
+# ===================================================================================================
+def _gather(positions: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``positions[:, index]`` ``(3, M, B)`` of positions ``(3, N, B)``, with an index_add backward."""
+    return positions.index_select(1, index)
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(3, M, B), (3, M, B) -> (M, B)``."""
+    return (a * b).sum(0)
+
+
+def _cross(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``(3, M, B), (3, M, B) -> (3, M, B)``, written out (``linalg.cross`` is slow off the last dim)."""
+    (a0, a1, a2), (b0, b1, b2) = a, b
+    return torch.stack([a1 * b2 - a2 * b1, a2 * b0 - a0 * b2, a0 * b1 - a1 * b0])
+
+
+def _distance(positions, i, j) -> torch.Tensor:
+    """``|p_j - p_i|`` ``(M, B)``."""
+    delta = _gather(positions, j) - _gather(positions, i)
+    return _dot(delta, delta).sqrt()
+
+
+def _angle(positions, i, j, k) -> torch.Tensor:
+    """Angle i-j-k in radians ``(M, B)`` (atan2 form: stable near 0 and pi)."""
+    pj = _gather(positions, j)
+    a, b = _gather(positions, i) - pj, _gather(positions, k) - pj
+    normal = _cross(a, b)
+    return torch.atan2(_dot(normal, normal).sqrt(), _dot(a, b))
+
+
+def _dihedral(positions, i, j, k, l) -> torch.Tensor:
+    """IUPAC dihedral i-j-k-l in radians, in ``(-pi, pi]`` ``(M, B)`` (OpenMM's convention)."""
+    pj, pk = _gather(positions, j), _gather(positions, k)
+    b1, b2, b3 = pj - _gather(positions, i), pk - pj, _gather(positions, l) - pk
+    n1, n2 = _cross(b1, b2), _cross(b2, b3)
+    return torch.atan2(_dot(b2, b2).sqrt() * _dot(b1, n2), _dot(n1, n2))
+
+
+_GEOMETRY = {"distance": _distance, "angle": _angle, "dihedral": _dihedral}
+
+
+def _long(values, width: int) -> torch.Tensor:
+    """Particle indices as an ``(M, width)`` int64 tensor (``M`` may be 0)."""
+    return torch.as_tensor(np.asarray(values, dtype=np.int64).reshape(-1, width))
+
+
+def _column(values) -> torch.Tensor:
+    """Per-term parameters as an ``(M, 1)`` float64 column (broadcasts against ``(M, B)``)."""
+    return torch.as_tensor(np.asarray(values, dtype=np.float64).reshape(-1, 1))
+
+
+def _sum_terms(value, positions: torch.Tensor, n_terms: int) -> torch.Tensor:
+    """Sum per-term energies (anything broadcastable to ``(M, B)``) over the terms: ``(B,)``."""
+    if not isinstance(value, torch.Tensor):
+        value = positions.new_tensor(value)
+    return value.expand(n_terms, positions.shape[-1]).sum(0)
+
+
+# ===================================================================================================
+# Standard forces: each module maps positions (3, N, B) nm to energies (B,) kJ/mol
+# ===================================================================================================
+class HarmonicBonds(nn.Module):
+    """``sum k/2 (r - r0)^2`` over bonds ``(M, 2)``."""
+
+    def __init__(self, pairs, length, k):
+        super().__init__()
+        self.register_buffer("pairs", _long(pairs, 2))
+        self.register_buffer("length", _column(length))
+        self.register_buffer("half_k", 0.5 * _column(k))
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        r = _distance(positions, self.pairs[:, 0], self.pairs[:, 1])
+        return (self.half_k * (r - self.length).square()).sum(0)
+
+
+class HarmonicAngles(nn.Module):
+    """``sum k/2 (theta - theta0)^2`` over angles ``(M, 3)``."""
+
+    def __init__(self, triples, angle, k):
+        super().__init__()
+        self.register_buffer("triples", _long(triples, 3))
+        self.register_buffer("angle", _column(angle))
+        self.register_buffer("half_k", 0.5 * _column(k))
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        theta = _angle(positions, *self.triples.T)
+        return (self.half_k * (theta - self.angle).square()).sum(0)
+
+
+class PeriodicTorsions(nn.Module):
+    """``sum k (1 + cos(n phi - phi0))`` over torsions ``(M, 4)``; each distinct dihedral (several
+    periodicities often share one) is computed once."""
+
+    def __init__(self, quadruples, periodicity, phase, k):
+        super().__init__()
+        unique, which = np.unique(np.asarray(quadruples, dtype=np.int64).reshape(-1, 4), axis=0, return_inverse=True)
+        self.register_buffer("quadruples", _long(unique, 4))
+        self.register_buffer("which", torch.as_tensor(which.reshape(-1)))
+        self.register_buffer("periodicity", _column(periodicity))
+        self.register_buffer("phase", _column(phase))
+        self.register_buffer("k", _column(k))
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        phi = _dihedral(positions, *self.quadruples.T).index_select(0, self.which)
+        return (self.k * (1.0 + torch.cos(self.periodicity * phi - self.phase))).sum(0)
+
+
+class CoulombLennardJones(nn.Module):
+    """``sum c/r + 4 eps ((sigma/r)^12 - (sigma/r)^6)`` over pairs ``(P, 2)``; ``c`` in kJ/mol nm."""
+
+    def __init__(self, pairs, coulomb, sigma, epsilon):
+        super().__init__()
+        self.register_buffer("pairs", _long(pairs, 2))
+        self.register_buffer("coulomb", _column(coulomb))
+        self.register_buffer("sigma_squared", _column(sigma) ** 2)
+        self.register_buffer("four_epsilon", 4.0 * _column(epsilon))
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        delta = _gather(positions, self.pairs[:, 1]) - _gather(positions, self.pairs[:, 0])
+        inverse_r = torch.rsqrt(_dot(delta, delta))
+        s2 = self.sigma_squared * inverse_r.square()
+        s6 = s2 * s2 * s2
+        return (self.coulomb * inverse_r + self.four_epsilon * s6 * (s6 - 1.0)).sum(0)
+
+
+class OBC2(nn.Module):
+    """OpenMM's ``GBSAOBCForce`` (OBC type II), as in ``ReferenceObc.cpp``, for ``NoCutoff``.
+
+    Born radii from the HCT pair integrals (with Tinker's correction for an atom engulfed by
+    another) rescaled by ``tanh(a psi - b psi^2 + c psi^3)``; the ACE surface term
+    ``4 pi gamma_SA (R + 0.14)^2 (R/B)^6``; the polarisation energy
+    ``-138.9 (1/eps_in - 1/eps_out) sum_{i<=j} q_i q_j / f_ij`` (``1/2`` on the diagonal),
+    ``f_ij = sqrt(r^2 + B_i B_j exp(-r^2 / 4 B_i B_j))``.
+    """
+
+    def __init__(self, charge, radius, scale, solute_dielectric, solvent_dielectric, surface_area_energy):
+        super().__init__()
+        n = len(charge)
+        i, j = np.triu_indices(n, k=1)
+        self.n_atoms = n
+        self.register_buffer("pairs", _long(np.stack([i, j], 1), 2))
+        ordered_first, ordered_second = np.concatenate([i, j]), np.concatenate([j, i])  # (i, j) and (j, i)
+        self.register_buffer("ordered_first", torch.as_tensor(ordered_first))
+        radius = np.asarray(radius, dtype=np.float64)
+        offset_radius = radius - OBC_DIELECTRIC_OFFSET
+        scaled_radius = offset_radius * np.asarray(scale, dtype=np.float64)
+        charge = np.asarray(charge, dtype=np.float64)
+        self.register_buffer("radius", _column(radius))
+        self.register_buffer("offset_radius", _column(offset_radius))
+        rho_i, s_j = offset_radius[ordered_first], scaled_radius[ordered_second]
+        self.register_buffer("rho_i", _column(rho_i))
+        self.register_buffer("s_j", _column(s_j))
+        self.register_buffer("s_j_squared", _column(s_j**2))
+        self.register_buffer("engulfed_below", _column(s_j - rho_i))  # i inside j's sphere if r < s_j - rho_i
+        self.register_buffer("two_over_rho_i", _column(2.0 / rho_i))
+        self.register_buffer("charge_products", _column(charge[i] * charge[j]))
+        self.register_buffer("half_charge_squared", _column(0.5 * charge**2))
+        self.register_buffer("surface", _column(4.0 * math.pi * surface_area_energy * (radius + OBC_PROBE_RADIUS) ** 2))
+        both_nonzero = solute_dielectric != 0 and solvent_dielectric != 0
+        self.prefactor = -ONE_4PI_EPS0 * (1.0 / solute_dielectric - 1.0 / solvent_dielectric) if both_nonzero else 0.0
+
+    def born_radii(self, r_ordered: torch.Tensor) -> torch.Tensor:
+        """Born radii ``(N, B)`` nm from the ordered-pair distances ``(2P, B)``."""
+        r = r_ordered
+        upper = r + self.s_j
+        lower = torch.maximum(self.rho_i, (r - self.s_j).abs())
+        l, u, r_inv = 1.0 / lower, 1.0 / upper, 1.0 / r
+        # l - u + r/4 (u^2 - l^2) + log(u/l) / 2r + s_j^2/4r (l^2 - u^2), factorised
+        term = (l - u) * (1.0 - 0.25 * (l + u) * (r - self.s_j_squared * r_inv)) + 0.5 * r_inv * torch.log(lower / upper)
+        term = term + torch.where(r < self.engulfed_below, self.two_over_rho_i - 2.0 * l, 0.0)
+        term = torch.where(r > -self.engulfed_below, term, 0.0)  # rho_i < r + s_j
+        total = r_ordered.new_zeros(self.n_atoms, r_ordered.shape[1]).index_add(0, self.ordered_first, term)
+        psi = 0.5 * self.offset_radius * total
+        tanh_sum = torch.tanh(psi * (OBC2_ALPHA - psi * (OBC2_BETA - OBC2_GAMMA * psi)))
+        return 1.0 / (1.0 / self.offset_radius - tanh_sum / self.radius)
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        delta = _gather(positions, self.pairs[:, 1]) - _gather(positions, self.pairs[:, 0])
+        r2 = _dot(delta, delta)
+        born = self.born_radii(torch.cat([r2, r2]).sqrt())
+        surface = torch.where(born > 0, self.surface * (self.radius / born) ** 6, 0.0)
+        born_products = born.index_select(0, self.pairs[:, 0]) * born.index_select(0, self.pairs[:, 1])
+        f = torch.sqrt(r2 + born_products * torch.exp(-0.25 * r2 / born_products))
+        polar = (self.charge_products / f).sum(0) + (self.half_charge_squared / born).sum(0)
+        return surface.sum(0) + self.prefactor * polar
+
+
+# ===================================================================================================
+# Custom forces
+# ===================================================================================================
+def _globals(force) -> dict:
+    return {force.getGlobalParameterName(k): force.getGlobalParameterDefaultValue(k) for k in range(force.getNumGlobalParameters())}
+
+
+def _check_expression(force, text: str, allowed: set) -> LeptonExpression:
+    """Parse ``text`` for ``force``; unknown variables or functions -> ``NotImplementedError``."""
+    name = type(force).__name__
+    try:
+        expression = LeptonExpression(text)
+    except (ValueError, NotImplementedError) as error:
+        raise NotImplementedError(f"{name}: {error}") from None
+    unknown = expression.variables - allowed
+    if unknown:
+        raise NotImplementedError(f"{name}: expression {text!r} uses unknown name(s) {sorted(unknown)}")
+    return expression
+
+
+class CustomBonded(nn.Module):
+    """Any per-term custom force: external (``x, y, z``), bond (``r``), angle/torsion (``theta``),
+    compound bond (``x1, y1, ..., distance(p1,p2), angle(...), dihedral(...)``).
+
+    Args:
+        kind: ``"external"``, ``"bond"``, ``"angle"``, ``"torsion"`` or ``"compound"``.
+        particles: ``(M, n_particles)`` particle indices of each term.
+        parameters: ``(M, p)`` per-term parameters named ``names``; ``constants``: globals.
+    """
+
+    GEOMETRIC = {"external": {"x", "y", "z"}, "bond": {"r"}, "angle": {"theta"}, "torsion": {"theta"}}
+
+    def __init__(self, kind: str, expression: LeptonExpression, particles, n_particles: int, parameters, names, constants: dict):
+        super().__init__()
+        self.kind, self.expression, self.names, self.constants = kind, expression, list(names), dict(constants)
+        self.register_buffer("particles", _long(particles, n_particles))
+        parameters = np.asarray(parameters, dtype=np.float64).reshape(len(particles), len(self.names))
+        self.register_buffer("values_per_term", torch.as_tensor(parameters))
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        variables = dict(self.constants)
+        variables.update({name: self.values_per_term[:, c, None] for c, name in enumerate(self.names)})
+        columns = self.particles.T
+        used = self.expression.variables
+        if self.kind == "external":
+            for c, axis in enumerate("xyz"):
+                if axis in used:
+                    variables[axis] = positions[c].index_select(0, columns[0])
+        elif self.kind == "bond" and "r" in used:
+            variables["r"] = _distance(positions, *columns)
+        elif self.kind == "angle" and "theta" in used:
+            variables["theta"] = _angle(positions, *columns)
+        elif self.kind == "torsion" and "theta" in used:
+            variables["theta"] = _dihedral(positions, *columns)
+        elif self.kind == "compound":
+            for name in used:
+                match = re.fullmatch(r"([xyz])(\d+)", name)
+                if match and name not in variables:
+                    axis, particle = "xyz".index(match[1]), int(match[2]) - 1
+                    variables[name] = positions[axis].index_select(0, columns[particle])
+        geometry = lambda function, numbers: _GEOMETRY[function](positions, *(columns[n - 1] for n in numbers))  # noqa: E731
+        return _sum_terms(self.expression(variables, geometry), positions, len(self.particles))
+
+
+def _custom_bonded(force, kind: str, terms: list, n_particles: int, names: list) -> CustomBonded:
+    """Build ``CustomBonded`` from ``terms`` = [(particle indices, parameters)] read off ``force``."""
+    constants = _globals(force)
+    geometric = CustomBonded.GEOMETRIC.get(kind) or {f"{a}{p}" for a in "xyz" for p in range(1, n_particles + 1)}
+    expression = _check_expression(force, force.getEnergyFunction(), geometric | set(names) | set(constants))
+    if expression.particles and (kind != "compound" or max(expression.particles) > n_particles):
+        raise NotImplementedError(f"{type(force).__name__}: geometry functions need particles p1..p{n_particles} of a compound bond")
+    particles = [list(p) for p, _ in terms]
+    parameters = [list(q) for _, q in terms]
+    return CustomBonded(kind, expression, particles, n_particles, parameters, names, constants)
+
+
+class CustomNonbonded(nn.Module):
+    """``CustomNonbondedForce`` with ``NoCutoff``: the expression over all non-excluded pairs,
+    per-particle parameters with suffixes 1 and 2."""
+
+    def __init__(self, expression: LeptonExpression, pairs, parameters, names, constants: dict):
+        super().__init__()
+        self.expression, self.names, self.constants = expression, list(names), dict(constants)
+        self.register_buffer("pairs", _long(pairs, 2))
+        self.register_buffer("values_per_term", torch.as_tensor(np.asarray(parameters, dtype=np.float64)))
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        i, j = self.pairs.T
+        variables = dict(self.constants)
+        for c, name in enumerate(self.names):
+            variables[name + "1"], variables[name + "2"] = self.values_per_term[i, c, None], self.values_per_term[j, c, None]
+        if "r" in self.expression.variables:
+            variables["r"] = _distance(positions, i, j)
+        return _sum_terms(self.expression(variables), positions, len(self.pairs))
+
+
+class CustomGB(nn.Module):
+    """``CustomGBForce`` with ``NoCutoff``: computed values and energy terms, in order.
+
+    Per-particle values are ``(N, B)``; a pair value of particle ``i`` sums its expression over
+    every ``j != i`` (excluded pairs left out unless ``NoExclusions``); pair energy terms sum over
+    ``i < j``.
+    """
+
+    def __init__(self, n_atoms, parameters, names, constants, values, energies, exclusions):
+        super().__init__()
+        self.n_atoms, self.names, self.constants = n_atoms, list(names), dict(constants)
+        self.values = values  # [(name, LeptonExpression, type)]
+        self.energies = energies  # [(LeptonExpression, type)]
+        self.register_buffer("values_per_term", torch.as_tensor(np.asarray(parameters, dtype=np.float64).reshape(n_atoms, len(self.names))))
+        i, j = np.triu_indices(n_atoms, k=1)
+        excluded = np.zeros((n_atoms, n_atoms), dtype=bool)
+        for a, b in exclusions:
+            excluded[a, b] = excluded[b, a] = True
+        kept = ~excluded[i, j]
+        for suffix, (a, b) in {"all": (i, j), "kept": (i[kept], j[kept])}.items():
+            self.register_buffer(f"pairs_{suffix}", _long(np.stack([a, b], 1), 2))
+
+    def _pair_variables(self, positions, pairs, per_particle: dict) -> dict:
+        i, j = pairs.T
+        variables = dict(self.constants, r=_distance(positions, i, j))
+        for name, value in per_particle.items():
+            variables[name + "1"] = value.index_select(0, i)
+            variables[name + "2"] = value.index_select(0, j)
+        return variables
+
+    def _single_variables(self, positions, per_particle: dict) -> dict:
+        variables = dict(self.constants, **per_particle)
+        variables.update(x=positions[0], y=positions[1], z=positions[2])
+        return variables
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        batch = positions.shape[-1]
+        per_particle = {name: self.values_per_term[:, c, None] for c, name in enumerate(self.names)}
+        for name, expression, kind in self.values:
+            if kind == openmm.CustomGBForce.SingleParticle:
+                value = expression(self._single_variables(positions, per_particle))
+                value = (value if isinstance(value, torch.Tensor) else positions.new_tensor(value)).expand(self.n_atoms, batch)
+            else:
+                pairs = self.pairs_all if kind == openmm.CustomGBForce.ParticlePairNoExclusions else self.pairs_kept
+                ordered = torch.cat([pairs, pairs.flip(1)])
+                terms = expression(self._pair_variables(positions, ordered, per_particle))
+                terms = (terms if isinstance(terms, torch.Tensor) else positions.new_tensor(terms)).expand(len(ordered), batch)
+                value = positions.new_zeros(self.n_atoms, batch).index_add(0, ordered[:, 0], terms)
+            per_particle[name] = value
+        energy = positions.new_zeros(batch)
+        for expression, kind in self.energies:
+            if kind == openmm.CustomGBForce.SingleParticle:
+                energy = energy + _sum_terms(expression(self._single_variables(positions, per_particle)), positions, self.n_atoms)
+            else:
+                pairs = self.pairs_all if kind == openmm.CustomGBForce.ParticlePairNoExclusions else self.pairs_kept
+                energy = energy + _sum_terms(expression(self._pair_variables(positions, pairs, per_particle)), positions, len(pairs))
+        return energy
+
+
+# ===================================================================================================
+# OpenMM force -> torch module
+# ===================================================================================================
+def _value(quantity, unit_):
+    return quantity.value_in_unit(unit_) if unit.is_quantity(quantity) else quantity
+
+
+def _table(rows, units: tuple) -> np.ndarray:
+    """OpenMM parameter tuples -> float64 ``(M, len(units))``, each column stripped in its unit."""
+    return np.array([[_value(v, u) for v, u in zip(row, units)] for row in rows], dtype=np.float64).reshape(-1, len(units))
+
+
+KJ_MOL, NM, RAD, CHARGE = unit.kilojoule_per_mole, unit.nanometer, unit.radian, unit.elementary_charge
+
+
+def _require(condition: bool, force, reason: str) -> None:
+    if not condition:
+        raise NotImplementedError(f"{type(force).__name__} (force group {force.getForceGroup()}): {reason}; no torch translation")
+
+
+def _nonbonded(force: openmm.NonbondedForce, n_atoms: int) -> CoulombLennardJones:
+    _require(force.getNonbondedMethod() == openmm.NonbondedForce.NoCutoff, force, "only NoCutoff is translated")
+    _require(force.getNumParticleParameterOffsets() == 0 and force.getNumExceptionParameterOffsets() == 0, force, "parameter offsets")
+    params = _table(map(force.getParticleParameters, range(n_atoms)), (CHARGE, NM, KJ_MOL))
+    exceptions = [force.getExceptionParameters(k) for k in range(force.getNumExceptions())]
+    ex_pairs = np.sort(np.array([e[:2] for e in exceptions], dtype=np.int64).reshape(-1, 2), axis=1)
+    ex_params = _table([e[2:] for e in exceptions], (CHARGE**2, NM, KJ_MOL))
+    i, j = np.triu_indices(n_atoms, k=1)
+    normal = ~np.isin(i * n_atoms + j, ex_pairs[:, 0] * n_atoms + ex_pairs[:, 1])
+    i, j = i[normal], j[normal]
+    pairs = np.concatenate([np.stack([i, j], 1), ex_pairs])
+    charge_products = np.concatenate([params[i, 0] * params[j, 0], ex_params[:, 0]])
+    sigma = np.concatenate([0.5 * (params[i, 1] + params[j, 1]), ex_params[:, 1]])
+    epsilon = np.concatenate([np.sqrt(params[i, 2] * params[j, 2]), ex_params[:, 2]])
+    keep = (charge_products != 0) | (epsilon != 0)
+    return CoulombLennardJones(pairs[keep], ONE_4PI_EPS0 * charge_products[keep], sigma[keep], epsilon[keep])
+
+
+def _obc(force: openmm.GBSAOBCForce, n_atoms: int) -> OBC2:
+    _require(force.getNonbondedMethod() == openmm.GBSAOBCForce.NoCutoff, force, "only NoCutoff is translated")
+    params = _table(map(force.getParticleParameters, range(n_atoms)), (CHARGE, NM, None))
+    surface_area_energy = _value(force.getSurfaceAreaEnergy(), KJ_MOL / NM**2)
+    return OBC2(*params.T, force.getSoluteDielectric(), force.getSolventDielectric(), surface_area_energy)
+
+
+def _custom_nonbonded(force: openmm.CustomNonbondedForce, n_atoms: int) -> CustomNonbonded:
+    _require(force.getNonbondedMethod() == openmm.CustomNonbondedForce.NoCutoff, force, "only NoCutoff is translated")
+    _require(force.getNumInteractionGroups() == 0, force, "interaction groups")
+    _require(force.getNumComputedValues() == 0, force, "computed values")
+    _require(force.getNumTabulatedFunctions() == 0, force, "tabulated functions")
+    names = [force.getPerParticleParameterName(k) for k in range(force.getNumPerParticleParameters())]
+    constants = _globals(force)
+    allowed = {"r"} | {n + s for n in names for s in "12"} | set(constants)
+    expression = _check_expression(force, force.getEnergyFunction(), allowed)
+    excluded = {tuple(sorted(force.getExclusionParticles(k))) for k in range(force.getNumExclusions())}
+    pairs = [(a, b) for a, b in itertools.combinations(range(n_atoms), 2) if (a, b) not in excluded]
+    parameters = np.array([force.getParticleParameters(k) for k in range(n_atoms)], dtype=np.float64).reshape(n_atoms, len(names))
+    return CustomNonbonded(expression, np.array(pairs, dtype=np.int64).reshape(-1, 2), parameters, names, constants)
+
+
+def _custom_gb(force: openmm.CustomGBForce, n_atoms: int) -> CustomGB:
+    _require(force.getNonbondedMethod() == openmm.CustomGBForce.NoCutoff, force, "only NoCutoff is translated")
+    _require(force.getNumTabulatedFunctions() == 0, force, "tabulated functions")
+    names = [force.getPerParticleParameterName(k) for k in range(force.getNumPerParticleParameters())]
+    constants = _globals(force)
+    known, values = set(names), []
+    for k in range(force.getNumComputedValues()):
+        name, text, kind = force.getComputedValueParameters(k)
+        values.append((name, _check_expression(force, text, _gb_allowed(known, constants, kind)), kind))
+        known.add(name)
+    energies = []
+    for k in range(force.getNumEnergyTerms()):
+        text, kind = force.getEnergyTermParameters(k)
+        energies.append((_check_expression(force, text, _gb_allowed(known, constants, kind)), kind))
+    parameters = [force.getParticleParameters(k) for k in range(n_atoms)]
+    exclusions = [force.getExclusionParticles(k) for k in range(force.getNumExclusions())]
+    return CustomGB(n_atoms, parameters, names, constants, values, energies, exclusions)
+
+
+def _gb_allowed(known: set, constants: dict, kind: int) -> set:
+    if kind == openmm.CustomGBForce.SingleParticle:
+        return known | set(constants) | {"x", "y", "z"}
+    return {n + s for n in known for s in "12"} | set(constants) | {"r"}
+
+
+_CUSTOM_BONDED = (  # force class, kind, particles per term, term counter, term getter, parameter prefix
+    (openmm.CustomExternalForce, "external", 1, "getNumParticles", "getParticleParameters", "PerParticle"),
+    (openmm.CustomBondForce, "bond", 2, "getNumBonds", "getBondParameters", "PerBond"),
+    (openmm.CustomAngleForce, "angle", 3, "getNumAngles", "getAngleParameters", "PerAngle"),
+    (openmm.CustomTorsionForce, "torsion", 4, "getNumTorsions", "getTorsionParameters", "PerTorsion"),
+    (openmm.CustomCompoundBondForce, "compound", None, "getNumBonds", "getBondParameters", "PerBond"),
+)
+
+
+def _custom_bonded_force(force, kind, n_particles, counter, getter, prefix) -> CustomBonded:
+    names = [getattr(force, f"get{prefix}ParameterName")(k) for k in range(getattr(force, f"getNum{prefix}Parameters")())]
+    terms = [getattr(force, getter)(k) for k in range(getattr(force, counter)())]
+    if kind == "compound":
+        _require(force.getNumTabulatedFunctions() == 0, force, "tabulated functions")
+        n_particles = force.getNumParticlesPerBond()
+        terms = [(list(particles), list(parameters)) for particles, parameters in terms]
+    else:
+        terms = [(list(term[:-1]), list(term[-1])) for term in terms]
+    return _custom_bonded(force, kind, terms, n_particles, names)
+
+
+def translate_force(force: openmm.Force, n_atoms: int) -> nn.Module | None:
+    """The torch module computing ``force``'s energy ``(B, N, 3) nm -> (B,) kJ/mol``.
+
+    Returns ``None`` for forces without energy (``CMMotionRemover``); raises
+    ``NotImplementedError`` naming the force for anything it cannot translate exactly.
+    """
+    if isinstance(force, NO_ENERGY_FORCES):
+        return None
+    _require(not force.usesPeriodicBoundaryConditions(), force, "periodic boundary conditions")
+    if isinstance(force, openmm.HarmonicBondForce):
+        bonds = [force.getBondParameters(k) for k in range(force.getNumBonds())]
+        values = _table([b[2:] for b in bonds], (NM, KJ_MOL / NM**2))
+        return HarmonicBonds([b[:2] for b in bonds], values[:, 0], values[:, 1])
+    if isinstance(force, openmm.HarmonicAngleForce):
+        angles = [force.getAngleParameters(k) for k in range(force.getNumAngles())]
+        values = _table([a[3:] for a in angles], (RAD, KJ_MOL / RAD**2))
+        return HarmonicAngles([a[:3] for a in angles], values[:, 0], values[:, 1])
+    if isinstance(force, openmm.PeriodicTorsionForce):
+        torsions = [force.getTorsionParameters(k) for k in range(force.getNumTorsions())]
+        values = _table([t[4:] for t in torsions], (None, RAD, KJ_MOL))
+        return PeriodicTorsions([t[:4] for t in torsions], values[:, 0], values[:, 1], values[:, 2])
+    if isinstance(force, openmm.NonbondedForce):
+        return _nonbonded(force, n_atoms)
+    if isinstance(force, openmm.GBSAOBCForce):
+        return _obc(force, n_atoms)
+    if isinstance(force, openmm.CustomNonbondedForce):
+        return _custom_nonbonded(force, n_atoms)
+    if isinstance(force, openmm.CustomGBForce):
+        return _custom_gb(force, n_atoms)
+    for cls, *spec in _CUSTOM_BONDED:
+        if isinstance(force, cls):
+            return _custom_bonded_force(force, *spec)
+    raise NotImplementedError(f"{type(force).__name__} (force group {force.getForceGroup()}) has no torch translation")
+
+
+# ===================================================================================================
+# The energy
+# ===================================================================================================
+class _ZeroGradientRows(torch.autograd.Function):
+    """Identity on ``x`` ``(B, d)``; its backward zeroes the rows flagged in ``bad`` ``(B,)``.
+
+    ``bad`` is filled *after* the forward pass, once the energies are known, so that rows with a
+    non-finite energy (whose backward may hold inf or NaN) get an exact zero gradient. Rows whose
+    gradient alone is non-finite (a finite energy at a singular geometry, e.g. an exactly linear
+    angle) are zeroed too, so that no NaN ever reaches a flow's parameters.
+    """
+
+    @staticmethod
+    def forward(ctx, x, bad):
+        ctx.bad = bad
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows = ctx.bad | ~torch.isfinite(grad).all(1)
+        return grad.masked_fill(rows[:, None], 0.0), None
+
+
+class TorchEnergy(nn.Module):
+    """Reduced energy ``u(x) = E(x) / kT`` of a ``System``, batched in torch (see the module docstring).
+
+    Args:
+        system: an ``openflow.systems.System``; ``x`` holds its ``dim`` active coordinates (nm).
+        dtype: the precision of the computation (``x`` of another dtype is cast to it and the
+            results cast back to ``x.dtype``).
+        device: where the parameters live first; they follow ``x`` to its device afterwards.
+        soft_cap: as in ``OpenMMEnergy``: ``__call__`` returns ``u_high + log(1 + u - u_high)``
+            above ``u_high``; ``energy_and_forces`` and ``forces`` stay uncapped.
+
+    Raises ``NotImplementedError`` naming the first force it cannot translate.
+    """
+
+    def __init__(self, system: System, dtype: torch.dtype = torch.float64, device=None, soft_cap: float | None = None):
+        super().__init__()
+        if not isinstance(system, System):
+            raise TypeError(f"system must be an openflow.systems.System, got {type(system).__name__}")
+        if dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        if soft_cap is not None and not np.isfinite(soft_cap):
+            raise ValueError(f"soft_cap must be a finite reduced energy or None, got {soft_cap}")
+        if any(system.system.isVirtualSite(k) for k in range(system.n_atoms)):
+            raise NotImplementedError(f"{system.name}: virtual sites have no torch translation")
+        self.system, self.soft_cap, self.kT = system, None if soft_cap is None else float(soft_cap), system.kT_kjmol
+        groups = system.energy_groups()
+        terms = [translate_force(f, system.n_atoms) for f in system.system.getForces() if groups >> f.getForceGroup() & 1]
+        self.terms = nn.ModuleList(t for t in terms if t is not None)
+        reference = np.asarray(system.positions.value_in_unit(unit.nanometer), dtype=np.float64).reshape(-1, 1)
+        self.register_buffer("reference", torch.as_tensor(reference))
+        self.register_buffer("active_index", torch.as_tensor(np.flatnonzero(system.active.reshape(-1))))
+        self.all_active = bool(system.active.all())
+        self.to(device=device, dtype=dtype)
+        self.reset_stats()
+
+    # -- public API ----------------------------------------------------------------------------
+    @property
+    def dim(self) -> int:
+        """Number of active coordinates ``d``."""
+        return self.system.dim
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.reference.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.reference.device
+
+    def potential(self, positions: torch.Tensor) -> torch.Tensor:
+        """Potential energy ``(B,)`` kJ/mol of full positions ``(B, n_atoms, 3)`` nm; differentiable, raw
+        (non-finite values are returned as they come)."""
+        return self._potential(positions.permute(2, 1, 0).contiguous())
+
+    def _potential(self, positions: torch.Tensor) -> torch.Tensor:
+        """The same on the internal layout ``(3, n_atoms, B)``."""
+        energy = positions.new_zeros(positions.shape[-1])
+        for term in self.terms:
+            energy = energy + term(positions)
+        return energy
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Reduced energies ``(B,)`` (kT, soft-capped if set) of ``x`` ``(B, d)`` nm; ``+inf`` and zero
+        gradient where non-finite."""
+        xc = self._coordinates(x)
+        bad = torch.zeros(xc.shape[0], dtype=torch.bool, device=xc.device)
+        u = self._potential(self._layout(_ZeroGradientRows.apply(xc, bad))) / self.kT
+        bad.copy_(~torch.isfinite(u))
+        u = u.masked_fill(bad, math.inf)
+        if self.soft_cap is not None:
+            excess = torch.clamp(u - self.soft_cap, min=0.0)
+            u = torch.where(u > self.soft_cap, self.soft_cap + torch.log1p(excess), u)
+        self._count(bad)
+        return u.to(x.dtype)
+
+    def energy_and_forces(self, x: torch.Tensor, chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reduced energies ``(B,)`` kT and reduced forces ``-du/dx`` ``(B, d)`` kT/nm, no graph, uncapped.
+
+        Evaluated ``chunk_size`` configurations at a time to bound memory; ``None``: 1024 on the
+        CPU (cache-sized), 16384 on a GPU. Non-finite energies or forces give ``+inf`` and 0.
+        """
+        xc = self._coordinates(x).detach()
+        if chunk_size is None:
+            chunk_size = 1024 if xc.device.type == "cpu" else 16384
+        if int(chunk_size) != chunk_size or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+        energies, forces = [], []
+        for chunk in xc.split(chunk_size):
+            with torch.enable_grad():
+                chunk = chunk.requires_grad_(True)
+                u = self._potential(self._layout(chunk)) / self.kT
+                (grad,) = torch.autograd.grad(u.sum(), chunk, allow_unused=True) if u.requires_grad else (None,)
+            grad = torch.zeros_like(chunk) if grad is None else grad
+            finite = torch.isfinite(u) & torch.isfinite(grad).all(-1)
+            energies.append(u.detach().masked_fill(~finite, math.inf))
+            forces.append(-grad.masked_fill(~finite[:, None], 0.0))
+        u, f = torch.cat(energies), torch.cat(forces)
+        self._count(~torch.isfinite(u))
+        return u.to(x.dtype), f.to(x.dtype)
+
+    def forces(self, x: torch.Tensor) -> torch.Tensor:
+        """Reduced forces ``-du/dx`` ``(B, d)`` kT/nm of ``x`` ``(B, d)`` nm (zero where non-finite)."""
+        return self.energy_and_forces(x)[1]
+
+    def potential_energy(self, x: torch.Tensor) -> torch.Tensor:
+        """Potential energies ``(B,)`` kJ/mol (no graph, uncapped, ``+inf`` where non-finite)."""
+        with torch.no_grad():
+            energy = self._potential(self._layout(self._coordinates(x)))
+        bad = ~torch.isfinite(energy)
+        self._count(bad)
+        return energy.masked_fill(bad, math.inf).to(x.dtype)
+
+    def positions(self, x: torch.Tensor) -> torch.Tensor:
+        """Active coordinates ``(B, d)`` -> positions ``(B, n_atoms, 3)`` nm (inactive ones at the reference)."""
+        return self._layout(x).permute(2, 1, 0)
+
+    def stats(self) -> dict:
+        """Counts since construction or ``reset_stats()``: evaluations, non-finite ones, and their fraction."""
+        return {
+            "platform": f"torch ({self.device.type}, {str(self.dtype).removeprefix('torch.')})",
+            "evaluations": self.n_evaluations,
+            "nonfinite": self.n_nonfinite,
+            "nonfinite_fraction": self.n_nonfinite / max(self.n_evaluations, 1),
+        }
+
+    def reset_stats(self) -> None:
+        self.n_evaluations = 0
+        self.n_nonfinite = 0
+
+    def extra_repr(self) -> str:
+        return f"{self.system.name}, d={self.dim}, dtype={self.dtype}, device={self.device}, soft_cap={self.soft_cap}"
+
+    # -- internals -----------------------------------------------------------------------------
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        """Active coordinates ``(B, d)`` -> positions in the internal layout ``(3, n_atoms, B)`` nm."""
+        if not self.all_active:
+            x = self.reference.expand(-1, x.shape[0]).index_copy(0, self.active_index, x.T).T
+        return x.reshape(x.shape[0], self.system.n_atoms, 3).permute(2, 1, 0).contiguous()
+
+    def _coordinates(self, x) -> torch.Tensor:
+        """Validate ``x`` ``(B, d)``; move the parameters to its device; return it in ``self.dtype``."""
+        d = self.dim
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point torch.Tensor of shape (B, {d}), got {type(x).__name__} {getattr(x, 'dtype', '')}")
+        if x.ndim != 2 or x.shape[1] != d:
+            raise ValueError(f"x must have shape (B, {d}) (a batch of {d} active coordinates in nm), got {tuple(x.shape)}")
+        if x.device != self.device:
+            self.to(x.device)
+        return x.to(self.dtype)
+
+    def _count(self, bad: torch.Tensor) -> None:
+        n_bad = int(bad.sum())
+        self.n_evaluations += len(bad)
+        self.n_nonfinite += n_bad
+        if n_bad:
+            warnings.warn(NONFINITE_WARNING, RuntimeWarning, stacklevel=3)
+
+
+_measured_faster: dict[tuple, bool] = {}
+
+
+def _faster(batched: "TorchEnergy", bridge: OpenMMEnergy, system: System, batch: int) -> bool:
+    """Whether ``batched`` computes energy + gradient of ``batch`` configurations faster than ``bridge``."""
+    key = (system.n_atoms, tuple(sorted(type(f).__name__ for f in system.system.getForces())), batch, str(batched.device))
+    if key not in _measured_faster:
+        generator = torch.Generator().manual_seed(0)
+        start = system.from_positions(system.positions)
+        x = start + 0.005 * torch.randn((batch, system.dim), generator=generator, dtype=start.dtype)
+
+        def seconds(energy) -> float:
+            best = float("inf")
+            for _ in range(3):
+                xi = x.clone().requires_grad_(True)
+                began = time.perf_counter()
+                energy(xi).sum().backward()
+                best = min(best, time.perf_counter() - began)
+            return best
+
+        _measured_faster[key] = seconds(batched) < seconds(bridge)
+    return _measured_faster[key]
+
+
+def batched_energy(
+    system: System,
+    energy: str = "auto",
+    *,
+    dtype: torch.dtype = torch.float64,
+    device=None,
+    platform: str | None = None,
+    platform_properties: dict | None = None,
+    soft_cap: float | None = None,
+    batch_hint: int = 256,
+):
+    """The energy ``u(x) -> (B,)`` to train and reweight with.
+
+    Args:
+        energy: ``"torch"`` (``TorchEnergy``; ``NotImplementedError`` if a force does not
+            translate), ``"openmm"`` (``OpenMMEnergy``, one OpenMM call per configuration) or
+            ``"auto"``: ``TorchEnergy`` when every force translates (else a
+            ``TorchEnergyFallbackWarning`` naming the force and ``OpenMMEnergy``) and, off the GPU,
+            when it is also *measured* faster than the OpenMM loop on ``batch_hint`` configurations
+            of this system (energy + gradient, best of 3): on a CPU, OpenMM's Reference platform
+            beats batched torch for alanine dipeptide, torch wins for the model systems.
+        dtype, device: for ``TorchEnergy``; platform, platform_properties: for ``OpenMMEnergy``;
+        soft_cap: for both.
+    """
+    if energy not in ("auto", "torch", "openmm"):
+        raise ValueError(f"energy must be 'auto', 'torch' or 'openmm', got {energy!r}")
+    bridge = OpenMMEnergy(system, platform=platform, platform_properties=platform_properties, soft_cap=soft_cap)
+    if energy != "openmm":
+        try:
+            batched = TorchEnergy(system, dtype=dtype, device=device, soft_cap=soft_cap)
+            if energy == "torch" or batched.device.type == "cuda" or _faster(batched, bridge, system, batch_hint):
+                return batched
+            return bridge
+        except NotImplementedError as error:
+            if energy == "torch":
+                raise
+            warnings.warn(
+                f"batched torch energy unavailable for {system.name!r}: {error}. FALLING BACK to the "
+                "per-configuration OpenMM bridge (OpenMMEnergy): one OpenMM call per configuration, "
+                "no batching, no GPU speed-up for large batches",
+                TorchEnergyFallbackWarning,
+                stacklevel=2,
+            )
+    return bridge

@@ -1,0 +1,106 @@
+"""Coulomb-cluster workflow: the MBAR/TI reference on exactly solvable cases, and a tiny run."""
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import openmm
+import pytest
+from scipy.integrate import quad
+
+from openflow.plugins.openmm import alchemical
+from openflow.systems import coulomb_cluster
+from openflow.workflows import run
+
+YAML = Path(__file__).resolve().parents[1] / "workflows" / "coulomb_cluster.yaml"
+
+
+def _two_charges_free_energy(dim: int, kT: float) -> float:
+    """-log Z of two unit charges in the trap: centre of mass exp(-2 R^2/kT), relative
+    coordinate exp(-(r^2/2 + 1/r)/kT), integrated radially by quadrature."""
+    shell = 4 * math.pi if dim == 3 else 2 * math.pi
+    radial = quad(lambda r: shell * r ** (dim - 1) * math.exp(-(r * r / 2 + 1 / r) / kT), 0, np.inf)[0]
+    return -math.log((math.pi * kT / 2) ** (dim / 2) * radial)
+
+
+def test_trap_free_energy_is_the_gaussian_integral():
+    kT = 0.7
+    one = quad(lambda x: math.exp(-x * x / kT), -np.inf, np.inf)[0]
+    assert math.isclose(alchemical.harmonic_trap_free_energy(5, kT), -5 * math.log(one), rel_tol=1e-10)
+    with pytest.raises(ValueError):
+        alchemical.harmonic_trap_free_energy(3, -1.0)
+
+
+def test_coupled_system_scales_only_the_chosen_force():
+    cluster = coulomb_cluster(3, dim=3, temperature=1.0)
+    scaled = alchemical.coupled_system(cluster, force_index=0)
+    pos = cluster.positions
+    energies = {}
+    for name, system in (("original", cluster.system), ("scaled", scaled)):
+        context = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+        context.setPositions(pos)
+        if name == "scaled":
+            context.setParameter(alchemical.LAMBDA_PARAMETER, 0.25)
+            state = context.getState(getEnergy=True, getParameterDerivatives=True, groups={alchemical.COUPLED_FORCE_GROUP})
+            energies["pair_derivative"] = state.getEnergyParameterDerivatives()[alchemical.LAMBDA_PARAMETER]
+            energies["pair_scaled"] = state.getPotentialEnergy()._value
+        energies[name] = context.getState(getEnergy=True).getPotentialEnergy()._value
+    r = np.asarray(pos._value)
+    pair = sum(1 / np.linalg.norm(r[i] - r[j]) for i in range(3) for j in range(i + 1, 3))
+    assert math.isclose(energies["pair_derivative"], pair, rel_tol=1e-10)
+    assert math.isclose(energies["pair_scaled"], 0.25 * pair, rel_tol=1e-10)
+    assert math.isclose(energies["original"] - energies["scaled"], 0.75 * pair, rel_tol=1e-10)
+    with pytest.raises(ValueError):
+        alchemical.coupled_system(cluster, force_index=7)
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_mbar_and_ti_recover_two_charges(dim):
+    kT = 1.0
+    cluster = coulomb_cluster(2, dim=dim, temperature=kT)
+    samples = alchemical.sample_coupling(cluster, 0, alchemical.lambda_schedule(8), n_samples=1000,
+                                         interval=20, equilibration=500, seed=1)
+    exact = _two_charges_free_energy(dim, kT) - alchemical.harmonic_trap_free_energy(2 * dim, kT)
+    assert samples.n_nonfinite == 0 and samples.positions.shape == (1000, 2 * dim)
+    for estimate in (alchemical.mbar_free_energy(samples), alchemical.ti_free_energy(samples)):
+        assert 0 < estimate.error < 0.03
+        assert abs(estimate.delta_f - exact) < 3 * estimate.error + 0.005
+
+
+def test_lambda_schedule_and_bad_input():
+    np.testing.assert_allclose(alchemical.lambda_schedule(3, power=2.0), [0.0, 0.25, 1.0])
+    with pytest.raises(ValueError):
+        alchemical.lambda_schedule(1)
+    with pytest.raises(ValueError):
+        alchemical.sample_coupling(coulomb_cluster(2), 0, [0.5], n_samples=10, interval=1, equilibration=0)
+
+
+def test_tiny_workflow_end_to_end(tmp_path):
+    overrides = {
+        "clusters": [{"n": 3, "dim": 2, "temperature": 1.0}],
+        "reference": {"n_states": 6, "n_samples": 300, "equilibration": 200},
+        "reverse_kl": {"steps": 5},
+        "flow_matching": {"steps": 20},
+        "evaluation": {"n_samples": 1000, "n_bootstrap": 20},
+        "ground_state": {"n_starts": 4, "n_quench": 2},
+    }
+    metrics = run(YAML, tmp_path, overrides)
+    assert json.loads((tmp_path / "metrics.json").read_text()) == pytest.approx(metrics)
+    assert (tmp_path / "2d_n3_T1.0_histograms.png").stat().st_size > 1000
+    tag = "2d_n3_T1.0_"
+    # equilateral triangle: side a^3 = 3/2, energy per particle a^2
+    ground = 1.5 ** (2 / 3)
+    assert math.isclose(metrics[tag + "ground_state_energy_per_particle_multistart_kjmol"], ground, rel_tol=1e-6)
+    assert metrics[tag + "ground_state_energy_per_particle_flow_quench_kjmol"] >= ground - 1e-6
+    for variant in ("rkl", "fm"):
+        assert metrics[f"{tag}nonfinite_fraction_{variant}"] == 0.0
+        assert 0 < metrics[f"{tag}ess_fraction_{variant}"] <= 1
+        # importance sampling is unbiased whatever the training: flow and MBAR must agree
+        assert metrics[f"{tag}deviation_sigma_{variant}"] < 4
+        # the variational bound lies above the importance-sampled estimate
+        assert metrics[f"{tag}free_energy_variational_kT_{variant}"] > metrics[f"{tag}free_energy_flow_kT_{variant}"]
+
+
+def test_bad_cluster_is_a_value_error(tmp_path):
+    with pytest.raises(ValueError, match="cluster"):
+        run(YAML, tmp_path, {"clusters": [{"n": 3, "dim": 2}]})

@@ -454,7 +454,12 @@ class Trainer:
             ok = math.isfinite(grad_norm)
         if ok:
             if isinstance(self.optimizer, torch.optim.LBFGS):
-                self.optimizer.step(lambda: self._reevaluate(batch))
+                evaluated = [loss]  # L-BFGS opens with the loss and gradient just computed
+
+                def closure():
+                    return evaluated.pop() if evaluated else self._reevaluate(batch)
+
+                self.optimizer.step(closure)
             else:
                 self.optimizer.step()
             if self.scheduler is not None:

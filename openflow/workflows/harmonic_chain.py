@@ -40,10 +40,10 @@ DEFAULTS = {
     "system": {"n": 32, "k": 1.0, "mass": 1.0, "temperature": 1.0},
     "boundaries": ["fixed-fixed", "fixed-free"],
     # Friction near critical damping of the slowest mode (2 w_min ~ 0.19/ps) decorrelates it fastest.
-    "md": {"steps": 400_000, "interval": 10, "timestep_ps": 0.05, "friction_per_ps": 0.2, "platform": None},
+    "md": {"steps": 400_000, "interval": 40, "timestep_ps": 0.05, "friction_per_ps": 0.2, "platform": None},
     "model": {"omega_init": 0.5, "rotation_init_std": 0.1},
-    "mle": {"steps": 300, "lr": 1.0},
-    "variational": {"steps": 600, "batch": 512, "lr": 1.0},
+    "mle": {"steps": 500, "lr": 1.0},
+    "variational": {"steps": 1500, "batch": 512, "lr": 1.0},
     "evaluation": {"samples": 20000, "slow_modes_plotted": 4},
     "progress": None,
 }

@@ -149,6 +149,7 @@ def simulate(
     minimize: bool = True,
     progress: bool = True,
     reporters: Sequence = (),
+    reuse: bool = False,
 ) -> SimulationResult:
     """Minimise, equilibrate and run Langevin dynamics; write a trajectory and an energy log.
 
@@ -165,6 +166,9 @@ def simulate(
         friction: Quantity or 1/ps (default 1/ps).
         equilibration_steps: unsaved steps after minimisation (default: 10 ps worth).
         reporters: further OpenMM reporters attached to the production run.
+        reuse: return the finished run already in ``out`` instead of simulating again, when its
+            ``simulation.json`` records the same system, parameters, seed, steps, interval, time
+            step and friction (a cache for workflows; needs an explicit ``seed``).
 
     Writes into ``out``: ``trajectory.dcd`` (positions, nm; frame i at step (i+1)*interval),
     ``topology.pdb`` (the minimised structure), ``energies.csv`` (StateDataReporter CSV: step,
@@ -185,6 +189,10 @@ def simulate(
         equilibration_steps = round(EQUILIBRATION_PS / dt_ps)
     if int(equilibration_steps) != equilibration_steps or equilibration_steps < 0:
         raise ValueError(f"equilibration_steps must be a non-negative integer, got {equilibration_steps}")
+    if reuse and seed is not None:
+        previous = _finished_run(Path(out), system, seed, n_steps, interval, dt_ps, gamma_ps)
+        if previous is not None:
+            return previous
     seed = random.SystemRandom().randrange(2**31) if seed is None else seed
     noise_seed, velocity_seed = _openmm_seeds(seed)
 
@@ -245,6 +253,23 @@ def simulate(
     for key in ("topology", "energies", "metadata", "trajectory"):
         os.replace(part[key], final[key])
     return result
+
+
+def _finished_run(out: Path, system, seed, steps, interval, dt_ps, gamma_ps) -> SimulationResult | None:
+    """The run recorded in ``out/simulation.json`` if it has exactly these settings, else None."""
+    try:
+        saved = json.loads((out / OUTPUT_NAMES["metadata"]).read_text())
+    except (OSError, ValueError):
+        return None
+    wanted = dict(system=system.name, parameters=json.loads(json.dumps(system.parameters, default=str)), seed=int(seed),
+                  steps=steps, interval=interval, timestep_ps=dt_ps, friction_per_ps=gamma_ps)
+    if any(saved.get(key) != value for key, value in wanted.items()):
+        return None
+    fields = {key: saved[key] for key in SimulationResult.__dataclass_fields__}
+    fields.update({key: out / name for key, name in OUTPUT_NAMES.items()})
+    if not all(fields[key].exists() for key in OUTPUT_NAMES):
+        return None
+    return SimulationResult(**fields)
 
 
 # ----------------------------------------------------------------------------- loading

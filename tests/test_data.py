@@ -290,3 +290,13 @@ def test_alanine_dipeptide_data_falls_back_to_openmm_offline(tmp_path, capsys):
     assert torch.equal(data.positions[0], heavy)
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 2 and "not reachable" in lines[0] and "simulating" in lines[1]
+
+
+def test_reuse_returns_a_finished_run_with_the_same_settings_only(tmp_path):
+    chain = harmonic_chain(3)
+    first = simulate(chain, steps=200, interval=20, out=tmp_path, seed=4, progress=False, platform="Reference")
+    stamp = first.trajectory.stat().st_mtime_ns
+    again = simulate(chain, steps=200, interval=20, out=tmp_path, seed=4, progress=False, platform="Reference", reuse=True)
+    assert again.trajectory.stat().st_mtime_ns == stamp and again.n_frames == first.n_frames
+    other = simulate(chain, steps=200, interval=20, out=tmp_path, seed=5, progress=False, platform="Reference", reuse=True)
+    assert other.trajectory.stat().st_mtime_ns != stamp  # a different seed runs again

@@ -64,7 +64,7 @@ def phase_space_data(system, config: dict, out: Path, generator: torch.Generator
     md = config["md"]
     result = simulate(system, steps=md["steps"], interval=md["interval"], out=out / "md", seed=config["seed"],
                       platform=md["platform"], timestep=md["timestep_ps"], friction=md["friction_per_ps"],
-                      progress=config["progress"])
+                      progress=config["progress"], reuse=True)
     q = load(result.trajectory, result.topology, system=system, dtype=DTYPE)
     scale = torch.as_tensor(np.sqrt(system.active_masses / system.kT_kjmol), dtype=DTYPE)
     p = torch.randn(q.shape, generator=generator, dtype=DTYPE)  # p~ = p / sqrt(m kT) ~ N(0, 1)

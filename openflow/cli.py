@@ -242,5 +242,97 @@ def run(args):
     print(f"wrote {os.path.join(args.out, 'metrics.json')}")
 
 
+# ----------------------------------------------------------------------------- rama
+
+
+def _rama_arguments(parser):
+    parser.add_argument("trajectory", help="trajectory file (DCD, XTC, PDB, ... anything mdtraj reads)")
+    parser.add_argument("--top", help="topology file (PDB); not needed for a PDB trajectory")
+    parser.add_argument("--weights", help="per-frame weights: .npy or a one-column text file (metadynamics or flow importance weights)")
+    parser.add_argument("--units", choices=("kT", "kJ/mol"), default="kT", help="free-energy units of the plot (default kT)")
+    parser.add_argument("--temperature", type=float, default=300.0, help="temperature in K for kJ/mol (default 300)")
+    parser.add_argument("--bins", type=int, default=60, help="bins per angle (default 60)")
+    parser.add_argument("--out", required=True, help="output folder (rama.png, populations.json)")
+
+
+@subcommand("rama", "Ramachandran plot (PNG) and phi<0 / phi>0 basin populations (JSON) of a trajectory", _rama_arguments)
+def rama(args):
+    from openflow import analysis
+    from openflow.io import write_json
+
+    phi, psi = analysis.backbone_angles(args.trajectory, args.top)
+    weights = analysis.load_weights(args.weights) if args.weights else None
+    surface = analysis.ramachandran((phi, psi), weights=weights, bins=args.bins, units=args.units, temperature=args.temperature)
+    populations = analysis.basin_populations(phi, psi, surface.weights)
+    os.makedirs(args.out, exist_ok=True)
+    plot = analysis.plot_ramachandran(surface, os.path.join(args.out, "rama.png"), title=os.path.basename(args.trajectory))
+    report = write_json(os.path.join(args.out, "populations.json"), populations)
+    print(f"{phi.size} frames: phi<0 basin {populations['negative']:.4f}, phi>0 basin {populations['positive']:.4f}, "
+          f"dF = {populations['delta_f_kT']:.3f} kT")
+    print(f"  plot        {plot}\n  populations {report}")
+
+
+# ----------------------------------------------------------------------------- metad
+
+
+def _metad_arguments(parser):
+    parser.add_argument("--cv", required=True, help="'phi-psi' (periodic torsions), or an exported CV force XML file (see --cv-range)")
+    parser.add_argument("--cv-range", type=float, nargs=2, metavar=("MIN", "MAX"),
+                        help="CV range of an XML CV (the bias is zero outside it; CVModel.bounds() gives a safe one)")
+    length = parser.add_mutually_exclusive_group(required=True)
+    length.add_argument("--ns", type=float, help="simulated time in ns")
+    length.add_argument("--steps", type=int, help="number of MD steps")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--width", type=float, help="Gaussian width in CV units (default 0.35 rad for phi-psi, range/50 for XML CVs)")
+    parser.add_argument("--grid", type=int, help="bias grid points per CV (default: OpenMM's 5 * range / width)")
+    parser.add_argument("--height", type=float, default=1.0, help="initial Gaussian height in kJ/mol (default 1)")
+    parser.add_argument("--bias-factor", type=float, default=6.0, help="well-tempered bias factor gamma > 1 (default 6)")
+    parser.add_argument("--frequency", type=int, default=500, help="steps between Gaussians (default 500)")
+    parser.add_argument("--interval", type=int, help="steps between frames and COLVAR rows (default: 1 ps)")
+    parser.add_argument("--solvent", choices=("vacuum", "implicit"), default="vacuum", help="alanine dipeptide solvent (default vacuum)")
+    parser.add_argument("--platform", help="OpenMM platform (default: automatic, by measurement)")
+    parser.add_argument("--seed", type=int, help="random seed")
+    parser.add_argument("--continue-from", help="output folder of an earlier run with the same CV: continue its bias and state")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+@subcommand("metad", "well-tempered metadynamics of alanine dipeptide on phi/psi or an exported CV", _metad_arguments)
+def metad(args):
+    from openflow import analysis
+    from openflow.io import write_json
+    from openflow.plugins.openmm.export import load_cv_force
+    from openflow.plugins.openmm.metadynamics import learned_bias_variables, phi_psi_bias_variables, run_metadynamics
+    from openflow.systems import alanine_dipeptide
+
+    system = alanine_dipeptide(solvent=args.solvent)
+    if args.cv == "phi-psi":
+        if args.cv_range:
+            raise UsageError("openflow metad: --cv-range does not apply to --cv phi-psi (the range is [-pi, pi])")
+        variables = phi_psi_bias_variables(system, width=args.width or 0.35, grid=args.grid)
+    else:
+        if not args.cv_range:
+            raise UsageError("openflow metad: an XML CV needs --cv-range MIN MAX (the bias is zero outside it)")
+        lo, hi = args.cv_range
+        variables = learned_bias_variables([load_cv_force(args.cv)], args.width or (hi - lo) / 50.0, args.grid, [(lo, hi)])
+    result = run_metadynamics(system, variables, steps=args.steps, ns=args.ns, out=args.out, height=args.height,
+                              bias_factor=args.bias_factor, frequency=args.frequency, interval=args.interval,
+                              platform=args.platform, seed=args.seed, continue_from=args.continue_from,
+                              cv_names=["cv_phi", "cv_psi"] if args.cv == "phi-psi" else None, progress=not args.no_progress)
+    import numpy as np
+
+    from openflow.plugins.openmm.reporters import read_colvar
+
+    weights = np.load(result.files["weights"])
+    colvar = read_colvar(result.files["colvar"])
+    surface = analysis.ramachandran((colvar["phi"], colvar["psi"]), weights=weights)
+    plot = analysis.plot_ramachandran(surface, os.path.join(args.out, "rama.png"), title="metadynamics, reweighted")
+    write_json(os.path.join(args.out, "populations.json"), result.populations)
+    print(f"{result.steps} steps on {result.platform}: {result.ns_per_day:.1f} ns/day, {result.transitions} transitions "
+          f"({result.transitions_per_ns:.1f}/ns), dF(phi>0 - phi<0) = {result.delta_f_kT:.3f} kT (reweighted)")
+    for key in ("trajectory", "topology", "colvar", "weights", "fes", "bias_dir", "state"):
+        print(f"  {key:10s} {result.files[key]}")
+    print(f"  {'rama':10s} {plot}")
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,143 @@
+"""Metadynamics of alanine dipeptide: unbiased MD vs well-tempered metadynamics on phi/psi vs on a
+learned CV, all of the same length.
+
+1. **Unbiased** Langevin MD (``run_metadynamics(system, [])``: the same files and analysis).
+2. **phi/psi**: periodic torsion CVs, ``openmm.app.Metadynamics`` on a 2-D grid.
+3. **Learned CV**: either ``cv.xml`` (an exported CV force XML, with ``cv.range``), or -- until
+   the alanine dipeptide flow workflow (issue 5) provides slow modes -- a *stand-in*: a small
+   ``CVModel`` (45 heavy-atom distances or sin/cos(phi, psi) -> tanh MLP) regressed on
+   ``cos(phi - 1 rad)``, a smooth function of phi that is 1 in the alpha_L/C7ax basin, about -0.8 in
+   C7eq/C5, and takes the same value (~0.54) at both phi barriers (0 and 2 rad). Its training frames
+   are the phi/psi metadynamics frames (plain MD never leaves phi < 0). This tests the machinery
+   (export, bounds, bias, reweighting) with a CV known to be good, not a CV learned without phi.
+   Exported with ``export_cv(method="auto")`` (checked against torch), bounds from ``CVModel.bounds()``.
+
+Metrics (flat, per run prefix ``unbiased_``, ``phipsi_``, ``learned_``): transitions between the
+phi < 0 and phi > 0 basins and per ns (hysteresis cores, ``openflow.analysis``), ΔF(positive -
+negative) in kT from the c(t)-reweighted frames, its value at half time and its drift over the
+second half (convergence), ns/day; for phi/psi also ΔF straight from the final bias
+(``phipsi_delta_f_from_bias_kT``: the sum_hills FES integrated over each phi basin); the cost of
+one MD step with each bias relative to bare MD (``step_costs``: same integrator, no reporters).
+Plots: reweighted Ramachandran per run (``rama_<run>.png``) and ΔF(t) (``delta_f.png``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import mdtraj
+import numpy as np
+import torch
+
+from openflow import analysis
+from openflow.cv import CVModel, fit_cv
+from openflow.features import heavy_atom_distance_features, phi_psi_features
+from openflow.plugins.openmm.export import export_cv, load_cv_force, save_cv_force
+from openflow.plugins.openmm.metadynamics import (basin_delta_f_from_fes, learned_bias_variables, phi_psi_bias_variables,
+                                                  run_metadynamics, step_costs)
+from openflow.plugins.openmm.reporters import read_colvar
+from openflow.systems import alanine_dipeptide
+
+DEFAULTS = {
+    "seed": 0,
+    "system": {"solvent": "vacuum"},
+    "md": {"ns": 2.0, "interval": 1000, "platform": None, "equilibration_steps": 1000},
+    "metad": {"height": 1.2, "bias_factor": 6.0, "frequency": 1000},  # PLUMED's usual alanine dipeptide setup: 1.2 kJ/mol per ps
+    "phipsi": {"width": 0.35, "grid": 60},  # 60 x 60: a deposit costs ~1/2 of 90 x 90 (OpenMM's default)
+    # cv.xml: an exported CV force XML (then cv.range: [min, max] is required); null: the stand-in below
+    "cv": {"xml": None, "range": None, "features": "distances", "hidden": [8], "epochs": 100,
+           "target_center": 1.0, "width": 0.05, "grid": None, "table_points": 257},
+    "speed": {"steps": 3000, "repeats": 3},
+    "progress": None,
+}
+
+
+def stand_in_cv(system, frames: mdtraj.Trajectory, config: dict, out: Path):
+    """Fit and export the stand-in CV on ``frames``; return (force, (lo, hi), metrics)."""
+    settings = config["cv"]
+    if settings["features"] not in ("distances", "phi_psi"):
+        raise ValueError(f"cv.features must be 'distances' or 'phi_psi', got {settings['features']!r}")
+    features = heavy_atom_distance_features(system) if settings["features"] == "distances" else phi_psi_features(system)
+    torch.manual_seed(config["seed"])
+    cv = CVModel(features, hidden=settings["hidden"], seed=config["seed"]).double()
+    positions = torch.as_tensor(frames.xyz, dtype=torch.float64)
+    phi = torch.as_tensor(mdtraj.compute_phi(frames)[1][:, 0], dtype=torch.float64)
+    fit = fit_cv(cv, positions, torch.cos(phi - settings["target_center"]), epochs=settings["epochs"], seed=config["seed"])
+    force, report = export_cv(cv, positions[::5], method="auto", points=settings["table_points"])
+    save_cv_force(force, out / "learned_cv.xml")
+    torch.save(cv.state_dict(), out / "learned_cv.pt")
+    lo, hi = (float(v[0]) for v in cv.bounds())
+    metrics = {"learned_cv_r2_validation": fit.r2_validation[0], "learned_cv_export_method": report["method"],
+               "learned_cv_export_max_value_error": report["max_value_error"], "learned_cv_lo": lo, "learned_cv_hi": hi}
+    return force, (lo, hi), metrics
+
+
+def convergence(result) -> dict:
+    """Final ΔF, ΔF at half time, and the largest deviation from the final value over the second half (kT)."""
+    times, values = (np.array(v) for v in zip(*result.delta_f_kT_t))
+    second_half = values[times >= times[-1] / 2]
+    finite = np.isfinite(second_half).all()
+    return {"delta_f_kT": values[-1], "delta_f_half_time_kT": values[np.searchsorted(times, times[-1] / 2)],
+            "delta_f_drift_second_half_kT": float(np.abs(second_half - values[-1]).max()) if finite else np.inf}
+
+
+def plot_delta_f(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, result in results.items():
+        times, values = zip(*result.delta_f_kT_t)
+        ax.plot(np.array(times) / 1000.0, values, "o-", ms=3, label=name)
+    ax.set(xlabel="time (ns)", ylabel=r"$\Delta F$ ($\phi>0$ minus $\phi<0$, kT)", title="convergence (c(t) reweighting)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(config: dict, out: Path) -> dict:
+    system = alanine_dipeptide(**config["system"])
+    md, metad = config["md"], config["metad"]
+    common = dict(ns=md["ns"], interval=md["interval"], platform=md["platform"], seed=config["seed"],
+                  equilibration_steps=md["equilibration_steps"], progress=config["progress"] is not False,
+                  height=metad["height"], bias_factor=metad["bias_factor"], frequency=metad["frequency"])
+    results, metrics = {}, {}
+    results["unbiased"] = run_metadynamics(system, [], out=out / "unbiased", **common)
+    phipsi = phi_psi_bias_variables(system, width=config["phipsi"]["width"], grid=config["phipsi"]["grid"])
+    results["phipsi"] = run_metadynamics(system, phipsi, out=out / "phipsi", cv_names=["cv_phi", "cv_psi"], **common)
+
+    settings = config["cv"]
+    if settings["xml"]:
+        if not settings["range"] or len(settings["range"]) != 2:
+            raise ValueError("cv.xml needs cv.range: [min, max] (the bias is zero outside it)")
+        force, cv_range = load_cv_force(settings["xml"]), tuple(settings["range"])
+    else:
+        files = results["phipsi"].files
+        frames = mdtraj.load(str(files["trajectory"]), top=str(files["topology"]))
+        force, cv_range, cv_metrics = stand_in_cv(system, frames, config, out)
+        metrics.update(cv_metrics)
+    learned = learned_bias_variables([force], settings["width"], settings["grid"], [cv_range])
+    results["learned"] = run_metadynamics(system, learned, out=out / "learned", cv_names=["cv"], **common)
+
+    for name, result in results.items():
+        summary = result.summary()
+        metrics.update({f"{name}_{key}": summary[key] for key in ("transitions", "transitions_per_ns", "ns_per_day", "population_positive")})
+        metrics.update({f"{name}_{key}": value for key, value in convergence(result).items()})
+        colvar = read_colvar(result.files["colvar"])
+        surface = analysis.ramachandran((colvar["phi"], colvar["psi"]), weights=np.load(result.files["weights"]), bins=36)
+        analysis.plot_ramachandran(surface, out / f"rama_{name}.png", title=f"{name} (reweighted)", vmax=12.0)
+    plot_delta_f({name: results[name] for name in ("phipsi", "learned")}, out / "delta_f.png")
+    fes = np.load(results["phipsi"].files["fes"])
+    metrics["phipsi_delta_f_from_bias_kT"] = basin_delta_f_from_fes(fes["free_energy_kjmol"], fes["axis_0"], system.kT_kjmol)
+
+    for name, variables in (("phipsi", phipsi), ("learned", learned)):
+        cost = step_costs(system, variables, steps=config["speed"]["steps"], repeats=config["speed"]["repeats"],
+                          platform=md["platform"], frequency=metad["frequency"])
+        metrics[f"{name}_speed_relative_to_bare_md"] = cost["speed_ratio"]
+        metrics[f"{name}_biased_us_per_step"] = 1e6 * cost["biased_s_per_step"]
+        metrics["bare_md_us_per_step"] = 1e6 * cost["bare_s_per_step"]
+    metrics["platform"] = results["unbiased"].platform
+    metrics["ns_per_run"] = md["ns"]
+    return metrics

@@ -1,0 +1,94 @@
+"""Ramachandran analysis: free energies, basin populations, transition counting (synthetic data with
+exact answers) and `openflow rama` on a short real trajectory."""
+import json
+
+import mdtraj
+import numpy as np
+import pytest
+
+from openflow import analysis
+from openflow.cli import main
+from openflow.data import simulate
+from openflow.systems import alanine_dipeptide
+
+R = analysis.KJ_PER_MOL_PER_K
+
+
+def test_transition_counting_on_synthetic_phi():
+    # cores: positive (0.5, 1.5), negative phi < -0.5 or phi > 2.5; between them nothing counts
+    phi = np.array([-1.5, -1.4, 0.2, -1.5,          # barrier visit, back: no transition
+                    1.0,                             # 1: into the positive core (frame 4)
+                    0.2, 1.0, -0.2, 1.2,             # recrossings that never reach the negative core
+                    2.0, 3.0,                        # 2: negative core across +-pi (frame 10)
+                    -3.1, 2.2, 1.4,                  # 3: positive core again (frame 13)
+                    -0.6])                           # 4: negative core (frame 14)
+    assert analysis.transition_frames(phi).tolist() == [4, 10, 13, 14]
+    assert analysis.count_transitions(phi) == 4
+    assert analysis.count_transitions(phi, margin=0.0) == 8  # without hysteresis every sign change counts
+    assert analysis.count_transitions(np.full(10, 0.1)) == 0  # never in a core
+
+
+def test_basin_populations_weighted_exact():
+    phi = np.array([-1.5, 1.0, 2.5, -0.1, 0.3])
+    weights = np.array([1.0, 2.0, 3.0, 4.0, 5.0])   # positive: 1.0 and 0.3 -> 7/15
+    result = analysis.basin_populations(phi, weights=weights)
+    assert result["positive"] == pytest.approx(7 / 15, abs=1e-15)
+    assert result["negative"] + result["positive"] == pytest.approx(1.0, abs=1e-15)
+    assert result["delta_f_kT"] == pytest.approx(np.log(8 / 7), abs=1e-14)
+    assert result["effective_sample_size"] == pytest.approx(15**2 / np.sum(weights**2), rel=1e-14)
+    # a uniform density on the circle: the positive basin holds 2.0 / (2 pi) of it
+    uniform = np.linspace(-np.pi, np.pi, 200_001)[:-1]
+    assert analysis.basin_populations(uniform)["positive"] == pytest.approx(2.0 / (2 * np.pi), abs=1e-5)
+    # Boltzmann weights of U(phi) = -cos(phi - 1) kT on a fine grid against the integral of exp(cos)
+    w = np.exp(np.cos(uniform - 1.0))
+    grid = np.linspace(0.0, 2.0, 400_001)
+    exact = np.trapezoid(np.exp(np.cos(grid - 1.0)), grid) / (2 * np.pi * np.i0(1.0))
+    assert analysis.basin_populations(uniform, weights=w)["positive"] == pytest.approx(exact, abs=1e-5)
+    with pytest.raises(ValueError, match="weights"):
+        analysis.basin_populations(phi, weights=-weights)
+    with pytest.raises(ValueError, match="frames"):
+        analysis.basin_populations(phi, weights=weights[:3])
+
+
+def test_ramachandran_free_energy_difference_and_units():
+    # two frames in two cells, weights 1 and e^-2: F differs by exactly 2 kT
+    angles = np.array([[-1.5, 2.0], [1.0, -0.5]])
+    weights = np.array([1.0, np.exp(-2.0)])
+    surface = analysis.ramachandran(angles, weights=weights, bins=12)
+    filled = np.isfinite(surface.free_energy)
+    assert filled.sum() == 2 and np.nanmin(surface.free_energy) == 0.0
+    assert np.nanmax(surface.free_energy) == pytest.approx(2.0, abs=1e-12)
+    in_kj = analysis.ramachandran(angles, weights=weights, bins=12, units="kJ/mol", temperature=350.0)
+    assert np.nanmax(in_kj.free_energy) == pytest.approx(2.0 * R * 350.0, rel=1e-12)
+    i, j = np.unravel_index(np.nanargmax(surface.free_energy), surface.free_energy.shape)
+    assert surface.phi_edges[i] <= 1.0 < surface.phi_edges[i + 1] and surface.psi_edges[j] <= -0.5 < surface.psi_edges[j + 1]
+    with pytest.raises(ValueError, match="units"):
+        analysis.ramachandran(angles, units="kcal")
+
+
+def test_free_energy_profile_of_boltzmann_samples():
+    # weights exp(-s^2/2) on a uniform grid: F(s) = s^2/2 up to the bin average
+    s = np.linspace(-3, 3, 600_001)
+    centers, f = analysis.free_energy_profile(s, weights=np.exp(-s**2 / 2), bins=30, range=(-3, 3))
+    edges = np.linspace(-3, 3, 31)
+    exact = -np.log([np.mean(np.exp(-np.linspace(a, b, 2001)**2 / 2)) for a, b in zip(edges[:-1], edges[1:])])
+    assert np.allclose(f, exact - exact.min(), atol=1e-4)
+
+
+def test_rama_command_on_a_short_trajectory(tmp_path):
+    md = simulate(alanine_dipeptide(), steps=400, interval=20, out=tmp_path / "md", seed=2, platform="Reference",
+                  equilibration_steps=50, progress=False)
+    weights = np.arange(1.0, 21.0)
+    np.savetxt(tmp_path / "w.txt", weights)
+    status = main(["rama", str(md.trajectory), "--top", str(md.topology), "--weights", str(tmp_path / "w.txt"),
+                   "--units", "kJ/mol", "--out", str(tmp_path / "rama")])
+    assert status == 0
+    assert (tmp_path / "rama" / "rama.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    populations = json.loads((tmp_path / "rama" / "populations.json").read_text())
+    assert populations["negative"] + populations["positive"] == pytest.approx(1.0, abs=1e-12)
+    assert populations["n_frames"] == 20
+    phi = mdtraj.compute_phi(mdtraj.load(str(md.trajectory), top=str(md.topology)))[1][:, 0]
+    assert populations["positive"] == pytest.approx(weights[analysis.basin_of(phi) == 1].sum() / weights.sum(), abs=1e-12)
+    np.save(tmp_path / "bad.npy", np.ones(3))
+    assert main(["rama", str(md.trajectory), "--top", str(md.topology), "--weights", str(tmp_path / "bad.npy"),
+                 "--out", str(tmp_path / "bad")]) == 2

@@ -164,8 +164,7 @@ class ContinuousFlow(Flow):
         if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_floating_point():
             raise ValueError("expected a floating-point tensor of shape (B, d), got "
                              f"{getattr(x, 'shape', type(x).__name__)}")
-        noise = rademacher(x.shape, x, generator) if self.divergence == "hutchinson" else None
-        dynamics = _AugmentedDynamics(self.velocity, noise)
+        dynamics = self._dynamics(x, generator)
         times = torch.tensor([t_start, t_end], dtype=x.dtype, device=x.device)
         state = (x, x.new_zeros(x.shape[0]))
         settings = dict(rtol=self.rtol, atol=self.atol, method=self.method, options=self.options)
@@ -176,6 +175,11 @@ class ContinuousFlow(Flow):
             xs, logdets = odeint(dynamics, state, times, **settings)
         self.nfe = dynamics.calls
         return xs[-1], logdets[-1]
+
+    def _dynamics(self, x: torch.Tensor, generator: torch.Generator | None) -> nn.Module:
+        """The augmented ODE right-hand side ``(x, logdet)`` for one solve (fresh probes each)."""
+        noise = rademacher(x.shape, x, generator) if self.divergence == "hutchinson" else None
+        return _AugmentedDynamics(self.velocity, noise)
 
     def extra_repr(self) -> str:
         return (f"t=({self.t0}, {self.t1}), method={self.method!r}, rtol={self.rtol}, "
@@ -525,18 +529,5 @@ class PairMongeAmpereFlow(ContinuousFlow):
     def potential(self) -> PairPotential:
         return self.velocity.potential
 
-    def _solve(self, x: torch.Tensor, t_start: float, t_end: float, generator=None):
-        if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_floating_point():
-            raise ValueError("expected a floating-point tensor of shape (B, d), got "
-                             f"{getattr(x, 'shape', type(x).__name__)}")
-        dynamics = _AnalyticDynamics(self.potential)
-        times = torch.tensor([t_start, t_end], dtype=x.dtype, device=x.device)
-        state = (x, x.new_zeros(x.shape[0]))
-        settings = dict(rtol=self.rtol, atol=self.atol, method=self.method, options=self.options)
-        if self.adjoint:
-            xs, logdets = odeint_adjoint(dynamics, state, times,
-                                         adjoint_params=tuple(self.potential.parameters()), **settings)
-        else:
-            xs, logdets = odeint(dynamics, state, times, **settings)
-        self.nfe = dynamics.calls
-        return xs[-1], logdets[-1]
+    def _dynamics(self, x: torch.Tensor, generator: torch.Generator | None) -> nn.Module:
+        return _AnalyticDynamics(self.potential)

@@ -83,7 +83,30 @@ class _ReducedEnergy(torch.autograd.Function):
         return grad_x, None
 
 
-class OpenMMEnergy:
+class EvaluationCounts:
+    """Counters every energy keeps: ``n_evaluations``, ``n_nonfinite``, ``stats()``, ``reset_stats()``."""
+
+    n_evaluations: int = 0
+    n_nonfinite: int = 0
+
+    def _stats_label(self) -> str | None:  # pragma: no cover - each energy names itself
+        raise NotImplementedError
+
+    def stats(self) -> dict:
+        """Counts since construction or ``reset_stats()``: evaluations, non-finite ones, and their fraction."""
+        return {
+            "platform": self._stats_label(),
+            "evaluations": self.n_evaluations,
+            "nonfinite": self.n_nonfinite,
+            "nonfinite_fraction": self.n_nonfinite / max(self.n_evaluations, 1),
+        }
+
+    def reset_stats(self) -> None:
+        self.n_evaluations = 0
+        self.n_nonfinite = 0
+
+
+class OpenMMEnergy(EvaluationCounts):
     """Reduced energy ``u(x) = E(x) / kT`` of an ``openflow.systems.System``, differentiable in ``x``.
 
     Args:
@@ -149,18 +172,8 @@ class OpenMMEnergy:
         u, _ = self._evaluate(x)
         return self._like(u * self._kT, x)
 
-    def stats(self) -> dict:
-        """Counts since construction or ``reset_stats()``: evaluations, non-finite ones, and their fraction."""
-        return {
-            "platform": self._platform_name,
-            "evaluations": self.n_evaluations,
-            "nonfinite": self.n_nonfinite,
-            "nonfinite_fraction": self.n_nonfinite / max(self.n_evaluations, 1),
-        }
-
-    def reset_stats(self) -> None:
-        self.n_evaluations = 0
-        self.n_nonfinite = 0
+    def _stats_label(self) -> str | None:
+        return self._platform_name
 
     def __repr__(self) -> str:
         platform = self._platform_name or "auto"

@@ -39,7 +39,7 @@ from torch import nn
 
 from openflow.systems import System
 
-from .bridge import OpenMMEnergy
+from .bridge import EvaluationCounts, OpenMMEnergy
 
 # 1/(4 pi eps0) in kJ/mol nm/e^2, the value OpenMM >= 8 uses (CODATA 2018 constants); older
 # OpenMM used 138.935456 (relative difference 1e-8). The OpenMM app's CustomGBForce expressions
@@ -788,7 +788,7 @@ class _ZeroGradientRows(torch.autograd.Function):
         return grad.masked_fill(rows[:, None], 0.0), None
 
 
-class TorchEnergy(nn.Module):
+class TorchEnergy(EvaluationCounts, nn.Module):
     """Reduced energy ``u(x) = E(x) / kT`` of a ``System``, batched in torch (see the module docstring).
 
     Args:
@@ -904,18 +904,8 @@ class TorchEnergy(nn.Module):
         """Active coordinates ``(B, d)`` -> positions ``(B, n_atoms, 3)`` nm (inactive ones at the reference)."""
         return self._layout(x).permute(2, 1, 0)
 
-    def stats(self) -> dict:
-        """Counts since construction or ``reset_stats()``: evaluations, non-finite ones, and their fraction."""
-        return {
-            "platform": f"torch ({self.device.type}, {str(self.dtype).removeprefix('torch.')})",
-            "evaluations": self.n_evaluations,
-            "nonfinite": self.n_nonfinite,
-            "nonfinite_fraction": self.n_nonfinite / max(self.n_evaluations, 1),
-        }
-
-    def reset_stats(self) -> None:
-        self.n_evaluations = 0
-        self.n_nonfinite = 0
+    def _stats_label(self) -> str:
+        return f"torch ({self.device.type}, {str(self.dtype).removeprefix('torch.')})"
 
     def extra_repr(self) -> str:
         return f"{self.system.name}, d={self.dim}, dtype={self.dtype}, device={self.device}, soft_cap={self.soft_cap}"

@@ -15,43 +15,17 @@ in the same process on the same configurations; the OpenMM loop is timed on at m
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform as platform_module
 import sys
-import time
 
-import openmm
 import torch
 
 from openflow.plugins.openmm import OpenMMEnergy
 from openflow.plugins.openmm.torch_energy import TorchEnergy
 from openflow.systems import System, build
 
+from openflow.benchmarks.common import emit, machine_description, machine_line, rate, set_threads, synchronizer
+
 BATCHES = (1, 64, 1024, 16384)
-
-
-def machine_description(device: str = "cpu") -> dict:
-    """CPU model, cores, threads, library versions and the torch device, for the JSON record."""
-    cpu_model = platform_module.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            cpu_model = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    description = {
-        "cpu_model": cpu_model,
-        "cpu_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "python_version": platform_module.python_version(),
-        "torch_version": torch.__version__,
-        "openmm_version": openmm.__version__,
-        "device": str(device),
-    }
-    if str(device).startswith("cuda"):
-        description["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    return description
 
 
 def configurations(system: System, batch: int, seed: int = 0) -> torch.Tensor:
@@ -63,18 +37,6 @@ def configurations(system: System, batch: int, seed: int = 0) -> torch.Tensor:
         return noise * (system.kT_kjmol / system.parameters["k"]) ** 0.5
     scale = 0.005 if system.name == "alanine_dipeptide" else 0.05
     return system.from_positions(system.positions) + scale * noise
-
-
-def _rate(function, n_configs: int, seconds: float, synchronize=lambda: None) -> float:
-    """Configurations per second of ``function()`` (``n_configs`` each), repeated for ``seconds``."""
-    function()  # warm-up: contexts, allocations, device transfers
-    synchronize()
-    calls, start = 0, time.perf_counter()
-    while calls == 0 or time.perf_counter() - start < seconds:
-        function()
-        synchronize()
-        calls += 1
-    return n_configs * calls / (time.perf_counter() - start)
 
 
 def benchmark_energy(
@@ -111,12 +73,11 @@ def benchmark_energy(
 
     loop = OpenMMEnergy(system, platform=platform)
     x_loop = x[: min(batch, max_loop_configs)]
-    per_config = _rate(lambda: loop.energy_and_forces(x_loop), len(x_loop), seconds)
+    per_config = rate(lambda: loop.energy_and_forces(x_loop), len(x_loop), seconds)
 
     batched = TorchEnergy(system, dtype=getattr(torch, dtype), device=device)
     x_batched = x.to(device=device, dtype=getattr(torch, dtype))
-    synchronize = torch.cuda.synchronize if batched.device.type == "cuda" else (lambda: None)
-    batched_rate = _rate(lambda: batched.energy_and_forces(x_batched), batch, seconds, synchronize)
+    batched_rate = rate(lambda: batched.energy_and_forces(x_batched), batch, seconds, synchronizer(batched.device))
 
     u_loop, _ = loop.energy_and_forces(x_loop)
     u_batched, _ = batched.energy_and_forces(x_batched[: len(x_loop)])
@@ -148,11 +109,7 @@ def format_table(runs: list[dict]) -> str:
         loop = f"{run['per_config_evals_per_s']:,.0f}/s ({run['per_config_platform']})"
         torch_path = f"{run['batched_evals_per_s']:,.0f}/s ({run['batched_device']}, {run['dtype']})"
         lines.append(f"{label:<34} {run['batch']:>6} {loop:>26} {torch_path:>34} {run['ratio']:>7.1f}x")
-    machine = runs[0]["machine"]
-    lines.append(
-        f"machine: {machine['cpu_model']}, {machine['cpu_cores']} cores ({machine['torch_threads']} torch threads, "
-        f"load {machine['load_average_1min']}), torch {machine['torch_version']}, OpenMM {machine['openmm_version']}"
-    )
+    lines.append(machine_line(runs[0]["machine"]))
     return "\n".join(lines)
 
 
@@ -181,18 +138,13 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda requested but torch sees no CUDA device")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     runs = [
         benchmark_energy(args.system, batch, args.device, args.platform, dtype=args.dtype, seconds=args.seconds, **_system_kwargs(args))
         for batch in args.batch
     ]
     result = runs[0] if len(runs) == 1 else {"machine": runs[0]["machine"], "runs": runs}
-    if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(result, handle, indent=2)
-    print(json.dumps(result) if args.json else format_table(runs))
-    return result
+    return emit(result, format_table(runs), args.json, args.out)
 
 
 if __name__ == "__main__":

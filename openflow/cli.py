@@ -334,5 +334,25 @@ def metad(args):
     print(f"  {'rama':10s} {plot}")
 
 
+
+# ----------------------------------------------------------------------------- bench
+
+BENCHMARKS = ("energy", "flows", "md")
+
+
+def _bench_arguments(parser):
+    parser.add_argument("benchmark", choices=BENCHMARKS, help="which benchmark (energy: OpenMM loop vs batched torch; "
+                        "flows: sampling and training step per flow family; md: ns/day bare and with a CV bias)")
+    parser.add_argument("options", nargs=argparse.REMAINDER,
+                        help="the benchmark's own options, e.g. --system alanine_dipeptide --batch 1024 --json "
+                             "(see openflow bench NAME --help)")
+
+
+@subcommand("bench", "run a speed benchmark; print a table, or one JSON object with --json", _bench_arguments)
+def bench(args):
+    import importlib
+
+    importlib.import_module(f"openflow.benchmarks.{args.benchmark}").main(args.options)
+
 if __name__ == "__main__":
     sys.exit(main())

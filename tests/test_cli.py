@@ -111,3 +111,11 @@ def test_console_script_runs_and_fails_cleanly(tmp_path):
     assert str(tmp_path / "trajectory.dcd") in run.stdout and (tmp_path / "trajectory.dcd").exists()
     bad = subprocess.run([script, "simulate", "--system", "harmonic_chain", "--ns", "1", "--steps", "3", "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
+
+
+def test_bench_energy_prints_one_json_object_with_both_rates(capsys):
+    status = main(["bench", "energy", "--system", "harmonic_chain", "--n", "4", "--batch", "8", "--json", "--seconds", "0.05"])
+    assert status == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    result = json.loads(lines[-1])
+    assert result["per_config_evals_per_s"] > 0 and result["batched_evals_per_s"] > 0

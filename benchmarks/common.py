@@ -74,3 +74,18 @@ def emit(result: dict, table: str, as_json: bool, out: str | None = None) -> dic
             json.dump(result, handle, indent=2)
     print(json.dumps(result) if as_json else table)
     return result
+
+
+def add_output_arguments(parser) -> None:
+    """The options every benchmark shares: ``--json`` and ``--out``."""
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--out", help="also write the JSON to this file")
+
+
+def parse_arguments(parser, argv):
+    """Parse ``argv``; refuse ``--device cuda`` without CUDA; apply ``--threads``."""
+    args = parser.parse_args(argv)
+    if getattr(args, "device", "cpu").startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda requested but torch sees no CUDA device")
+    set_threads(args.threads)
+    return args

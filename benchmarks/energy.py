@@ -23,7 +23,7 @@ from openflow.plugins.openmm import OpenMMEnergy
 from openflow.plugins.openmm.torch_energy import TorchEnergy
 from openflow.systems import System, build
 
-from openflow.benchmarks.common import emit, machine_description, machine_line, rate, set_threads, synchronizer
+from openflow.benchmarks.common import add_output_arguments, emit, machine_description, machine_line, parse_arguments, rate, synchronizer
 
 BATCHES = (1, 64, 1024, 16384)
 
@@ -133,12 +133,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dtype", default="float64", choices=["float64", "float32"])
     parser.add_argument("--seconds", type=float, default=2.0, help="wall time per measurement")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; use 1 on a shared, busy machine)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    parser.add_argument("--out", help="also write the JSON to this file")
-    args = parser.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("--device cuda requested but torch sees no CUDA device")
-    set_threads(args.threads)
+    add_output_arguments(parser)
+    args = parse_arguments(parser, argv)
     runs = [
         benchmark_energy(args.system, batch, args.device, args.platform, dtype=args.dtype, seconds=args.seconds, **_system_kwargs(args))
         for batch in args.batch

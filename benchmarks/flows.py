@@ -32,7 +32,7 @@ from typing import Callable
 
 import torch
 
-from openflow.benchmarks.common import emit, machine_description, machine_line, rate, set_threads, synchronizer
+from openflow.benchmarks.common import add_output_arguments, emit, machine_description, machine_line, parse_arguments, rate, synchronizer
 from openflow.flows import (
     BoltzmannGenerator,
     ContinuousFlow,
@@ -211,12 +211,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=5, help="timed training steps")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: shared machines)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    parser.add_argument("--out", help="also write the JSON to this file")
-    args = parser.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("--device cuda requested but torch sees no CUDA device")
-    set_threads(args.threads)
+    add_output_arguments(parser)
+    args = parse_arguments(parser, argv)
     runs = [
         benchmark_flow(family, dim, args.samples, args.batch, args.device, args.dtype, args.seconds, args.repeats,
                        args.hidden, args.rk4_steps, args.seed)

@@ -32,7 +32,7 @@ import openmm.app as app
 import openmm.unit as unit
 import torch
 
-from openflow.benchmarks.common import emit, machine_description, machine_line, set_threads
+from openflow.benchmarks.common import add_output_arguments, emit, machine_description, machine_line, parse_arguments
 from openflow.cv import CVModel
 from openflow.data import default_timestep
 from openflow.features import heavy_atom_distance_features, phi_psi_features
@@ -212,15 +212,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="OpenMM CPU-platform and torch threads (default 1: shared machines)")
     parser.add_argument("--device", default="cpu", help="recorded in the machine description (MD runs in OpenMM)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    parser.add_argument("--out", help="also write the JSON to this file")
-    args = parser.parse_args(argv)
+    add_output_arguments(parser)
+    args = parse_arguments(parser, argv)
     present = available_platforms()
     platforms = args.platform or present
     missing = [name for name in platforms if name not in present]
     if missing:
         parser.error(f"OpenMM platform(s) {missing} not available here; present: {present}")
-    set_threads(args.threads)
     runs = []
     for system_name in args.system:
         biases = args.bias if system_name == "alanine_dipeptide" else ["none"]

@@ -16,7 +16,7 @@ import yaml
 
 from openflow.io import atomic_path, write_json
 
-KINDS = ("harmonic_chain", "coulomb_cluster", "metadynamics")
+KINDS = ("harmonic_chain", "coulomb_cluster", "metadynamics", "quickstart")
 
 
 def merge(defaults: dict, overrides: dict, where: str = "") -> dict:

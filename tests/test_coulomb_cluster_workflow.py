@@ -58,13 +58,29 @@ def test_coupled_system_scales_only_the_chosen_force():
 def test_mbar_and_ti_recover_two_charges(dim):
     kT = 1.0
     cluster = coulomb_cluster(2, dim=dim, temperature=kT)
-    samples = alchemical.sample_coupling(cluster, 0, alchemical.lambda_schedule(8), n_samples=1000,
-                                         interval=20, equilibration=500, seed=1)
+    samples = alchemical.sample_coupling(cluster, 0, alchemical.lambda_schedule(8), n_samples=500,
+                                         interval=20, equilibration=500, seed=1, n_chains=2)
     exact = _two_charges_free_energy(dim, kT) - alchemical.harmonic_trap_free_energy(2 * dim, kT)
     assert samples.n_nonfinite == 0 and samples.positions.shape == (1000, 2 * dim)
-    for estimate in (alchemical.mbar_free_energy(samples), alchemical.ti_free_energy(samples)):
-        assert 0 < estimate.error < 0.03
+    assert samples.coupling_energy.shape == (8, 1000)
+    for estimate in (alchemical.mbar_free_energy(samples, n_blocks=4),
+                     alchemical.ti_free_energy(samples, n_blocks=4)):
+        assert 0 < estimate.block_error <= estimate.error < 0.03
+        assert 0 < estimate.analytic_error <= estimate.error
         assert abs(estimate.delta_f - exact) < 3 * estimate.error + 0.005
+
+
+def test_chains_are_independent_and_reproducible():
+    cluster = coulomb_cluster(2, dim=2, temperature=1.0)
+    kwargs = dict(lambdas=[0.0, 1.0], n_samples=50, interval=5, equilibration=10, seed=3)
+    one = alchemical.sample_coupling(cluster, 0, **kwargs)
+    two = alchemical.sample_coupling(cluster, 0, n_chains=2, **kwargs)
+    assert two.coupling_energy.shape == (2, 100) and two.positions.shape == (100, 4)
+    np.testing.assert_array_equal(two.coupling_energy[:, :50], one.coupling_energy)
+    np.testing.assert_array_equal(two.positions[:50], one.positions)
+    assert not np.allclose(two.coupling_energy[:, 50:], one.coupling_energy)
+    with pytest.raises(ValueError, match="n_chains"):
+        alchemical.sample_coupling(cluster, 0, n_chains=0, **kwargs)
 
 
 def test_lambda_schedule_and_bad_input():
@@ -78,7 +94,7 @@ def test_lambda_schedule_and_bad_input():
 def test_tiny_workflow_end_to_end(tmp_path):
     overrides = {
         "clusters": [{"n": 3, "dim": 2, "temperature": 1.0}],
-        "reference": {"n_states": 6, "n_samples": 300, "equilibration": 200},
+        "reference": {"n_states": 6, "n_chains": 2, "n_samples": 300, "interval": 50, "equilibration": 200},
         "reverse_kl": {"steps": 5},
         "flow_matching": {"steps": 20},
         "evaluation": {"n_samples": 1000, "n_bootstrap": 20},

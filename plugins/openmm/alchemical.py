@@ -78,13 +78,38 @@ class CouplingSamples:
 
 def sample_coupling(system: System, force_index: int, lambdas, n_samples: int, interval: int,
                     equilibration: int, timestep: float = 0.01, friction: float = 1.0,
-                    platform: str = "Reference", seed: int = 0) -> CouplingSamples:
-    """Langevin MD (``LangevinMiddleIntegrator``) at each ``lambda`` in turn.
+                    platform: str = "Reference", seed: int = 0, n_chains: int = 1) -> CouplingSamples:
+    """Langevin MD (``LangevinMiddleIntegrator``) at each ``lambda`` in turn, in ``n_chains``
+    independent chains (chain ``c`` seeded from ``numpy.random.SeedSequence([seed, c])``).
 
     ``timestep`` ps, ``friction`` 1/ps; ``equilibration`` unsaved steps at each lambda, then
-    ``n_samples`` frames ``interval`` steps apart. The chain goes through the lambdas in order,
-    each starting where the previous one ended (the first from ``system.positions``).
+    ``n_samples`` frames ``interval`` steps apart. Each chain goes through the lambdas in order,
+    each starting where the previous one ended (the first from ``system.positions``). The frames
+    of the chains are concatenated chain after chain: ``n_chains * n_samples`` per lambda, so
+    ``n_blocks`` a multiple of ``n_chains`` in :func:`mbar_free_energy` never mixes two chains
+    in one block and the block error sees the spread between independent chains.
     """
+    if int(n_chains) != n_chains or n_chains < 1:
+        raise ValueError(f"n_chains must be a positive int, got {n_chains}")
+    chains = [_sample_chain(system, force_index, lambdas, n_samples, interval, equilibration,
+                            timestep, friction, platform, _chain_seed(seed, c))
+              for c in range(int(n_chains))]
+    energies = np.concatenate([c[0] for c in chains], axis=1)
+    positions = np.concatenate([c[1] for c in chains])
+    return CouplingSamples(np.asarray(lambdas, dtype=np.float64), energies, positions,
+                           int((~np.isfinite(energies)).sum()))
+
+
+def _chain_seed(seed: int, chain: int) -> int:
+    """A positive 31-bit OpenMM seed, distinct for every (seed, chain) (0 means random there)."""
+    return int(np.random.SeedSequence([int(seed), int(chain)]).generate_state(1)[0] % (2 ** 31 - 2)) + 1
+
+
+def _sample_chain(system: System, force_index: int, lambdas, n_samples: int, interval: int,
+                  equilibration: int, timestep: float, friction: float, platform: str,
+                  seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """One chain of :func:`sample_coupling`: ``E_s / kT`` ``(K, n_samples)`` and the active
+    coordinates ``(n_samples, d)`` (nm) at the last lambda."""
     lambdas = np.asarray(lambdas, dtype=np.float64)
     if lambdas.ndim != 1 or lambdas.size < 2 or not np.all(np.isfinite(lambdas)):
         raise ValueError(f"lambdas must be a 1D array of at least 2 finite values, got {lambdas}")
@@ -98,11 +123,11 @@ def sample_coupling(system: System, force_index: int, lambdas, n_samples: int, i
     kT = system.kT_kjmol
     integrator = openmm.LangevinMiddleIntegrator(system.temperature, friction / unit.picosecond,
                                                  timestep * unit.picosecond)
-    integrator.setRandomNumberSeed(int(seed) + 1)
+    integrator.setRandomNumberSeed(seed)
     context = openmm.Context(coupled_system(system, force_index), integrator,
                              openmm.Platform.getPlatformByName(platform))
     context.setPositions(system.positions)
-    context.setVelocitiesToTemperature(system.temperature, int(seed) + 1)
+    context.setVelocitiesToTemperature(system.temperature, seed)
     energies = np.empty((lambdas.size, int(n_samples)))
     frames = np.empty((int(n_samples), system.n_atoms, 3))
     last = lambdas.size - 1
@@ -118,8 +143,7 @@ def sample_coupling(system: System, force_index: int, lambdas, n_samples: int, i
             if k == last:
                 frames[n] = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
     del context, integrator
-    positions = system.from_positions(frames).numpy()
-    return CouplingSamples(lambdas, energies, positions, int((~np.isfinite(energies)).sum()))
+    return energies, system.from_positions(frames).numpy()
 
 
 def _pymbar():
@@ -145,15 +169,15 @@ def _decorrelated(series: np.ndarray) -> tuple[np.ndarray, float]:
 @dataclass(frozen=True)
 class CouplingFreeEnergy:
     """``delta_f``: ``F(lambda_last) - F(lambda_first)`` in kT; ``error``: its standard error
-    (for MBAR the larger of pymbar's analytic error and the block error); ``per_state (K,)``:
-    decorrelated frames per lambda (MBAR) or statistical inefficiency ``g`` per lambda (TI);
-    ``analytic_error`` / ``block_error``: the two MBAR error estimates (NaN for TI)."""
+    (the larger of the analytic error and the block error); ``per_state (K,)``: decorrelated
+    frames per lambda (MBAR) or statistical inefficiency ``g`` per lambda (TI);
+    ``analytic_error`` / ``block_error``: the two error estimates."""
 
     delta_f: float
     error: float
     per_state: np.ndarray
-    analytic_error: float = math.nan
-    block_error: float = math.nan
+    analytic_error: float
+    block_error: float
 
 
 def _mbar_delta_f(lambdas: np.ndarray, kept: list) -> tuple[float, float]:
@@ -173,6 +197,8 @@ def mbar_free_energy(samples: CouplingSamples, n_blocks: int = 8) -> CouplingFre
     ``std / sqrt(n_blocks)``. It catches what the analytic error misses: correlations longer
     than the energy's statistical inefficiency and the heavy tail of ``E_s`` near
     ``lambda = 0`` (overlapping particles; in 2D ``<(1/r)^2>`` diverges at ``lambda = 0``).
+    With several chains from :func:`sample_coupling` and ``n_blocks`` a multiple of their
+    number, the blocks come from independent chains.
     """
     if int(n_blocks) != n_blocks or n_blocks < 2:
         raise ValueError(f"n_blocks must be an int >= 2, got {n_blocks}")
@@ -189,14 +215,25 @@ def mbar_free_energy(samples: CouplingSamples, n_blocks: int = 8) -> CouplingFre
                               analytic, block)
 
 
-def ti_free_energy(samples: CouplingSamples) -> CouplingFreeEnergy:
-    """Thermodynamic integration ``int <E_s/kT>_lambda d lambda`` by the trapezoid rule; the error
-    propagates each mean's standard error ``sqrt(g var / N)`` (``g`` statistical inefficiency)."""
-    e = samples.coupling_energy
+def _ti_delta_f(lambdas: np.ndarray, means: np.ndarray) -> float:
+    """Trapezoid rule ``int <E_s/kT>_lambda d lambda`` over ``means (K,)``."""
+    return float(np.sum(np.diff(lambdas) * (means[1:] + means[:-1]) / 2))
+
+
+def ti_free_energy(samples: CouplingSamples, n_blocks: int = 8) -> CouplingFreeEnergy:
+    """Thermodynamic integration ``int <E_s/kT>_lambda d lambda`` by the trapezoid rule. Error:
+    the larger of the propagated standard errors ``sqrt(g var / N)`` (``g`` statistical
+    inefficiency) and the block error, ``n_blocks`` contiguous blocks as in
+    :func:`mbar_free_energy`."""
+    if int(n_blocks) != n_blocks or n_blocks < 2:
+        raise ValueError(f"n_blocks must be an int >= 2, got {n_blocks}")
+    e, lambdas = samples.coupling_energy, samples.lambdas
     g = np.array([_decorrelated(row)[1] for row in e])
-    means, sems = e.mean(1), np.sqrt(g * e.var(1, ddof=1) / e.shape[1])
-    dl = np.diff(samples.lambdas)
-    weights = np.zeros_like(means)
-    weights[:-1] += dl / 2
-    weights[1:] += dl / 2
-    return CouplingFreeEnergy(float(weights @ means), float(np.sqrt((weights ** 2) @ sems ** 2)), g)
+    sems = np.sqrt(g * e.var(1, ddof=1) / e.shape[1])
+    weights = np.zeros(lambdas.size)
+    weights[:-1] += np.diff(lambdas) / 2
+    weights[1:] += np.diff(lambdas) / 2
+    analytic = float(np.sqrt((weights ** 2) @ sems ** 2))
+    blocks = [_ti_delta_f(lambdas, part.mean(1)) for part in np.array_split(e, int(n_blocks), axis=1)]
+    block = float(np.std(blocks, ddof=1) / math.sqrt(n_blocks))
+    return CouplingFreeEnergy(_ti_delta_f(lambdas, e.mean(1)), max(analytic, block), g, analytic, block)

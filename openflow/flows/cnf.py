@@ -236,7 +236,26 @@ def _check_input(x: torch.Tensor, dim: int) -> None:
         raise ValueError(f"expected x of shape (B, {dim}), got {tuple(x.shape)}")
 
 
-class MLPVelocity(nn.Module):
+class _TimeConditionedMLP(nn.Module):
+    """``MLP([x, emb(t)])`` on ``x (B, dim)`` with ``t`` a scalar or ``(B,)``: the shared body of
+    the velocity and potential networks."""
+
+    def __init__(self, dim: int, hidden: Sequence[int], time_embedding: int, activation: type[nn.Module],
+                 n_out: int, final_bias: bool = True):
+        super().__init__()
+        if int(dim) != dim or dim < 1:
+            raise ValueError(f"dim must be a positive int, got {dim}")
+        self.dim = int(dim)
+        self.embed = TimeEmbedding(time_embedding)
+        self.net = _mlp(self.dim + self.embed.out_features, _check_hidden(hidden), n_out, activation,
+                        final_bias=final_bias)
+
+    def _evaluate(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        _check_input(x, self.dim)
+        return self.net(torch.cat([x, self.embed(t, x.shape[0], x)], dim=1))
+
+
+class MLPVelocity(_TimeConditionedMLP):
     """Generic velocity ``v(t, x) = MLP([x, emb(t)])``: ``(B, dim) -> (B, dim)``.
 
     Smooth activations (default SiLU) keep the divergence differentiable for training.
@@ -244,34 +263,22 @@ class MLPVelocity(nn.Module):
 
     def __init__(self, dim: int, hidden: Sequence[int] = (64, 64), time_embedding: int = 4,
                  activation: type[nn.Module] = nn.SiLU):
-        super().__init__()
-        if int(dim) != dim or dim < 1:
-            raise ValueError(f"dim must be a positive int, got {dim}")
-        self.dim = int(dim)
-        self.embed = TimeEmbedding(time_embedding)
-        self.net = _mlp(self.dim + self.embed.out_features, _check_hidden(hidden), self.dim, activation)
+        super().__init__(dim, hidden, time_embedding, activation, n_out=int(dim))
 
     def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        _check_input(x, self.dim)
-        return self.net(torch.cat([x, self.embed(t, x.shape[0], x)], dim=1))
+        return self._evaluate(t, x)
 
 
-class MLPPotential(nn.Module):
+class MLPPotential(_TimeConditionedMLP):
     """Scalar potential ``phi(t, x) = MLP([x, emb(t)])``: ``(B, dim) -> (B,)``."""
 
     def __init__(self, dim: int, hidden: Sequence[int] = (64, 64), time_embedding: int = 4,
                  activation: type[nn.Module] = nn.SiLU):
-        super().__init__()
-        if int(dim) != dim or dim < 1:
-            raise ValueError(f"dim must be a positive int, got {dim}")
-        self.dim = int(dim)
-        self.embed = TimeEmbedding(time_embedding)
-        self.net = _mlp(self.dim + self.embed.out_features, _check_hidden(hidden), 1, activation,
-                        final_bias=False)  # a constant offset of phi moves nothing
+        # no bias on the output: a constant offset of phi moves nothing
+        super().__init__(dim, hidden, time_embedding, activation, n_out=1, final_bias=False)
 
     def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        _check_input(x, self.dim)
-        return self.net(torch.cat([x, self.embed(t, x.shape[0], x)], dim=1)).squeeze(1)
+        return self._evaluate(t, x).squeeze(1)
 
 
 class SymmetricPotential(nn.Module):

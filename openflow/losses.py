@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 import torch
 
+from openflow.flows.cnf import batch_times
+
 Energy = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -171,11 +173,7 @@ def flow_matching(
         rng_device = generator.device if generator is not None else x0.device
         t = torch.rand(batch, generator=generator, device=rng_device, dtype=x0.dtype).to(x0.device)
     else:
-        t = torch.as_tensor(t, dtype=x0.dtype, device=x0.device)
-        if t.dim() == 0:
-            t = t.expand(batch)
-        if t.shape != (batch,):
-            raise ValueError(f"t must be a scalar or have shape ({batch},), got {tuple(t.shape)}")
+        t = batch_times(t, batch, x0)
     tc = t.unsqueeze(1)
     x_t = (1 - tc) * x0 + tc * x1
     v = velocity(t, x_t)

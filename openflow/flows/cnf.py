@@ -207,6 +207,16 @@ def _check_hidden(hidden: Sequence[int]) -> tuple[int, ...]:
     return tuple(int(h) for h in hidden)
 
 
+def batch_times(t, batch: int, like: torch.Tensor) -> torch.Tensor:
+    """Times ``t`` (a scalar or ``(batch,)``) as a ``(batch,)`` tensor with ``like``'s dtype and device."""
+    t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
+    if t.dim() == 0:
+        t = t.expand(batch)
+    if t.shape != (batch,):
+        raise ValueError(f"t must be a scalar or of shape ({batch},), got {tuple(t.shape)}")
+    return t
+
+
 class TimeEmbedding(nn.Module):
     """``t -> [t, sin(pi k t), cos(pi k t)]_{k=1..n}`` of shape ``(B, 1 + 2 n)``.
 
@@ -221,12 +231,7 @@ class TimeEmbedding(nn.Module):
         self.out_features = 1 + 2 * self.n_frequencies
 
     def forward(self, t: torch.Tensor, batch: int, like: torch.Tensor) -> torch.Tensor:
-        t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
-        if t.dim() == 0:
-            t = t.expand(batch)
-        if t.shape != (batch,):
-            raise ValueError(f"t must be a scalar or of shape ({batch},), got {tuple(t.shape)}")
-        t = t.unsqueeze(1)
+        t = batch_times(t, batch, like).unsqueeze(1)
         k = torch.arange(1, self.n_frequencies + 1, dtype=like.dtype, device=like.device)
         return torch.cat([t, torch.sin(math.pi * k * t), torch.cos(math.pi * k * t)], dim=1)
 

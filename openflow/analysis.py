@@ -265,3 +265,98 @@ def plot_ramachandran(surface: Ramachandran, path, title: str | None = None, vma
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return path
+
+
+# ----------------------------------------------------------------------------- slow-mode quality metrics
+
+
+def _as_samples(values, name: str) -> np.ndarray:
+    """``(N,)`` or ``(N, d)`` array-like (numpy, torch) -> finite float64 ``(N, d)``."""
+    array = np.asarray(values.detach().cpu().numpy() if hasattr(values, "detach") else values, dtype=np.float64)
+    if array.ndim == 1:
+        array = array[:, None]
+    if array.ndim != 2 or array.size == 0:
+        raise ValueError(f"{name} must be a non-empty (N,) or (N, d) array, got shape {array.shape}")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} holds non-finite values")
+    return array
+
+
+def _in_box(samples: np.ndarray, period: float | None, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Samples ``(N, d)`` placed for ``cKDTree(boxsize=...)`` and their box ``(d,)``.
+
+    Circular columns are wrapped into ``[0, period)`` (minimum-image distances); the others are
+    shifted to start at 0 inside a box longer than twice their range, so that no distance wraps.
+    """
+    if period is None:
+        shifted = samples - samples.min(0)
+        return shifted, 2.0 * shifted.max(0) + 1.0
+    if not (np.isfinite(period) and period > 0):
+        raise ValueError(f"period_{name} must be a positive finite number, got {period}")
+    wrapped = np.mod(samples, period)
+    wrapped[wrapped >= period] = 0.0  # np.mod(-tiny, period) rounds to period
+    return wrapped, np.full(samples.shape[1], float(period))
+
+
+def mutual_information(x, y, k: int = 3, period_x: float | None = None, period_y: float | None = None) -> float:
+    """Mutual information ``I(x; y)`` in nats, Kraskov-Stoegbauer-Grassberger estimator (algorithm 1).
+
+    ``x``: ``(N,)`` or ``(N, d_x)``; ``y``: ``(N,)`` or ``(N, d_y)``; samples of continuous
+    variables (duplicated samples bias the estimate). ``k``: neighbours in the joint space
+    (max-norm). ``period_x``/``period_y``: every column of that variable is circular with this
+    period (``2 pi`` for torsions in radians) and distances along it are minimum-image distances.
+    ``I = psi(k) + psi(N) - <psi(n_x + 1) + psi(n_y + 1)>``, ``n`` counting the other samples
+    strictly closer in the marginal than the k-th joint neighbour. Unbiased only asymptotically:
+    small negative values are possible for independent variables.
+    """
+    from scipy.spatial import cKDTree
+    from scipy.special import digamma
+
+    x, y = _as_samples(x, "x"), _as_samples(y, "y")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    n = x.shape[0]
+    if y.shape[0] != n:
+        raise ValueError(f"x and y differ in length ({n} vs {y.shape[0]})")
+    if n <= k:
+        raise ValueError(f"need more samples than k={k}, got {n}")
+    (x, box_x), (y, box_y) = _in_box(x, period_x, "x"), _in_box(y, period_y, "y")
+    periodic = period_x is not None or period_y is not None
+    joint = np.hstack([x, y])
+    joint_box = np.concatenate([box_x, box_y]) if periodic else None
+    # the sample itself is its own nearest neighbour: the (k+1)-th is the k-th other one
+    radius = cKDTree(joint, boxsize=joint_box).query(joint, k=[k + 1], p=np.inf)[0][:, 0]
+    strictly_inside = np.nextafter(radius, 0.0)
+    counts = [  # each count includes the sample itself: n_x + 1
+        cKDTree(values, boxsize=box if period is not None else None).query_ball_point(
+            values, strictly_inside, p=np.inf, return_length=True)
+        for values, box, period in ((x, box_x, period_x), (y, box_y, period_y))
+    ]
+    return float(digamma(k) + digamma(n) - np.mean(digamma(counts[0]) + digamma(counts[1])))
+
+
+def roc_auc(scores, labels) -> float:
+    """Area under the ROC curve: ``P(score_pos > score_neg) + P(score_pos == score_neg) / 2``.
+
+    ``scores``: ``(N,)`` real; ``labels``: ``(N,)`` with exactly two distinct values (bool, 0/1,
+    -1/+1); the larger value is the positive class. Mann-Whitney U from average ranks.
+    """
+    from scipy.stats import rankdata
+
+    scores = _as_1d(scores, "scores")
+    labels = np.asarray(labels.detach().cpu().numpy() if hasattr(labels, "detach") else labels)
+    if labels.shape != scores.shape:
+        raise ValueError(f"labels must have the shape of scores {scores.shape}, got {labels.shape}")
+    classes = np.unique(labels)
+    if classes.size != 2:
+        raise ValueError(f"labels must hold exactly two classes, got {classes.size}: {classes[:5].tolist()}")
+    positive = labels == classes[1]
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    rank_sum = rankdata(scores)[positive].sum()
+    return float((rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def basin_separation_auc(scores, labels) -> float:
+    """``max(auc, 1 - auc)`` of :func:`roc_auc`: how well a CV of arbitrary sign separates two basins."""
+    auc = roc_auc(scores, labels)
+    return max(auc, 1.0 - auc)

@@ -6,6 +6,10 @@ with bounded activations, so that ``openflow.plugins.openmm.export.to_custom_cv_
 it exactly as an ``openmm.CustomCVForce`` and :meth:`CVModel.bounds` can bound it (metadynamics
 grids need a finite range). :func:`fit_cv` regresses a model on targets (e.g. the slow modes of a
 trained canonical transformation) and reports R^2 on held-out frames.
+
+Linear baselines for slow modes, in numpy float64: :func:`tica` (reversible time-lagged
+independent component analysis), :func:`implied_timescales`, and :func:`vamp2_score`, which rates
+any set of features (slow modes, TICA or PCA components) by how much slow dynamics they span.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -207,3 +212,158 @@ def fit_cv(
         n_validation=int(n_val),
         losses=losses,
     )
+
+
+# ----------------------------------------------------------------------------- linear slow modes: TICA, VAMP-2
+
+
+def _as_frames(values, name: str) -> np.ndarray:
+    """A piece of trajectory (numpy or torch) -> finite float64 ``(T, d)``."""
+    array = np.asarray(values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else values, dtype=np.float64)
+    if array.ndim != 2 or array.shape[1] == 0:
+        raise ValueError(f"{name} must be (T, d) with d >= 1, got shape {array.shape}")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} holds non-finite values")
+    return array
+
+
+def _lagged_pairs(segments, lag: int) -> tuple[np.ndarray, np.ndarray]:
+    """Frames ``x_t`` and ``x_{t+lag}`` from inside every piece longer than ``lag``, each ``(n_pairs, d)``.
+
+    ``segments``: one array ``(T, d)`` or a list/tuple of arrays ``(T_i, d)``, continuous pieces of
+    trajectory; no pair spans two pieces.
+    """
+    if isinstance(lag, bool) or not isinstance(lag, (int, np.integer)) or lag < 1:
+        raise ValueError(f"lag must be an integer >= 1 (frames), got {lag!r}")
+    pieces = list(segments) if isinstance(segments, (list, tuple)) else [segments]
+    if not pieces:
+        raise ValueError("segments is an empty list")
+    pieces = [_as_frames(piece, f"segment {i}") for i, piece in enumerate(pieces)]
+    if len({piece.shape[1] for piece in pieces}) != 1:
+        raise ValueError(f"segments differ in feature dimension: {sorted({p.shape[1] for p in pieces})}")
+    pieces = [piece for piece in pieces if piece.shape[0] > lag]
+    if not pieces:
+        raise ValueError(f"no segment is longer than lag={lag} frames: no time-lagged pairs")
+    return np.concatenate([p[:-lag] for p in pieces]), np.concatenate([p[lag:] for p in pieces])
+
+
+def _whitening(covariance: np.ndarray, epsilon: float) -> np.ndarray:
+    """``L (d, r)`` with ``L^T C L = I_r``, over the eigenvalues of the symmetric ``C`` above ``epsilon``.
+
+    Eigenvalues below the magnitude of the most negative one are rounding noise and dropped too.
+    """
+    values, vectors = np.linalg.eigh(covariance)
+    keep = values > max(epsilon, -values.min())
+    if not keep.any():
+        raise ValueError(f"no covariance eigenvalue above epsilon={epsilon}: are the features constant?")
+    return vectors[:, keep] / np.sqrt(values[keep])
+
+
+def _n_components(dim: int | None, d: int) -> int:
+    if dim is None:
+        return d
+    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or not 1 <= dim <= d:
+        raise ValueError(f"dim must be an integer in [1, {d}] (the number of features), got {dim!r}")
+    return int(dim)
+
+
+def _check_epsilon(epsilon: float) -> None:
+    if not (np.isfinite(epsilon) and epsilon >= 0):
+        raise ValueError(f"epsilon must be a finite number >= 0, got {epsilon}")
+
+
+@dataclass(frozen=True)
+class TICA:
+    """A TICA model: ``transform(x) = (x - mean) @ eigenvectors``, slowest component first.
+
+    ``mean``: ``(d,)``; ``eigenvalues``: ``(k,)`` autocorrelations of the components at ``lag``
+    frames, descending; ``eigenvectors``: ``(d, k)`` columns, orthonormal in the metric ``C00``
+    (unit-variance components); ``lag``: frames.
+    """
+
+    mean: np.ndarray
+    eigenvalues: np.ndarray
+    eigenvectors: np.ndarray
+    lag: int
+
+    def transform(self, x) -> np.ndarray:
+        """Features ``(N, d)`` -> independent components ``(N, k)``."""
+        x = _as_frames(x, "x")
+        if x.shape[1] != self.mean.shape[0]:
+            raise ValueError(f"x has {x.shape[1]} features, the model {self.mean.shape[0]}")
+        return (x - self.mean) @ self.eigenvectors
+
+    def timescales(self, lag_time: float) -> np.ndarray:
+        """Implied timescales ``-lag_time / ln|lambda|`` ``(k,)``, in the unit of ``lag_time``.
+
+        ``lag_time``: the model's lag as a time (``lag`` frames times the time between frames,
+        e.g. ps). Components with ``|lambda| >= 1`` get ``inf``.
+        """
+        if not (np.isfinite(lag_time) and lag_time > 0):
+            raise ValueError(f"lag_time must be a positive time, got {lag_time}")
+        magnitude = np.abs(self.eigenvalues)
+        with np.errstate(divide="ignore"):
+            return np.where(magnitude < 1, -lag_time / np.log(magnitude), np.inf)
+
+
+def tica(segments, lag: int, dim: int | None = None, epsilon: float = 1e-10) -> TICA:
+    """Reversible TICA of features over continuous pieces of trajectory.
+
+    ``segments``: ``(T, d)`` or a list of ``(T_i, d)`` (pieces with ``T_i <= lag`` are skipped);
+    ``lag``: frames; ``dim``: number of components kept (None: all; fewer when ``C00`` is rank
+    deficient); ``epsilon``: cutoff on the eigenvalues of ``C00`` (feature units squared).
+    As deeptime's reversible estimator: the mean is over both halves of every pair
+    ``(x_t, x_{t+lag})``, ``C00 = (X0^T X0 + Xt^T Xt) / 2n`` and ``C0t = (X0^T Xt + Xt^T X0) / 2n``
+    (centred, no Bessel correction); then ``C0t v = lambda C00 v`` in the whitened basis.
+    """
+    _check_epsilon(epsilon)
+    x0, xt = _lagged_pairs(segments, lag)
+    n_components = _n_components(dim, x0.shape[1])
+    n = 2 * x0.shape[0]
+    mean = (x0.sum(0) + xt.sum(0)) / n
+    x0, xt = x0 - mean, xt - mean
+    c00 = (x0.T @ x0 + xt.T @ xt) / n
+    c0t = x0.T @ xt
+    c0t = (c0t + c0t.T) / n
+    whiten = _whitening(c00, epsilon)
+    values, vectors = np.linalg.eigh(whiten.T @ c0t @ whiten)
+    order = np.argsort(values)[::-1][:n_components]
+    return TICA(mean=mean, eigenvalues=values[order], eigenvectors=whiten @ vectors[:, order], lag=int(lag))
+
+
+def vamp2_score(segments, lag: int, dim: int | None = None, epsilon: float = 1e-10) -> float:
+    """VAMP-2 score of features ``(T, d)`` or a list of ``(T_i, d)`` at ``lag`` frames, in ``[1, 1 + d]``.
+
+    ``1 + sum`` of the squared top-``dim`` singular values of ``C00^-1/2 C0t Ctt^-1/2`` (the 1 is
+    the constant function, as deeptime reports it). Non-reversible estimate: ``x_t`` and
+    ``x_{t+lag}`` centred on their own means; ``epsilon``: eigenvalue cutoff of ``C00``, ``Ctt``.
+    Invariant under invertible linear maps of the features: it rates the space they span.
+    """
+    _check_epsilon(epsilon)
+    x0, xt = _lagged_pairs(segments, lag)
+    n_components = _n_components(dim, x0.shape[1])
+    x0, xt = x0 - x0.mean(0), xt - xt.mean(0)
+    n = x0.shape[0]
+    koopman = _whitening(x0.T @ x0 / n, epsilon).T @ (x0.T @ xt / n) @ _whitening(xt.T @ xt / n, epsilon)
+    singular_values = np.linalg.svd(koopman, compute_uv=False)
+    return float(1.0 + np.sum(singular_values[:n_components] ** 2))
+
+
+def implied_timescales(segments, lags: Sequence[int], lag_time: float, dim: int) -> np.ndarray:
+    """TICA implied timescales ``(len(lags), dim)`` at each lag, in the unit of ``lag_time``.
+
+    ``lags``: frames; ``lag_time``: the time between consecutive frames (e.g. ps), so that row
+    ``i`` is ``tica(segments, lags[i], dim).timescales(lags[i] * lag_time)``. For Markovian
+    dynamics in the span of the features the rows agree.
+    """
+    lags = list(lags)
+    if not lags:
+        raise ValueError("lags is empty")
+    rows = []
+    for lag in lags:
+        model = tica(segments, lag, dim)
+        if model.eigenvalues.size < dim:
+            raise ValueError(f"only {model.eigenvalues.size} TICA components at lag {lag} "
+                             f"(C00 is rank deficient), asked for {dim}")
+        rows.append(model.timescales(lag * lag_time))
+    return np.stack(rows)

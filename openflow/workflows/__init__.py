@@ -16,7 +16,7 @@ import yaml
 
 from openflow.io import atomic_path, write_json
 
-KINDS = ("harmonic_chain", "coulomb_cluster", "metadynamics", "quickstart")
+KINDS = ("harmonic_chain", "coulomb_cluster", "alanine_dipeptide", "metadynamics", "quickstart")
 
 
 def merge(defaults: dict, overrides: dict, where: str = "") -> dict:

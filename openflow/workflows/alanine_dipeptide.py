@@ -134,11 +134,25 @@ def backbone_torsions(frames: mdtraj.Trajectory) -> tuple[np.ndarray, np.ndarray
     return mdtraj.compute_phi(frames)[1][:, 0], mdtraj.compute_psi(frames)[1][:, 0]
 
 
+def kabsch(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Superpose ``x (T, m, 3)`` on ``reference (m, 3)`` (optimal rotation by SVD, both centred), float64.
+
+    A batched SVD instead of mdtraj's QCP solver, which returns the identity for the rare frame where
+    its float32 iteration does not converge."""
+    x = x - x.mean(1, keepdim=True)
+    reference = reference - reference.mean(0)
+    u, _, vt = torch.linalg.svd(x.transpose(1, 2) @ reference)
+    sign = torch.sign(torch.linalg.det(u @ vt))
+    u = torch.cat([u[..., :2], u[..., 2:] * sign[:, None, None]], -1)
+    return x @ (u @ vt)
+
+
 def heavy_positions(frames: mdtraj.Trajectory, reference: mdtraj.Trajectory) -> tuple[torch.Tensor, mdtraj.Topology]:
-    """Heavy-atom positions ``(T, 3m)`` nm superposed on ``reference`` (heavy atoms, Kabsch), and their topology."""
+    """Heavy-atom positions ``(T, 3m)`` nm superposed on ``reference`` (its heavy atoms), and their topology."""
     heavy = frames.atom_slice(frames.topology.select("not element H"))
-    heavy.superpose(reference)
-    return torch.as_tensor(heavy.xyz.reshape(len(heavy), -1), dtype=torch.float64), heavy.topology
+    target = torch.as_tensor(reference.xyz[0], dtype=torch.float64)
+    aligned = kabsch(torch.as_tensor(heavy.xyz, dtype=torch.float64), target)
+    return aligned.reshape(len(heavy), -1), heavy.topology
 
 
 def split_segments(values: np.ndarray, segments: np.ndarray) -> list[np.ndarray]:
@@ -324,7 +338,7 @@ def train_likelihood(model, x_train: torch.Tensor, x_val: torch.Tensor, settings
                      progress: bool) -> dict:
     """Adam on the NLL with early stopping: every ``eval_every`` steps the held-out NLL is measured and
     the best parameters are kept; training stops after ``patience`` evaluations without improvement."""
-    trainer = Trainer(model, lambda m, batch: nll(m, batch), data=x_train, batch_size=settings["batch"], lr=settings["lr"],
+    trainer = Trainer(model, lambda m, batch: nll(m, batch), data=x_train, batch_size=min(settings["batch"], len(x_train)), lr=settings["lr"],
                       device="cpu", seed=seed, out_dir=out, checkpoint_every=settings["eval_every"], progress=progress,
                       config={"bg": settings})
     best, best_state, best_step, waited = float("inf"), None, 0, 0
@@ -354,7 +368,7 @@ def train_reverse_kl(model, energy, x_train: torch.Tensor, x_val: torch.Tensor, 
         data_term = nll(m, batch)
         return free_energy + settings["nll_weight"] * data_term, {**stats, "nll": data_term.item()}
 
-    Trainer(model, loss_fn, data=x_train, batch_size=settings["batch"], lr=settings["kl_lr"], device="cpu", seed=seed + 1,
+    Trainer(model, loss_fn, data=x_train, batch_size=min(settings["batch"], len(x_train)), lr=settings["kl_lr"], device="cpu", seed=seed + 1,
             out_dir=out, checkpoint_every=max(1, settings["kl_steps"] // 4), progress=progress,
             config={"bg": settings}).fit(settings["kl_steps"], resume=True)
     model.eval()
@@ -379,14 +393,14 @@ def ramachandran_kl(reference: tuple, other: tuple, bins: int) -> float:
     """``KL(reference || other)`` in nats between weighted (phi, psi) histograms on ``bins x bins`` cells.
 
     ``reference``, ``other``: ``(phi, psi, weights)`` with ``(T,)`` arrays (rad; weights may be None).
-    Cells that ``other`` leaves empty get the smallest non-zero probability of either histogram, so
-    the value stays finite.
+    Cells where ``reference`` has mass and ``other`` none get the smallest non-zero probability of
+    either histogram (then ``other`` is renormalised), so the value stays finite.
     """
     edges = np.linspace(-np.pi, np.pi, bins + 1)
     p, q = (np.histogram2d(analysis.wrap_angle(phi), analysis.wrap_angle(psi), bins=(edges, edges), weights=w)[0].ravel()
             for phi, psi, w in (reference, other))
     p, q = p / p.sum(), q / q.sum()
-    q = np.maximum(q, min(p[p > 0].min(), q[q > 0].min()))
+    q = np.where((p > 0) & (q == 0), min(p[p > 0].min(), q[q > 0].min()), q)
     q = q / q.sum()
     mask = p > 0
     return float(np.sum(p[mask] * np.log(p[mask] / q[mask])))

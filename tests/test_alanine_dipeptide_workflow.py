@@ -1,0 +1,115 @@
+"""The alanine dipeptide workflow: its exact pieces, and a tiny end-to-end run from the CLI entry point."""
+import math
+
+import mdtraj
+import numpy as np
+import pytest
+import torch
+
+from openflow.workflows import run as run_workflow
+from openflow.workflows.alanine_dipeptide import (block_delta_f, bootstrap_delta_f, heavy_positions, kabsch, latent_interpolation,
+                                                  principal_frame, project, ramachandran_kl, split_segments)
+from openflow.workflows.quickstart import train_nct
+
+WORKFLOW = "workflows/alanine_dipeptide.yaml"
+
+
+def test_ramachandran_kl_equals_the_discrete_formula():
+    centres = np.linspace(-np.pi, np.pi, 13)[:-1] + np.pi / 12  # bin centres of a 12 x 12 grid
+    phi = np.repeat(centres[:3], [10, 20, 30]).astype(float)
+    psi = np.zeros_like(phi) + centres[5]
+    p = np.array([10, 20, 30]) / 60
+    q_counts = np.array([30, 20, 10])
+    other_phi = np.repeat(centres[:3], q_counts)
+    other_psi = np.zeros_like(other_phi) + centres[5]
+    q = q_counts / 60
+    assert ramachandran_kl((phi, psi, None), (phi, psi, None), 12) == pytest.approx(0.0, abs=1e-15)
+    assert ramachandran_kl((phi, psi, None), (other_phi, other_psi, None), 12) == pytest.approx(np.sum(p * np.log(p / q)), rel=1e-12)
+    # weights act like counts
+    weights = np.repeat([3.0, 1.0, 1 / 3], q_counts)
+    assert ramachandran_kl((phi, psi, None), (other_phi, other_psi, weights), 12) == pytest.approx(
+        np.sum(p * np.log(p / (q * [3, 1, 1 / 3] / np.sum(q * [3, 1, 1 / 3])))), rel=1e-12)
+
+
+def test_basin_free_energy_with_and_without_weights():
+    phi = np.tile([1.0, -1.0, -2.0, -2.5], 250)  # a quarter in the phi > 0 basin
+    value, error = block_delta_f(phi, None, 10)
+    assert value == pytest.approx(math.log(3)) and error == pytest.approx(0.0, abs=1e-12)
+    weights = np.where(phi > 0, 2.0, 1.0)
+    assert block_delta_f(phi, weights / weights.sum(), 10)[0] == pytest.approx(math.log(3 / 2))
+    flow_value, flow_error = bootstrap_delta_f(phi, torch.log(torch.as_tensor(weights)), 50, seed=0)
+    assert flow_value == pytest.approx(math.log(3 / 2)) and 0 < flow_error < 0.2
+
+
+def test_kabsch_undoes_rotations_and_translations_but_not_reflections():
+    generator = torch.Generator().manual_seed(0)
+    reference = torch.randn(10, 3, generator=generator, dtype=torch.float64)
+    rotations = torch.linalg.qr(torch.randn(5, 3, 3, generator=generator, dtype=torch.float64))[0]
+    rotations = rotations * torch.sign(torch.linalg.det(rotations))[:, None, None]  # proper rotations
+    moved = reference @ rotations + torch.randn(5, 1, 3, generator=generator, dtype=torch.float64)
+    centred = reference - reference.mean(0)
+    assert torch.allclose(kabsch(moved, reference), centred.expand(5, -1, -1), atol=1e-12)
+    mirrored = kabsch(-moved, reference)  # a mirror image cannot be rotated onto the reference
+    assert ((mirrored - centred) ** 2).sum(-1).mean(-1).sqrt().min() > 0.1
+
+
+def test_split_segments_follows_the_labels():
+    values = np.arange(10).reshape(5, 2)
+    pieces = split_segments(values, np.array([0, 0, 1, 1, 1]))
+    assert [p.tolist() for p in pieces] == [[[0, 1], [2, 3]], [[4, 5], [6, 7], [8, 9]]]
+
+
+@pytest.fixture(scope="module")
+def alanine_frames():
+    from openflow.data import simulate
+    from openflow.systems import alanine_dipeptide
+
+    import tempfile
+
+    out = tempfile.mkdtemp()
+    run = simulate(alanine_dipeptide(), steps=4000, interval=20, out=out, seed=1, platform="Reference", progress=False)
+    return mdtraj.load(str(run.trajectory), top=str(run.topology))
+
+
+def test_latent_interpolation_moves_one_mode_exactly(alanine_frames):
+    """Positions along the path, projected and encoded again, have the requested latent values: the
+    principal frame and the NCT are inverted exactly (up to float32 of the model)."""
+    reference = alanine_frames.atom_slice(alanine_frames.topology.select("not element H"))[0]
+    heavy, topology = heavy_positions(alanine_frames, reference)
+    frame = principal_frame(heavy, [a.element.mass for a in topology.atoms], 2.494)
+    p = torch.randn(frame["q"].shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    config = {"seed": 0, "nct": {"layers": 2, "hidden": [16], "steps": 30, "batch": 64, "lr": 2e-3}}
+    model, _ = train_nct(p, frame["q"], frame["variances"], config, None, False)
+    positions = latent_interpolation(model, frame, mode=1, n_frames=7)
+    assert torch.allclose(project(frame, frame["q"] @ frame["axes"].T / frame["sqrt_mass"] + frame["mean"]), frame["q"], atol=1e-10)
+    with torch.no_grad():
+        latent = model.transform.encode_positions(project(frame, positions).float()).double()
+        data_latent = model.transform.encode_positions(frame["q"].float()).double()
+    index = int(model.slow_modes()[0][1])
+    lo, hi = torch.quantile(data_latent[:, index], torch.tensor([0.02, 0.98], dtype=torch.float64))
+    assert torch.allclose(latent[:, index], torch.linspace(float(lo), float(hi), 7, dtype=torch.float64), atol=2e-3 * float(hi - lo))
+    others = [k for k in range(latent.shape[1]) if k != index]
+    assert torch.allclose(latent[:, others], data_latent.median(0).values[others].expand(7, -1), atol=2e-3)
+
+
+def test_tiny_run_end_to_end(tmp_path):
+    overrides = {"solvents": ["vacuum"], "data": {"mdshare": False, "metadynamics": {"ns": 0.02}, "tempering": {"ns": 0.02}},
+                 "nct": {"steps": 10}, "slow_modes": {"interpolation_frames": 5},
+                 "bg": {"mle_steps": 20, "eval_every": 10, "kl_steps": 4, "samples": 400, "layers": 2, "hidden": [16]}}
+    metrics = run_workflow(WORKFLOW, tmp_path, overrides)
+    assert metrics["vacuum_metad_frames"] == 200 and metrics["vacuum_tempering_frames"] == 200
+    assert 0 <= metrics["vacuum_bg_ess_fraction"] <= 1 and 0 <= metrics["vacuum_bg_nonfinite_fraction"] <= 1
+    assert np.isfinite(metrics["vacuum_bg_nll_validation"]) and metrics["vacuum_bg_rama_kl_reweighted"] >= 0
+    for key in ("mi_nct1_psi_nats", "vamp2_tica_lag0.5ps", "its_pca_1_lag0.1ps_ps", "auc_nct1", "interpolation_q1_phi_span_rad"):
+        assert f"vacuum_{key}" in metrics
+    for name in ("slow_modes.png", "interpolation_q1.pdb", "interpolation_q2.dcd", "bg/ramachandran_flow_reweighted.png",
+                 "bg/generator.pt", "metadynamics/COLVAR", "tempering/trajectory.dcd"):
+        assert (tmp_path / "vacuum" / name).exists(), name
+    assert (tmp_path / "metrics.json").exists() and (tmp_path / "config.yaml").exists()
+    again = run_workflow(WORKFLOW, tmp_path, overrides)  # both data sets are reused
+    assert again["vacuum_time_data_s"] < metrics["vacuum_time_data_s"]
+
+
+def test_unknown_solvent_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="solvents"):
+        run_workflow(WORKFLOW, tmp_path, {"solvents": ["water"], "data": {"mdshare": False}})

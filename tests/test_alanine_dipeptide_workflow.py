@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from openflow.workflows import run as run_workflow
-from openflow.workflows.alanine_dipeptide import (block_delta_f, bootstrap_delta_f, heavy_positions, kabsch, latent_interpolation,
+from openflow.workflows.alanine_dipeptide import (block_delta_f, bootstrap_delta_f, heavy_positions, held_out, kabsch, latent_interpolation,
                                                   principal_frame, project, ramachandran_kl, split_segments)
 from openflow.workflows.quickstart import train_nct
 
@@ -51,6 +51,16 @@ def test_kabsch_undoes_rotations_and_translations_but_not_reflections():
     assert torch.allclose(kabsch(moved, reference), centred.expand(5, -1, -1), atol=1e-12)
     mirrored = kabsch(-moved, reference)  # a mirror image cannot be rotated onto the reference
     assert ((mirrored - centred) ** 2).sum(-1).mean(-1).sqrt().min() > 0.1
+
+
+def test_held_out_blocks_are_interleaved():
+    mask = held_out(1000, 0.2, 10)
+    assert mask.sum() == 200
+    blocks = mask.reshape(100, 10)
+    assert np.all(blocks.all(1) | ~blocks.any(1))  # whole blocks
+    assert np.array_equal(np.flatnonzero(blocks[:, 0]), np.arange(4, 100, 5))
+    with pytest.raises(ValueError):
+        held_out(100, 1.0, 10)
 
 
 def test_split_segments_follows_the_labels():

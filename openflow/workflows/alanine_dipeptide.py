@@ -24,7 +24,7 @@ at ``temperature_K`` (300 K):
    ``Q2`` (other modes at their median) are written as PDB + DCD of the heavy atoms.
 3. **Boltzmann generator** on all 22 atoms: internal coordinates (bonds, angles, torsions; rigid-body
    motion removed by a canonical frame, exact log-det) under a RealNVP, trained by maximum
-   likelihood on the biased frames with early stopping on the held-out (last) part, then by reverse
+   likelihood on the biased frames with early stopping on held-out blocks interleaved through the run, then by reverse
    KL with OpenMM energies plus ``nll_weight`` times the likelihood (keeps both basins). Reported:
    held-out NLL, ESS, KL of the reweighted flow's Ramachandran histogram against the reweighted
    MD's, the basin free-energy difference (flow vs MD, with errors), non-finite energies.
@@ -64,14 +64,14 @@ DEFAULTS = {
     "seed": 0,
     "solvents": ["implicit", "vacuum"],
     "temperature_K": 300.0,
-    "data": {"interval": 100, "platform": None, "validation_fraction": 0.2, "mdshare": True,
+    "data": {"interval": 100, "platform": None, "validation_fraction": 0.2, "validation_block": 100, "mdshare": True,
              "metadynamics": {"ns": 2.0, "height": 1.2, "bias_factor": 6.0, "frequency": 1000},
              "tempering": {"ns": 2.0, "replicas": 4, "max_temperature_K": 600.0, "exchange_interval": 1000}},
     "nct": {"layers": 4, "hidden": [32], "steps": 600, "batch": 256, "lr": 2e-3},
     "slow_modes": {"lag_ps": 0.5, "timescale_lags_ps": [0.1, 0.2, 0.5], "mi_neighbours": 3,
                    "interpolation_frames": 40, "mdshare_stride": 5},
-    "bg": {"layers": 8, "hidden": [128, 128], "batch": 256, "lr": 1e-3, "mle_steps": 6000, "eval_every": 250,
-           "patience": 6, "kl_steps": 1000, "kl_batch": 256, "kl_lr": 1e-4, "nll_weight": 0.1, "energy_cap_kT": 1e4,
+    "bg": {"layers": 8, "hidden": [128, 128], "batch": 256, "lr": 1e-3, "mle_steps": 5000, "eval_every": 250,
+           "patience": 8, "kl_steps": 500, "kl_batch": 256, "kl_lr": 5e-5, "nll_weight": 1.0, "energy_cap_kT": 1e4,
            "samples": 20000, "energy": "auto", "rama_bins": 24, "blocks": 10},
     "progress": None,
 }
@@ -160,15 +160,34 @@ def split_segments(values: np.ndarray, segments: np.ndarray) -> list[np.ndarray]
     return np.split(values, np.flatnonzero(np.diff(segments)) + 1)
 
 
-def block_delta_f(phi: np.ndarray, weights: np.ndarray | None, blocks: int) -> tuple[float, float]:
-    """``F(phi > 0) - F(phi < 0)`` in kT from all frames (weighted) and its standard error from
-    ``blocks`` consecutive blocks (correlated frames: the blocks, not the frames, are independent)."""
-    weights = np.full(phi.size, 1.0 / phi.size) if weights is None else np.asarray(weights)
+def block_delta_f(phi: np.ndarray, weights: np.ndarray | None, blocks: int, n_bootstrap: int = 200,
+                  seed: int = 0) -> tuple[float, float]:
+    """``F(phi > 0) - F(phi < 0)`` in kT from all frames (weighted), and its standard error from a
+    bootstrap over ``blocks`` consecutive blocks (correlated frames: the blocks are the independent
+    units; a block may miss a basin, the resampled union rarely does)."""
+    weights = np.full(phi.size, 1.0 / phi.size) if weights is None else np.asarray(weights, dtype=float)
     value = analysis.basin_populations(phi, weights=weights)["delta_f_kT"]
-    per_block = np.array([analysis.basin_populations(p, weights=w)["delta_f_kT"]
-                          for p, w in zip(np.array_split(phi, blocks), np.array_split(weights, blocks))])
-    error = float(np.std(per_block, ddof=1) / np.sqrt(blocks)) if np.isfinite(per_block).all() else float("inf")
-    return float(value), error
+    pieces = list(zip(np.array_split(phi, blocks), np.array_split(weights, blocks)))
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(n_bootstrap):
+        pick = rng.integers(0, blocks, blocks)
+        w = np.concatenate([pieces[i][1] for i in pick])
+        if w.sum() > 0:
+            draws.append(analysis.basin_populations(np.concatenate([pieces[i][0] for i in pick]), weights=w)["delta_f_kT"])
+    draws = np.asarray(draws)
+    finite = draws[np.isfinite(draws)]
+    return float(value), float(np.std(finite, ddof=1)) if finite.size == draws.size and finite.size > 1 else float("inf")
+
+
+def held_out(n_frames: int, fraction: float, block: int) -> np.ndarray:
+    """Boolean mask ``(n_frames,)`` of held-out frames: whole blocks of ``block`` consecutive frames,
+    evenly interleaved through the run (so held-out and training frames share the ensemble, which a
+    biased run changes over time, while correlated neighbours rarely straddle the split)."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"validation_fraction must be in (0, 1), got {fraction}")
+    index = np.arange(n_frames) // block
+    return (index * fraction) % 1.0 >= 1.0 - fraction - 1e-12
 
 
 # ----------------------------------------------------------------------------- slow modes
@@ -427,8 +446,8 @@ def boltzmann_generator(system, frames: mdtraj.Trajectory, weights: np.ndarray, 
     with the frames reweighted by ``weights (T,)`` (the Boltzmann reference)."""
     settings, seed = config["bg"], config["seed"]
     x = torch.as_tensor(frames.xyz.reshape(len(frames), -1), dtype=torch.float64)
-    n_val = max(1, int(round(config["data"]["validation_fraction"] * len(x))))
-    x_train, x_val = x[:-n_val], x[-n_val:]
+    validation = torch.as_tensor(held_out(len(x), config["data"]["validation_fraction"], config["data"]["validation_block"]))
+    x_train, x_val = x[~validation], x[validation]
     model = build_generator(system.topology, x_train, settings, seed)
     x_train, x_val = x_train.to(BG_DTYPE), x_val.to(BG_DTYPE)
     metrics = train_likelihood(model, x_train, x_val, settings, seed, out / "mle", progress)

@@ -282,6 +282,21 @@ def _existing(path, what: str) -> str:
     return str(path)
 
 
+def kabsch(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Superpose ``x (T, m, 3)`` on ``reference (m, 3)``: the optimal rotation (batched SVD) about the
+    centroids, then the reference's centroid; same dtype as ``x``.
+
+    Used instead of mdtraj's ``superpose``, whose float32 QCP iteration returns the identity (an
+    unaligned frame) for the rare frame where it does not converge (1 in 20 000 alanine frames).
+    """
+    x = x - x.mean(1, keepdim=True)
+    centre = reference.mean(0)
+    u, _, vt = torch.linalg.svd(x.transpose(1, 2) @ (reference - centre))
+    sign = torch.sign(torch.linalg.det(u @ vt))
+    u = torch.cat([u[..., :2], u[..., 2:] * sign[:, None, None]], -1)
+    return x @ (u @ vt) + centre
+
+
 def load(
     traj,
     top=None,
@@ -346,7 +361,8 @@ def load(
             target = mdtraj.Trajectory(xyz.reshape(1, frames.n_atoms, 3), frames.topology)
         if target.n_atoms != frames.n_atoms:
             raise ValueError(f"reference has {target.n_atoms} atoms, the selection {frames.n_atoms}")
-        frames.superpose(target, frame=0)
+        aligned = kabsch(torch.as_tensor(frames.xyz, dtype=torch.float64), torch.as_tensor(target.xyz[0], dtype=torch.float64))
+        frames.xyz = aligned.numpy()
 
     if selection is None and system is not None:
         return system.from_positions(frames.xyz, dtype=dtype)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from openflow.workflows import run as run_workflow
-from openflow.workflows.alanine_dipeptide import (block_delta_f, bootstrap_delta_f, heavy_positions, held_out, kabsch, latent_interpolation,
+from openflow.workflows.alanine_dipeptide import (block_delta_f, bootstrap_delta_f, heavy_positions, held_out, latent_interpolation,
                                                   principal_frame, project, ramachandran_kl, split_segments)
 from openflow.workflows.quickstart import train_nct
 
@@ -41,18 +41,6 @@ def test_basin_free_energy_with_and_without_weights():
     assert flow_value == pytest.approx(math.log(3 / 2)) and 0 < flow_error < 0.2
 
 
-def test_kabsch_undoes_rotations_and_translations_but_not_reflections():
-    generator = torch.Generator().manual_seed(0)
-    reference = torch.randn(10, 3, generator=generator, dtype=torch.float64)
-    rotations = torch.linalg.qr(torch.randn(5, 3, 3, generator=generator, dtype=torch.float64))[0]
-    rotations = rotations * torch.sign(torch.linalg.det(rotations))[:, None, None]  # proper rotations
-    moved = reference @ rotations + torch.randn(5, 1, 3, generator=generator, dtype=torch.float64)
-    centred = reference - reference.mean(0)
-    assert torch.allclose(kabsch(moved, reference), centred.expand(5, -1, -1), atol=1e-12)
-    mirrored = kabsch(-moved, reference)  # a mirror image cannot be rotated onto the reference
-    assert ((mirrored - centred) ** 2).sum(-1).mean(-1).sqrt().min() > 0.1
-
-
 def test_held_out_blocks_are_interleaved():
     mask = held_out(1000, 0.2, 10)
     assert mask.sum() == 200
@@ -61,6 +49,8 @@ def test_held_out_blocks_are_interleaved():
     assert np.array_equal(np.flatnonzero(blocks[:, 0]), np.arange(4, 100, 5))
     with pytest.raises(ValueError):
         held_out(100, 1.0, 10)
+    with pytest.raises(ValueError, match="validation_block"):
+        held_out(200, 0.2, 100)
 
 
 def test_split_segments_follows_the_labels():
@@ -103,7 +93,7 @@ def test_latent_interpolation_moves_one_mode_exactly(alanine_frames):
 
 
 def test_tiny_run_end_to_end(tmp_path):
-    overrides = {"solvents": ["vacuum"], "data": {"mdshare": False, "metadynamics": {"ns": 0.02}, "tempering": {"ns": 0.02}},
+    overrides = {"solvents": ["vacuum"], "data": {"mdshare": False, "validation_block": 10, "metadynamics": {"ns": 0.02}, "tempering": {"ns": 0.02}},
                  "nct": {"steps": 10}, "slow_modes": {"interpolation_frames": 5},
                  "bg": {"mle_steps": 20, "eval_every": 10, "kl_steps": 4, "samples": 400, "layers": 2, "hidden": [16]}}
     metrics = run_workflow(WORKFLOW, tmp_path, overrides)

@@ -12,7 +12,7 @@ import openmm.unit as unit
 import pytest
 import torch
 
-from openflow.data import SimulationResult, alanine_dipeptide_data, fetch_mdshare, load, simulate
+from openflow.data import SimulationResult, alanine_dipeptide_data, fetch_mdshare, kabsch, load, simulate
 from openflow.systems import build, harmonic_chain
 
 STEPS, INTERVAL = 300, 30
@@ -201,6 +201,17 @@ def test_alignment_removes_rigid_body_motion(runs, tmp_path):
     for reference in (moved, torch.as_tensor(moved.reshape(-1))):
         target = load(tmp_path / "rotated.dcd", result.topology, align=True, reference=reference, dtype=torch.float64)
         np.testing.assert_allclose(target[0], moved.reshape(-1), atol=1e-5)
+
+
+def test_kabsch_undoes_rotations_and_translations_but_not_reflections():
+    generator = torch.Generator().manual_seed(0)
+    reference = torch.randn(10, 3, generator=generator, dtype=torch.float64)
+    rotations = torch.linalg.qr(torch.randn(5, 3, 3, generator=generator, dtype=torch.float64))[0]
+    rotations = rotations * torch.sign(torch.linalg.det(rotations))[:, None, None]  # proper rotations
+    moved = reference @ rotations + torch.randn(5, 1, 3, generator=generator, dtype=torch.float64)
+    assert torch.allclose(kabsch(moved, reference), reference.expand(5, -1, -1), atol=1e-12)
+    mirrored = kabsch(-moved, reference)  # a mirror image cannot be rotated onto the reference
+    assert ((mirrored - reference) ** 2).sum(-1).mean(-1).sqrt().min() > 0.1
 
 
 def test_load_bad_input(runs, tmp_path):

@@ -46,7 +46,7 @@ import torch
 
 from openflow import analysis, estimators
 from openflow.cv import implied_timescales, tica, vamp2_score
-from openflow.data import ALANINE_FILES, MDSHARE_FRAME_PS, fetch_mdshare
+from openflow.data import ALANINE_FILES, MDSHARE_FRAME_PS, fetch_mdshare, kabsch
 from openflow.flows.base import BoltzmannGenerator, SequentialFlow
 from openflow.flows.coupling import real_nvp
 from openflow.flows.internal import InternalCoordinatesFlow, zmatrix_from_topology
@@ -134,24 +134,11 @@ def backbone_torsions(frames: mdtraj.Trajectory) -> tuple[np.ndarray, np.ndarray
     return mdtraj.compute_phi(frames)[1][:, 0], mdtraj.compute_psi(frames)[1][:, 0]
 
 
-def kabsch(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Superpose ``x (T, m, 3)`` on ``reference (m, 3)`` (optimal rotation by SVD, both centred), float64.
-
-    A batched SVD instead of mdtraj's QCP solver, which returns the identity for the rare frame where
-    its float32 iteration does not converge."""
-    x = x - x.mean(1, keepdim=True)
-    reference = reference - reference.mean(0)
-    u, _, vt = torch.linalg.svd(x.transpose(1, 2) @ reference)
-    sign = torch.sign(torch.linalg.det(u @ vt))
-    u = torch.cat([u[..., :2], u[..., 2:] * sign[:, None, None]], -1)
-    return x @ (u @ vt)
-
-
 def heavy_positions(frames: mdtraj.Trajectory, reference: mdtraj.Trajectory) -> tuple[torch.Tensor, mdtraj.Topology]:
     """Heavy-atom positions ``(T, 3m)`` nm superposed on ``reference`` (its heavy atoms), and their topology."""
     heavy = frames.atom_slice(frames.topology.select("not element H"))
     target = torch.as_tensor(reference.xyz[0], dtype=torch.float64)
-    aligned = kabsch(torch.as_tensor(heavy.xyz, dtype=torch.float64), target)
+    aligned = kabsch(torch.as_tensor(heavy.xyz, dtype=torch.float64), target) - target.mean(0)
     return aligned.reshape(len(heavy), -1), heavy.topology
 
 
@@ -187,7 +174,10 @@ def held_out(n_frames: int, fraction: float, block: int) -> np.ndarray:
     if not 0 < fraction < 1:
         raise ValueError(f"validation_fraction must be in (0, 1), got {fraction}")
     index = np.arange(n_frames) // block
-    return (index * fraction) % 1.0 >= 1.0 - fraction - 1e-12
+    mask = (index * fraction) % 1.0 >= 1.0 - fraction - 1e-12
+    if not 0 < mask.sum() < n_frames:
+        raise ValueError(f"{n_frames} frames in blocks of {block} leave no held-out or no training frame: lower validation_block")
+    return mask
 
 
 # ----------------------------------------------------------------------------- slow modes
@@ -370,6 +360,8 @@ def train_likelihood(model, x_train: torch.Tensor, x_val: torch.Tensor, settings
             best_state = {k: v.clone() for k, v in model.state_dict().items()}
         else:
             waited += 1
+    if best_state is None:
+        raise RuntimeError(f"the held-out NLL was never finite in {trainer.step} steps of maximum likelihood")
     model.load_state_dict(best_state)
     return {"bg_mle_steps": trainer.step, "bg_mle_best_step": best_step, "bg_nll_validation_mle": best,
             "bg_nll_train_mle": _mean_nll(model, x_train)}

@@ -25,7 +25,8 @@ at ``temperature_K`` (300 K):
 3. **Boltzmann generator** on all 22 atoms: internal coordinates (bonds, angles, torsions; rigid-body
    motion removed by a canonical frame, exact log-det) under a RealNVP, trained by maximum
    likelihood on the biased frames with early stopping on held-out blocks interleaved through the run, then by reverse
-   KL with OpenMM energies plus ``nll_weight`` times the likelihood (keeps both basins). Reported:
+   KL with OpenMM energies plus ``nll_weight`` times the likelihood (keeps both basins); the energy
+   stage is kept only if it raises the ESS on fresh samples. Reported:
    held-out NLL, ESS, KL of the reweighted flow's Ramachandran histogram against the reweighted
    MD's, the basin free-energy difference (flow vs MD, with errors), non-finite energies.
 
@@ -70,7 +71,7 @@ DEFAULTS = {
     "nct": {"layers": 4, "hidden": [32], "steps": 600, "batch": 256, "lr": 2e-3},
     "slow_modes": {"lag_ps": 0.5, "timescale_lags_ps": [0.1, 0.2, 0.5], "mi_neighbours": 3,
                    "interpolation_frames": 40, "mdshare_stride": 5},
-    "bg": {"layers": 8, "hidden": [128, 128], "batch": 256, "lr": 1e-3, "mle_steps": 5000, "eval_every": 250,
+    "bg": {"layers": 6, "hidden": [64, 64], "batch": 256, "lr": 1e-3, "mle_steps": 3000, "eval_every": 250,
            "patience": 8, "kl_steps": 500, "kl_batch": 256, "kl_lr": 5e-5, "nll_weight": 1.0, "energy_cap_kT": 1e4,
            "samples": 20000, "energy": "auto", "rama_bins": 24, "blocks": 10},
     "progress": None,
@@ -445,9 +446,16 @@ def boltzmann_generator(system, frames: mdtraj.Trajectory, weights: np.ndarray, 
     metrics = train_likelihood(model, x_train, x_val, settings, seed, out / "mle", progress)
     energy = batched_energy(system, settings["energy"])
     metrics["bg_energy"] = type(energy).__name__
+    check = min(settings["samples"], 4000)
     torch.manual_seed(seed + 2)
-    metrics["bg_ess_fraction_mle"] = estimators.effective_sample_size(sample_and_weigh(model, energy, min(settings["samples"], 4000))[1])
+    metrics["bg_ess_fraction_mle"] = estimators.effective_sample_size(sample_and_weigh(model, energy, check)[1])
+    after_likelihood = {k: v.clone() for k, v in model.state_dict().items()}
     metrics.update(train_reverse_kl(model, energy, x_train, x_val, settings, seed, out / "reverse_kl", progress))
+    metrics["bg_ess_fraction_kl"] = estimators.effective_sample_size(sample_and_weigh(model, energy, check)[1])
+    metrics["bg_kl_kept"] = metrics["bg_ess_fraction_kl"] >= metrics["bg_ess_fraction_mle"]
+    if not metrics["bg_kl_kept"]:  # the energy stage made the weights worse on these samples: keep the likelihood model
+        model.load_state_dict(after_likelihood)
+        metrics["bg_nll_validation"] = metrics["bg_nll_validation_mle"]
     torch.save(model.state_dict(), out / "generator.pt")
 
     torch.manual_seed(seed + 3)

@@ -190,3 +190,18 @@ def test_workflow_smoke(tmp_path):
         assert (tmp_path / f"rama_{name}.png").exists()
     assert metrics["learned_cv_export_method"] == "table"
     assert 0 < metrics["phipsi_speed_relative_to_bare_md"] and (tmp_path / "metrics.json").exists()
+
+
+def test_workflow_reads_one_or_several_xml_cvs(tmp_path, learned_cv, ala):
+    from openflow.workflows.metadynamics import xml_cvs
+
+    paths = [save_cv_force(to_custom_cv_force(learned_cv), tmp_path / f"cv{k}.xml") for k in range(2)]
+    forces, ranges = xml_cvs(str(paths[0]), [-1, 2])
+    assert len(forces) == 1 and ranges == [(-1.0, 2.0)]
+    forces, ranges = xml_cvs([str(p) for p in paths], [[-1, 2], [0, 3.5]])
+    assert len(forces) == 2 and ranges == [(-1.0, 2.0), (0.0, 3.5)]
+    variables = learned_bias_variables(forces, [0.1, 0.2], 20, ranges)  # two non-periodic axes
+    assert [(v.minValue, v.maxValue, v.biasWidth, v.periodic) for v in variables] == [(-1.0, 2.0, 0.1, False), (0.0, 3.5, 0.2, False)]
+    for paths_, range_ in (([str(p) for p in paths], [-1, 2]), (str(paths[0]), None), ([str(paths[0])] * 4, [[0, 1]] * 4)):
+        with pytest.raises(ValueError, match="cv.range"):
+            xml_cvs(paths_, range_)

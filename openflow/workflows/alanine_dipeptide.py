@@ -59,7 +59,7 @@ from openflow.plugins.openmm.torch_energy import batched_energy
 from openflow.systems import alanine_dipeptide
 from openflow.tempering import geometric_temperatures, simulate_tempering
 from openflow.training import Trainer
-from openflow.workflows.quickstart import NCT_DTYPE, RIGID_BODY_DOF, train_nct
+from openflow.workflows.quickstart import NCT_DTYPE, principal_frame, project, train_nct
 
 DEFAULTS = {
     "seed": 0,
@@ -182,27 +182,6 @@ def held_out(n_frames: int, fraction: float, block: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- slow modes
-
-
-def principal_frame(heavy: torch.Tensor, masses, kT_kjmol: float) -> dict:
-    """Mass-weighted reduced principal axes of aligned positions ``heavy (T, 3m)`` nm of atoms with
-    ``masses (m,)`` amu at ``kT_kjmol``.
-
-    Returns ``mean (3m,)`` nm, ``sqrt_mass (3m,)`` sqrt(ps^2/nm^2) (``sqrt(m/kT)`` per coordinate),
-    ``axes (3m, 3m - 6)`` (largest variance first; the 6 rigid-body axes the alignment empties are
-    dropped), ``variances (3m - 6,)`` ps^2 and ``q (T, 3m - 6)`` ps: the coordinates on those axes.
-    """
-    sqrt_mass = torch.as_tensor(np.repeat(np.asarray(masses, dtype=float), 3) / kT_kjmol, dtype=heavy.dtype).sqrt()
-    mean = heavy.mean(0)
-    weighted = (heavy - mean) * sqrt_mass
-    variances, axes = torch.linalg.eigh(weighted.T @ weighted / weighted.shape[0])
-    variances, axes = variances.flip(0)[:-RIGID_BODY_DOF], axes.flip(1)[:, :-RIGID_BODY_DOF]
-    return {"mean": mean, "sqrt_mass": sqrt_mass, "axes": axes, "variances": variances, "q": weighted @ axes}
-
-
-def project(frame: dict, heavy: torch.Tensor) -> torch.Tensor:
-    """Aligned positions ``(T, 3m)`` nm onto the principal axes of ``frame``: ``(T, 3m - 6)`` ps."""
-    return (heavy - frame["mean"]) * frame["sqrt_mass"] @ frame["axes"]
 
 
 def latent_interpolation(model, frame: dict, mode: int, n_frames: int) -> torch.Tensor:

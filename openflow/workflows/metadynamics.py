@@ -3,7 +3,9 @@ learned CV, all of the same length.
 
 1. **Unbiased** Langevin MD (``run_metadynamics(system, [])``: the same files and analysis).
 2. **phi/psi**: periodic torsion CVs, ``openmm.app.Metadynamics`` on a 2-D grid.
-3. **Learned CV**: either ``cv.xml`` (an exported CV force XML, with ``cv.range``), or -- until
+3. **Learned CV**: either ``cv.xml`` (an exported CV force XML with ``cv.range: [min, max]``, or a
+   list of 1-3 of them with one range each, e.g. the quickstart's ``cv_q1.xml`` and ``cv_q2.xml``
+   with the ranges from its ``metrics.json``: one non-periodic bias axis each), or -- until
    the alanine dipeptide flow workflow (issue 5) provides slow modes -- a *stand-in*: a small
    ``CVModel`` (45 heavy-atom distances or sin/cos(phi, psi) -> tanh MLP) regressed on
    ``cos(phi - 1 rad)``, a smooth function of phi that is 1 in the alpha_L/C7ax basin, about -0.8 in
@@ -71,6 +73,18 @@ def stand_in_cv(system, frames: mdtraj.Trajectory, config: dict, out: Path):
     return force, (lo, hi), metrics
 
 
+def xml_cvs(xml, ranges) -> tuple[list, list[tuple[float, float]]]:
+    """Exported CV forces and their ranges from ``cv.xml`` (a path or a list of 1-3 paths) and
+    ``cv.range`` (``[min, max]``, or one such pair per path)."""
+    paths = [xml] if isinstance(xml, (str, Path)) else list(xml)
+    if ranges is not None and len(ranges) == 2 and all(np.isscalar(v) for v in ranges):
+        ranges = [ranges]
+    if not 1 <= len(paths) <= 3 or not ranges or len(ranges) != len(paths) or any(len(r) != 2 for r in ranges):
+        raise ValueError("cv.xml takes 1-3 CV force XML files and cv.range one [min, max] per file "
+                         f"(the bias is zero outside it), got {len(paths)} file(s) and range {ranges!r}")
+    return [load_cv_force(path) for path in paths], [(float(lo), float(hi)) for lo, hi in ranges]
+
+
 def convergence(result) -> dict:
     """Final ΔF, ΔF at half time, and the largest deviation from the final value over the second half (kT)."""
     times, values = (np.array(v) for v in zip(*result.delta_f_kT_t))
@@ -110,16 +124,16 @@ def run(config: dict, out: Path) -> dict:
 
     settings = config["cv"]
     if settings["xml"]:
-        if not settings["range"] or len(settings["range"]) != 2:
-            raise ValueError("cv.xml needs cv.range: [min, max] (the bias is zero outside it)")
-        force, cv_range = load_cv_force(settings["xml"]), tuple(settings["range"])
+        forces, cv_ranges = xml_cvs(settings["xml"], settings["range"])
     else:
         files = results["phipsi"].files
         frames = mdtraj.load(str(files["trajectory"]), top=str(files["topology"]))
         force, cv_range, cv_metrics = stand_in_cv(system, frames, config, out)
+        forces, cv_ranges = [force], [cv_range]
         metrics.update(cv_metrics)
-    learned = learned_bias_variables([force], settings["width"], settings["grid"], [cv_range])
-    results["learned"] = run_metadynamics(system, learned, out=out / "learned", cv_names=["cv"], **common)
+    learned = learned_bias_variables(forces, settings["width"], settings["grid"], cv_ranges)
+    names = ["cv"] if len(forces) == 1 else [f"cv{k + 1}" for k in range(len(forces))]
+    results["learned"] = run_metadynamics(system, learned, out=out / "learned", cv_names=names, **common)
 
     for name, result in results.items():
         summary = result.summary()

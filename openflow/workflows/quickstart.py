@@ -7,18 +7,24 @@
    Maxwell-Boltzmann momenta ``p~ ~ N(0, 1)``, both rotated onto the 24 principal axes of ``q~``
    that alignment leaves (a canonical map); the model is a point transformation of a small
    RealNVP (on whitened axes) under a latent harmonic prior whose frequencies start at
-   ``1/sqrt(variance)`` per axis (maximum likelihood, Adam). The slowest latent mode ``Q1(q)``
-   is the collective variable to learn.
-3. **Fit** a ``CVModel`` over features OpenMM can compute (45 heavy-atom distances -> tanh MLP
-   -> 1) to ``Q1`` (held-out R^2), **export** it as a ``CustomCVForce`` checked against torch on
-   data frames, and save it as OpenMM XML (``cv.xml``).
-4. **Metadynamics**: well-tempered, on that force, at the target temperature (300 K): biased DCD +
-   PDB, COLVAR, reweighting weights.
+   ``1/sqrt(variance)`` per axis (maximum likelihood, Adam).
+   The two slowest latent modes ``(Q1, Q2)`` (a fixed rule: smallest frequencies) are the
+   collective variables to learn.
+3. **Fit** one ``CVModel`` with ``cv.modes`` outputs over features OpenMM can compute
+   (``cv.features``: ``torsions``, sin/cos of the backbone phi and psi, or ``distances``, the 45
+   heavy-atom distances -> tanh MLP) to ``(Q1, Q2)`` (held-out R^2 per mode), **export** each
+   output as a ``CustomCVForce`` (``export_cv(method="auto")``: a periodic spline table over the two
+   torsions when it passes the check, else Lepton), checked against torch on data frames, and save
+   them as OpenMM XML (``cv_q1.xml``, ``cv_q2.xml``).
+4. **Metadynamics**: well-tempered, on those forces (one non-periodic ``BiasVariable`` per mode,
+   range from ``CVModel.bounds()``), at the target temperature (300 K): biased DCD + PDB, COLVAR,
+   reweighting weights; the cost of an MD step with this bias relative to bare MD (``step_costs``).
 5. **Plot** the reweighted Ramachandran surface of the biased run (``ramachandran.png``) and print
    where every file is.
 
-Metrics: frames, the slowest NCT frequencies (1/ps), |corr(Q1, phi basin)| on the data, CV R^2,
-export errors, metadynamics transitions (per ns) and phi > 0 population, wall time per stage.
+Metrics: frames, the slowest NCT frequencies (1/ps), |corr(Qk, phi basin)| on the data (reported,
+never used to choose), CV R^2 per mode, export errors and Context creation time, metadynamics
+transitions (per ns), phi > 0 population and speed relative to bare MD, wall time per stage.
 """
 from __future__ import annotations
 
@@ -34,13 +40,13 @@ import torch
 from openflow import analysis
 from openflow.cv import CVModel, fit_cv
 from openflow.data import load, simulate
-from openflow.features import heavy_atom_distance_features
+from openflow.features import heavy_atom_distance_features, phi_psi_features
 from openflow.flows.coupling import real_nvp
 from openflow.flows.priors import LatentHarmonicPrior
 from openflow.flows.symplectic import (CanonicalSequential, NeuralCanonicalTransformation, PointTransformation,
-                                       SymplecticScaling, mass_weight)
+                                       SymplecticScaling)
 from openflow.plugins.openmm.export import export_cv, save_cv_force
-from openflow.plugins.openmm.metadynamics import learned_bias_variables, run_metadynamics
+from openflow.plugins.openmm.metadynamics import learned_bias_variables, run_metadynamics, step_costs
 from openflow.plugins.openmm.reporters import read_colvar
 from openflow.systems import alanine_dipeptide
 from openflow.training import Trainer
@@ -49,16 +55,18 @@ DEFAULTS = {
     "seed": 0,
     "temperature_K": 300.0,  # metadynamics and the Ramachandran plot
     "data": {"ns": 1.0, "interval": 200, "temperature_K": 600.0, "platform": None},
-    "nct": {"layers": 4, "hidden": [32], "steps": 300, "batch": 256, "lr": 2e-3, "slowest_reported": 4},
-    "cv": {"hidden": [16], "epochs": 60, "export_frames": 100},
-    "metad": {"ns": 1.0, "interval": 500, "height": 1.2, "bias_factor": 6.0, "frequency": 500,
-              "width_std": 0.25, "grid": None, "platform": None},
+    "nct": {"layers": 4, "hidden": [32], "steps": 1000, "batch": 256, "lr": 2e-3, "slowest_reported": 4},
+    "cv": {"modes": 2, "features": "torsions", "hidden": [16], "epochs": 60, "export_frames": 100, "table_points": 129},
+    "metad": {"ns": 1.0, "interval": 500, "height": 2.0, "bias_factor": 15.0, "frequency": 500,
+              "width_std": 0.25, "grid": 40, "platform": None},
+    "speed": {"steps": 3000, "repeats": 3},
     "rama": {"bins": 36, "vmax": 12.0},
     "progress": None,
 }
 DTYPE = torch.float64  # data, CV fit and export (checked against OpenMM)
 RIGID_BODY_DOF = 6  # removed by the Kabsch alignment
 NCT_DTYPE = torch.float32  # training: ~4x faster than float64 on CPU here
+FEATURES = {"torsions": phi_psi_features, "distances": heavy_atom_distance_features}  # CV inputs OpenMM computes
 
 
 def _system(temperature_k: float):
@@ -77,21 +85,35 @@ def simulate_data(system, config: dict, out: Path, progress: bool):
     return result, heavy, frames
 
 
-def phase_space(system, heavy: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Centred, mass-weighted, reduced ``(p~, q~)`` (``q~`` in ps, ``p~ ~ N(0, 1)``) on the principal axes
-    of ``q~`` (an orthogonal map of both: canonical), each ``(N, 24)``, and the variances ``(24,)`` ps^2
-    along those axes, largest first (the prior's starting frequencies are ``1/sqrt(variance)``).
+def principal_frame(heavy: torch.Tensor, masses, kT_kjmol: float) -> dict:
+    """Mass-weighted reduced principal axes of aligned positions ``heavy (T, 3m)`` nm of atoms with
+    ``masses (m,)`` amu at ``kT_kjmol``.
 
-    The 6 axes of (near) zero variance are the rigid-body motions removed by the alignment: dropped.
+    Returns ``mean (3m,)`` nm, ``sqrt_mass (3m,)`` sqrt(ps^2/nm^2) (``sqrt(m/kT)`` per coordinate),
+    ``axes (3m, 3m - 6)`` (largest variance first; the 6 rigid-body axes the alignment empties are
+    dropped), ``variances (3m - 6,)`` ps^2 and ``q (T, 3m - 6)`` ps: the coordinates on those axes.
     """
-    masses = np.array([system.masses[a.index] for a in system.mdtraj_topology.atoms if a.element.symbol != "H"])
-    masses = torch.as_tensor(np.repeat(masses, 3) / system.kT_kjmol, dtype=DTYPE)  # per coordinate, ps^2/nm^2
-    q = heavy - heavy.mean(0)
-    p = torch.randn(q.shape, generator=generator, dtype=DTYPE) * masses.sqrt()  # mass_weight divides it back: p~ ~ N(0, 1)
-    p, q = mass_weight(p, q, masses)
-    variances, axes = torch.linalg.eigh(q.T @ q / q.shape[0])
+    sqrt_mass = torch.as_tensor(np.repeat(np.asarray(masses, dtype=float), 3) / kT_kjmol, dtype=heavy.dtype).sqrt()
+    mean = heavy.mean(0)
+    weighted = (heavy - mean) * sqrt_mass
+    variances, axes = torch.linalg.eigh(weighted.T @ weighted / weighted.shape[0])
     variances, axes = variances.flip(0)[:-RIGID_BODY_DOF], axes.flip(1)[:, :-RIGID_BODY_DOF]
-    return p @ axes, q @ axes, variances
+    return {"mean": mean, "sqrt_mass": sqrt_mass, "axes": axes, "variances": variances, "q": weighted @ axes}
+
+
+def project(frame: dict, heavy: torch.Tensor) -> torch.Tensor:
+    """Aligned positions ``(T, 3m)`` nm onto the principal axes of ``frame``: ``(T, 3m - 6)`` ps."""
+    return (heavy - frame["mean"]) * frame["sqrt_mass"] @ frame["axes"]
+
+
+def phase_space(system, heavy: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Centred, mass-weighted, reduced ``(p~, q~)`` (``q~`` in ps, ``p~ ~ N(0, 1)``: Maxwell-Boltzmann)
+    on the principal axes of ``q~`` (:func:`principal_frame`), each ``(N, 24)``, and the variances
+    ``(24,)`` ps^2 along those axes, largest first (the prior's starting frequencies are ``1/sqrt(variance)``).
+    """
+    masses = [system.masses[a.index] for a in system.mdtraj_topology.atoms if a.element.symbol != "H"]
+    frame = principal_frame(heavy, masses, system.kT_kjmol)
+    return torch.randn(frame["q"].shape, generator=generator, dtype=frame["q"].dtype), frame["q"], frame["variances"]
 
 
 def fixed_scaling(log_scale: torch.Tensor) -> SymplecticScaling:
@@ -125,30 +147,58 @@ def train_nct(p: torch.Tensor, q: torch.Tensor, variances: torch.Tensor, config:
     return model, {"nct_steps": trainer.step, "nct_final_loss": history[-1]["loss"] if history else float("nan")}
 
 
+def slowest_modes(model: NeuralCanonicalTransformation, q: torch.Tensor, k: int, chunk: int = 1024) -> torch.Tensor:
+    """``(Q1, ..., Qk)(q~)`` for every frame, slowest first, ``(N, k)``."""
+    with torch.no_grad():
+        return torch.cat([model.collective_variables(block.to(NCT_DTYPE), k) for block in q.split(chunk)]).to(q.dtype)
+
+
 def slowest_mode(model: NeuralCanonicalTransformation, q: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """``Q1(q~)`` for every frame, ``(N,)``."""
-    with torch.no_grad():
-        return torch.cat([model.collective_variables(block.to(NCT_DTYPE), 1)[:, 0] for block in q.split(chunk)]).to(q.dtype)
+    return slowest_modes(model, q, 1, chunk)[:, 0]
 
 
-def fit_and_export(system, frames: mdtraj.Trajectory, target: torch.Tensor, config: dict, out: Path):
-    """Regress a distance CV on ``target``, export it (checked), save ``cv.xml`` and ``cv.pt``."""
+def cv_model(system, config: dict) -> CVModel:
+    """The (untrained) CV of ``config["cv"]``: features -> tanh MLP -> ``modes`` outputs, float64."""
     settings = config["cv"]
-    cv = CVModel(heavy_atom_distance_features(system), hidden=settings["hidden"], seed=config["seed"]).to(DTYPE)
+    if settings["features"] not in FEATURES:
+        raise ValueError(f"cv.features must be one of {sorted(FEATURES)}, got {settings['features']!r}")
+    if not 1 <= int(settings["modes"]) <= 3:
+        raise ValueError(f"cv.modes must be 1, 2 or 3 (openmm.app.Metadynamics takes 1-3 CVs), got {settings['modes']}")
+    return CVModel(FEATURES[settings["features"]](system), hidden=settings["hidden"], n_out=int(settings["modes"]),
+                   seed=config["seed"]).to(DTYPE)
+
+
+def fit_and_export(system, frames: mdtraj.Trajectory, targets: torch.Tensor, config: dict, out: Path):
+    """Regress the CV on ``targets (N, modes)``, export each output (checked), save ``cv_q{k}.xml`` and ``cv.pt``.
+
+    Returns the forces, their ``(lo, hi)`` ranges (``CVModel.bounds()``), the standard deviations
+    of the CV over the frames ``(modes,)``, metrics and files.
+    """
+    settings = config["cv"]
+    cv = cv_model(system, config)
     positions = torch.as_tensor(frames.xyz, dtype=DTYPE)
-    fit = fit_cv(cv, positions, target, epochs=settings["epochs"], seed=config["seed"])
+    fit = fit_cv(cv, positions, targets, epochs=settings["epochs"], seed=config["seed"])
     stride = max(1, len(positions) // int(settings["export_frames"]))
-    force, report = export_cv(cv, positions[::stride], method="lepton")
-    files = {"cv_xml": save_cv_force(force, out / "cv.xml"), "cv_model": out / "cv.pt"}
+    exported = [export_cv(cv, positions[::stride], output=k, method="auto", points=int(settings["table_points"]))
+                for k in range(cv.n_out)]
+    files = {f"cv_q{k + 1}_xml": save_cv_force(force, out / f"cv_q{k + 1}.xml") for k, (force, _) in enumerate(exported)}
+    files["cv_model"] = out / "cv.pt"
     torch.save(cv.state_dict(), files["cv_model"])
     with torch.no_grad():
-        values = cv(positions)[:, 0]
-    lo, hi = (float(v[0]) for v in cv.bounds())
-    metrics = {"cv_r2_train": fit.r2_train[0], "cv_r2_validation": fit.r2_validation[0], "cv_export_method": report["method"],
-               "cv_export_frames": report["n_frames"], "cv_export_max_value_error": report["max_value_error"],
-               "cv_export_max_force_relative_error": report["max_force_relative_error"], "cv_lo": lo, "cv_hi": hi,
-               "cv_data_std": float(values.std())}
-    return force, (lo, hi), metrics, files
+        stds = cv(positions).std(0).tolist()
+    lo, hi = cv.bounds()
+    reports = [report for _, report in exported]
+    metrics = {"cv_features": settings["features"], "cv_export_method": "+".join(sorted({r["method"] for r in reports})),
+               "cv_export_frames": reports[0]["n_frames"],
+               "cv_export_max_value_error": max(r["max_value_error"] for r in reports),
+               "cv_export_max_force_relative_error": max(r["max_force_relative_error"] for r in reports),
+               "cv_export_context_s": max(r["context_seconds"] for r in reports)}
+    for k in range(cv.n_out):
+        metrics.update({f"cv_r2_train_q{k + 1}": fit.r2_train[k], f"cv_r2_validation_q{k + 1}": fit.r2_validation[k],
+                        f"cv_lo_q{k + 1}": float(lo[k]), f"cv_hi_q{k + 1}": float(hi[k]), f"cv_data_std_q{k + 1}": stds[k]})
+    ranges = [(float(a), float(b)) for a, b in zip(lo, hi)]
+    return [force for force, _ in exported], ranges, stds, metrics, files
 
 
 def basin_correlation(values: torch.Tensor, frames: mdtraj.Trajectory) -> float:
@@ -164,9 +214,10 @@ def print_summary(files: dict, metrics: dict) -> None:
     print("\nopenflow quickstart: done", file=sys.stderr)
     for label, path in files.items():
         print(f"  {label:18s} {path}", file=sys.stderr)
-    print(f"  CV R^2 (held out) {metrics['cv_r2_validation']:.3f}; metadynamics: {metrics['metad_transitions']} transitions, "
-          f"{metrics['metad_transitions_per_ns']:.1f} per ns; wall time {sum(v for k, v in metrics.items() if k.startswith('time_')):.0f} s",
-          file=sys.stderr)
+    r2 = ", ".join(f"{metrics[key]:.3f}" for key in sorted(metrics) if key.startswith("cv_r2_validation_"))
+    print(f"  CV R^2 (held out) {r2}; metadynamics: {metrics['metad_transitions']} transitions, "
+          f"{metrics['metad_transitions_per_ns']:.1f} per ns, {metrics['metad_speed_relative_to_bare_md']:.2f}x bare MD speed; "
+          f"wall time {sum(v for k, v in metrics.items() if k.startswith('time_')):.0f} s", file=sys.stderr)
 
 
 def run(config: dict, out: Path) -> dict:
@@ -193,35 +244,40 @@ def run(config: dict, out: Path) -> dict:
     _, omega = model.slow_modes()
     k = min(int(config["nct"]["slowest_reported"]), omega.numel())
     metrics.update({f"nct_omega_{i + 1}_per_ps": float(w) for i, w in enumerate(omega[:k])})
-    q1 = slowest_mode(model, q)
-    metrics["nct_q1_basin_correlation"] = basin_correlation(q1, frames)
+    n_modes = int(config["cv"]["modes"])
+    modes = slowest_modes(model, q, n_modes)  # the n smallest frequencies: a fixed rule
+    metrics.update({f"nct_q{k + 1}_basin_correlation": basin_correlation(modes[:, k], frames) for k in range(n_modes)})
     files["nct_checkpoint"] = out / "nct" / "checkpoint.pt"
     lap("train_nct")
 
-    force, (lo, hi), cv_metrics, cv_files = fit_and_export(hot, frames, q1, config, out)
+    forces, ranges, stds, cv_metrics, cv_files = fit_and_export(hot, frames, modes, config, out)
     metrics.update(cv_metrics)
     files.update(cv_files)
     lap("fit_export_cv")
 
-    metad = config["metad"]
-    width = metad["width_std"] * cv_metrics["cv_data_std"]
-    variables = learned_bias_variables([force], width, metad["grid"], [(lo, hi)])
-    result = run_metadynamics(_system(config["temperature_K"]), variables, ns=metad["ns"], out=out / "metadynamics",
+    metad, target = config["metad"], _system(config["temperature_K"])
+    widths = [metad["width_std"] * std for std in stds]
+    variables = learned_bias_variables(forces, widths, metad["grid"], ranges)
+    result = run_metadynamics(target, variables, ns=metad["ns"], out=out / "metadynamics",
                               height=metad["height"], bias_factor=metad["bias_factor"], frequency=metad["frequency"],
                               interval=metad["interval"], platform=metad["platform"], seed=config["seed"],
-                              cv_names=["q1"], progress=progress)
+                              cv_names=[f"q{k + 1}" for k in range(n_modes)], progress=progress)
     summary = result.summary()
-    metrics.update({f"metad_{key}": summary[key] for key in ("transitions", "transitions_per_ns", "ns_per_day",
+    metrics.update({f"metad_{key}": summary[key] for key in ("transitions", "transitions_per_ns", "ns_per_day", "platform",
                                                                "population_positive", "delta_f_kT", "effective_sample_size")})
-    metrics["metad_width"] = width
+    metrics.update({f"metad_width_q{k + 1}": width for k, width in enumerate(widths)})
+    cost = step_costs(target, variables, steps=config["speed"]["steps"], repeats=config["speed"]["repeats"],
+                      platform=result.platform, frequency=metad["frequency"])
+    metrics.update(metad_speed_relative_to_bare_md=cost["speed_ratio"], metad_biased_us_per_step=1e6 * cost["biased_s_per_step"],
+                   bare_md_us_per_step=1e6 * cost["bare_s_per_step"])
     files.update({f"metad_{key}": result.files[key] for key in ("trajectory", "topology", "colvar", "weights")})
     lap("metadynamics")
 
     colvar = read_colvar(result.files["colvar"])
     surface = analysis.ramachandran((colvar["phi"], colvar["psi"]), weights=np.load(result.files["weights"]),
                                     bins=config["rama"]["bins"])
-    files["ramachandran"] = analysis.plot_ramachandran(surface, out / "ramachandran.png", title="metadynamics on Q1 (reweighted)",
-                                                       vmax=config["rama"]["vmax"])
+    title = f"metadynamics on ({', '.join(f'Q{k + 1}' for k in range(n_modes))}) (reweighted)"
+    files["ramachandran"] = analysis.plot_ramachandran(surface, out / "ramachandran.png", title=title, vmax=config["rama"]["vmax"])
     lap("plot")
     files["metrics"] = out / "metrics.json"
     print_summary(files, metrics)

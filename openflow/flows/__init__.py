@@ -5,6 +5,7 @@ from .coupling import ActNorm, AffineCoupling, real_nvp
 from .internal import InternalCoordinates, InternalCoordinatesFlow, ZMatrix, alanine_dipeptide_zmatrix, zmatrix_from_topology
 from .linear import LinearExp
 from .priors import LatentHarmonicPrior, StandardNormal, moment_matched_normal
+from .spline import SplineCoupling, rational_quadratic_spline, spline_flow
 from .symplectic import (
     CanonicalSequential,
     HamiltonianFlow,
@@ -17,7 +18,7 @@ from .symplectic import (
 __all__ = [
     "ActNorm", "AffineCoupling", "BoltzmannGenerator", "CanonicalSequential", "ContinuousFlow", "Flow",
     "HamiltonianFlow", "InternalCoordinates", "InternalCoordinatesFlow", "InverseFlow", "LatentHarmonicPrior", "LinearExp", "LinearSymplectic", "MLPPotential",
-    "MLPVelocity", "MongeAmpereFlow", "NeuralCanonicalTransformation", "PointTransformation", "SequentialFlow",
-    "StandardNormal", "SymmetricPotential", "SymplecticScaling", "ZMatrix", "alanine_dipeptide_zmatrix", "moment_matched_normal", "real_nvp",
-    "zmatrix_from_topology",
+    "MLPVelocity", "MongeAmpereFlow", "NeuralCanonicalTransformation", "PointTransformation", "SequentialFlow", "SplineCoupling",
+    "StandardNormal", "SymmetricPotential", "SymplecticScaling", "ZMatrix", "alanine_dipeptide_zmatrix", "moment_matched_normal", "rational_quadratic_spline", "real_nvp",
+    "spline_flow", "zmatrix_from_topology",
 ]

@@ -52,6 +52,7 @@ from openflow.flows.base import BoltzmannGenerator, SequentialFlow
 from openflow.flows.coupling import real_nvp
 from openflow.flows.internal import InternalCoordinatesFlow, zmatrix_from_topology
 from openflow.flows.priors import StandardNormal
+from openflow.flows.spline import spline_flow
 from openflow.losses import nll, reverse_kl
 from openflow.plugins.openmm.metadynamics import (OUTPUTS as METAD_FILES, phi_psi_bias_variables, run_metadynamics,
                                                   variable_signature)
@@ -71,7 +72,7 @@ DEFAULTS = {
     "nct": {"layers": 4, "hidden": [32], "steps": 600, "batch": 256, "lr": 2e-3},
     "slow_modes": {"lag_ps": 0.5, "timescale_lags_ps": [0.1, 0.2, 0.5], "mi_neighbours": 3,
                    "interpolation_frames": 40, "mdshare_stride": 5},
-    "bg": {"layers": 6, "hidden": [64, 64], "batch": 256, "lr": 1e-3, "mle_steps": 3000, "eval_every": 250,
+    "bg": {"coupling": "spline", "bins": 8, "layers": 6, "hidden": [64, 64], "batch": 256, "lr": 1e-3, "mle_steps": 3000, "eval_every": 250,
            "patience": 8, "kl_steps": 500, "kl_batch": 256, "kl_lr": 5e-5, "nll_weight": 1.0, "energy_cap_kT": 1e4,
            "samples": 20000, "energy": "auto", "rama_bins": 24, "blocks": 10},
     "progress": None,
@@ -311,10 +312,18 @@ def mdshare_slow_modes(config: dict, out: Path, progress: bool) -> tuple[dict, d
 
 
 def build_generator(topology, x_train: torch.Tensor, settings: dict, seed: int) -> BoltzmannGenerator:
-    """StandardNormal -> RealNVP -> internal coordinates (statistics from ``x_train``) -> Cartesian."""
+    """StandardNormal -> couplings (``settings["coupling"]``: ``"spline"``, rational-quadratic, which
+    can shape the multimodal torsion marginals, or ``"affine"``, RealNVP) -> internal coordinates
+    (statistics from ``x_train``) -> Cartesian."""
     torch.manual_seed(seed)
     internal = InternalCoordinatesFlow(zmatrix_from_topology(topology)).fit(x_train)
-    flow = SequentialFlow(real_nvp(internal.dim, n_layers=settings["layers"], hidden=settings["hidden"]), internal)
+    if settings["coupling"] == "spline":
+        couplings = spline_flow(internal.dim, n_layers=settings["layers"], hidden=settings["hidden"], bins=settings["bins"])
+    elif settings["coupling"] == "affine":
+        couplings = real_nvp(internal.dim, n_layers=settings["layers"], hidden=settings["hidden"])
+    else:
+        raise ValueError(f"bg.coupling must be 'spline' or 'affine', got {settings['coupling']!r}")
+    flow = SequentialFlow(couplings, internal)
     return BoltzmannGenerator(StandardNormal(internal.dim), flow).to(BG_DTYPE)
 
 

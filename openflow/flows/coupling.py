@@ -75,7 +75,29 @@ def mlp(
     return nn.Sequential(*layers)
 
 
-class AffineCoupling(Flow):
+class MaskedCoupling(Flow):
+    """Base of coupling layers: ``mask`` (a binary ``(d,)`` buffer) marks with 1 the conditioning
+    (unchanged) dimensions; ``cond_idx`` / ``trans_idx`` index the two halves (``n_cond``, ``n_trans``)."""
+
+    def __init__(self, mask: torch.Tensor | Sequence[int]):
+        super().__init__()
+        mask = torch.as_tensor(mask)
+        if mask.dim() != 1:
+            raise ValueError(f"mask must be one-dimensional (d,), got shape {tuple(mask.shape)}")
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError("mask must contain only 0 and 1")
+        mask = mask.bool()
+        self.n_cond = int(mask.sum())
+        if self.n_cond == 0 or self.n_cond == mask.numel():
+            raise ValueError("mask must have at least one 1 (conditioning) and one 0 (transformed) entry")
+        self.dim = mask.numel()
+        self.n_trans = self.dim - self.n_cond
+        self.register_buffer("mask", mask)
+        self.register_buffer("cond_idx", torch.nonzero(mask).flatten(), persistent=False)
+        self.register_buffer("trans_idx", torch.nonzero(~mask).flatten(), persistent=False)
+
+
+class AffineCoupling(MaskedCoupling):
     """RealNVP affine coupling: ``x = z`` where ``mask == 1``, elsewhere
     ``x = z * exp(s) + t`` with ``(s_raw, t) = MLP(z[mask])`` and ``s = a * tanh(s_raw)``.
 
@@ -91,25 +113,11 @@ class AffineCoupling(Flow):
         activation: str | Callable[[], nn.Module] = "silu",
         scale_init: float = 1.0,
     ):
-        super().__init__()
-        mask = torch.as_tensor(mask)
-        if mask.dim() != 1:
-            raise ValueError(f"mask must be one-dimensional (d,), got shape {tuple(mask.shape)}")
-        if not bool(((mask == 0) | (mask == 1)).all()):
-            raise ValueError("mask must contain only 0 and 1")
-        mask = mask.bool()
-        n_cond = int(mask.sum())
-        if n_cond == 0 or n_cond == mask.numel():
-            raise ValueError("mask must have at least one 1 (conditioning) and one 0 (transformed) entry")
         if not scale_init > 0:
             raise ValueError(f"scale_init must be > 0, got {scale_init}")
-        self.dim = mask.numel()
-        self.register_buffer("mask", mask)
-        self.register_buffer("cond_idx", torch.nonzero(mask).flatten(), persistent=False)
-        self.register_buffer("trans_idx", torch.nonzero(~mask).flatten(), persistent=False)
-        n_trans = self.dim - n_cond
-        self.conditioner = mlp(n_cond, 2 * n_trans, hidden, activation, zero_last=True)
-        self.scale_factor = nn.Parameter(torch.full((n_trans,), float(scale_init)))
+        super().__init__(mask)
+        self.conditioner = mlp(self.n_cond, 2 * self.n_trans, hidden, activation, zero_last=True)
+        self.scale_factor = nn.Parameter(torch.full((self.n_trans,), float(scale_init)))
 
     def _scale_shift(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Full-width ``log-scale (B, d)``, ``shift (B, d)`` (zero on the conditioning dims)

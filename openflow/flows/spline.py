@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .base import Flow, SequentialFlow
-from .coupling import _masks, check_batch, mlp
+from .base import SequentialFlow
+from .coupling import MaskedCoupling, _masks, check_batch, mlp
 
 MIN_BIN_WIDTH = 1e-3
 MIN_BIN_HEIGHT = 1e-3
@@ -112,7 +112,7 @@ def rational_quadratic_spline(
     return outputs, logabsdet
 
 
-class SplineCoupling(Flow):
+class SplineCoupling(MaskedCoupling):
     """Rational-quadratic spline coupling: ``x = z`` where ``mask == 1``; every other coordinate
     goes through its own spline on ``[-bound, bound]`` (identity outside) whose ``3 * bins - 1``
     parameters come from an MLP of ``z[mask]``.
@@ -129,28 +129,14 @@ class SplineCoupling(Flow):
         bins: int = 8,
         bound: float = 5.0,
     ):
-        super().__init__()
-        mask = torch.as_tensor(mask)
-        if mask.dim() != 1:
-            raise ValueError(f"mask must be one-dimensional (d,), got shape {tuple(mask.shape)}")
-        if not bool(((mask == 0) | (mask == 1)).all()):
-            raise ValueError("mask must contain only 0 and 1")
-        mask = mask.bool()
-        n_cond = int(mask.sum())
-        if n_cond == 0 or n_cond == mask.numel():
-            raise ValueError("mask must have at least one 1 (conditioning) and one 0 (transformed) entry")
         if int(bins) != bins or not 2 <= bins < 1.0 / MIN_BIN_WIDTH:
             raise ValueError(f"bins must be an integer in [2, {int(1 / MIN_BIN_WIDTH) - 1}], got {bins}")
         if not float(bound) > 0:
             raise ValueError(f"bound must be > 0, got {bound}")
-        self.dim = mask.numel()
+        super().__init__(mask)
         self.bins = int(bins)
         self.bound = float(bound)
-        self.register_buffer("mask", mask)
-        self.register_buffer("cond_idx", torch.nonzero(mask).flatten(), persistent=False)
-        self.register_buffer("trans_idx", torch.nonzero(~mask).flatten(), persistent=False)
-        self.n_trans = self.dim - n_cond
-        self.conditioner = mlp(n_cond, self.n_trans * (3 * self.bins - 1), hidden, activation, zero_last=True)
+        self.conditioner = mlp(self.n_cond, self.n_trans * (3 * self.bins - 1), hidden, activation, zero_last=True)
 
     def _transform(self, y: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
         params = self.conditioner(y.index_select(1, self.cond_idx)).view(y.shape[0], self.n_trans, 3 * self.bins - 1)

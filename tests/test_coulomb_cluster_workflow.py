@@ -6,11 +6,14 @@ from pathlib import Path
 import numpy as np
 import openmm
 import pytest
+import torch
 from scipy.integrate import quad
 
 from openflow.plugins.openmm import alchemical
 from openflow.systems import coulomb_cluster
 from openflow.workflows import run
+from openflow.plugins.openmm.torch_energy import batched_energy
+from openflow.workflows.coulomb_cluster import DEFAULTS, _lindemann, _model, _train_reverse_kl
 
 YAML = Path(__file__).resolve().parents[1] / "workflows" / "coulomb_cluster.yaml"
 
@@ -120,3 +123,32 @@ def test_tiny_workflow_end_to_end(tmp_path):
 def test_bad_cluster_is_a_value_error(tmp_path):
     with pytest.raises(ValueError, match="cluster"):
         run(YAML, tmp_path, {"clusters": [{"n": 3, "dim": 2}]})
+
+
+def test_lindemann_is_zero_for_a_rigid_cluster_and_sees_swaps():
+    rng = np.random.default_rng(0)
+    shape = rng.normal(size=(3, 3))
+    rotations = [np.linalg.qr(rng.normal(size=(3, 3)))[0] for _ in range(10)]
+    rigid = np.stack([shape @ q.T for q in rotations]).reshape(10, 9)
+    assert _lindemann(rigid, 3, 3, 1) < 1e-12
+    # two particles in 2D: a rigid first chain, then a pair distance alternating between 1 and 3
+    near, far = np.array([0.0, 0.0, 1.0, 0.0]), np.array([0.0, 0.0, 3.0, 0.0])
+    frames = np.stack([near] * 4 + [near, far] * 2)
+    assert math.isclose(_lindemann(frames, 2, 2, 2), 0.5 * (3 - 1) / (3 + 1), rel_tol=1e-12)
+
+
+def test_reverse_kl_keeps_the_last_parameters_its_solver_check_passed(tmp_path):
+    system = coulomb_cluster(3, dim=2, temperature=1.0)
+    energy = batched_energy(system, "torch", dtype=torch.float64)
+    for tolerance, kept in ((1e-12, 0), (1.0, 2)):
+        torch.manual_seed(0)
+        model = _model(system.dim, 1.0, 3, 2, DEFAULTS["flow"])
+        initial = {k: v.clone() for k, v in model.state_dict().items()}
+        cfg = dict(DEFAULTS["reverse_kl"], steps=2, check_every=1, solver_tolerance=tolerance)
+        result = _train_reverse_kl(model, energy, cfg, 0, tmp_path / str(tolerance))
+        assert result["reverse_kl_steps_kept"] == kept
+        moved = any(not torch.equal(v, initial[k]) for k, v in model.state_dict().items())
+        # the identity flow (zero last layer) has no solver error; a trained one has some
+        assert moved == (kept > 0) and (result["reverse_kl_solver_gap_kT"] > 0) == (kept > 0)
+    with pytest.raises(ValueError, match="check_every"):
+        _train_reverse_kl(model, energy, dict(cfg, check_every=0), 0, tmp_path / "bad")

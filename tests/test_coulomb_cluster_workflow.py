@@ -14,6 +14,7 @@ from openflow.systems import coulomb_cluster
 from openflow.workflows import run
 from openflow.plugins.openmm.torch_energy import batched_energy
 from openflow.workflows.coulomb_cluster import DEFAULTS, _lindemann, _model, _train_reverse_kl
+from openflow.training import load_checkpoint
 
 YAML = Path(__file__).resolve().parents[1] / "workflows" / "coulomb_cluster.yaml"
 
@@ -150,5 +151,7 @@ def test_reverse_kl_keeps_the_last_parameters_its_solver_check_passed(tmp_path):
         moved = any(not torch.equal(v, initial[k]) for k, v in model.state_dict().items())
         # the identity flow (zero last layer) has no solver error; a trained one has some
         assert moved == (kept > 0) and (result["reverse_kl_solver_gap_kT"] > 0) == (kept > 0)
+        saved = load_checkpoint(tmp_path / str(tolerance) / "checkpoint.pt")["model"]
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in saved.items())  # the checkpoint holds what was kept
     with pytest.raises(ValueError, match="check_every"):
         _train_reverse_kl(model, energy, dict(cfg, check_every=0), 0, tmp_path / "bad")

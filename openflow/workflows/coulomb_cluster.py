@@ -111,15 +111,19 @@ def _solver_gap(model, z: torch.Tensor) -> float:
     return float((logdet - fine).abs().mean())
 
 
+def _check_reverse_kl(cfg: dict) -> None:
+    if int(cfg["check_every"]) != cfg["check_every"] or cfg["check_every"] < 1 or not cfg["solver_tolerance"] > 0:
+        raise ValueError("reverse_kl.check_every must be a positive int and solver_tolerance positive, got "
+                         f"{cfg['check_every']}, {cfg['solver_tolerance']}")
+
+
 def _train_reverse_kl(model, energy, cfg: dict, seed: int, out: Path) -> dict:
     """Reverse KL in chunks of ``check_every`` steps. After each chunk the solver gap
     (:func:`_solver_gap`, 256 fixed latent draws) is measured; once it exceeds
     ``solver_tolerance`` (kT) the flow has begun to exploit the log-det error of its coarse grid
     (F_q then falls far below any free energy), so training stops and the last parameters that
-    passed are restored. Returns the step kept and its solver gap."""
-    if int(cfg["check_every"]) != cfg["check_every"] or cfg["check_every"] < 1 or not cfg["solver_tolerance"] > 0:
-        raise ValueError("reverse_kl.check_every must be a positive int and solver_tolerance positive, got "
-                         f"{cfg['check_every']}, {cfg['solver_tolerance']}")
+    passed are restored (and checkpointed). Returns the step kept and its solver gap."""
+    _check_reverse_kl(cfg)
 
     def loss_fn(m, _):
         return reverse_kl(m, energy, cfg["batch_size"])
@@ -136,6 +140,7 @@ def _train_reverse_kl(model, energy, cfg: dict, seed: int, out: Path) -> dict:
         new_gap = _solver_gap(model, z)
         if not new_gap <= cfg["solver_tolerance"]:
             model.load_state_dict(kept)
+            trainer.save_checkpoint()  # the file then holds the parameters kept, not the rejected chunk's
             break
         kept, kept_step, gap = copy.deepcopy(model.state_dict()), step, new_gap
     return {"reverse_kl_steps_kept": kept_step, "reverse_kl_solver_gap_kT": gap}
@@ -355,6 +360,7 @@ def run(config: dict, out) -> dict:
         raise ValueError("clusters is empty: name at least one {n, dim, temperature}")
     if config["energy"] not in ("auto", "torch", "openmm"):
         raise ValueError(f"energy must be auto, torch or openmm, got {config['energy']!r}")
+    _check_reverse_kl(config["reverse_kl"])  # before any reference MD is spent
     metrics = {}
     for cluster in clusters:
         metrics.update(_run_cluster(cluster, config, out))

@@ -47,7 +47,7 @@ import torch
 
 from openflow import analysis, estimators
 from openflow.cv import implied_timescales, tica, vamp2_score
-from openflow.data import ALANINE_FILES, MDSHARE_FRAME_PS, fetch_mdshare, kabsch
+from openflow.data import ALANINE_FILES, MDSHARE_FRAME_PS, default_timestep, fetch_mdshare, kabsch
 from openflow.flows.base import BoltzmannGenerator, SequentialFlow
 from openflow.flows.coupling import real_nvp
 from openflow.flows.internal import InternalCoordinatesFlow, zmatrix_from_topology
@@ -103,13 +103,14 @@ def tempering_data(system, config: dict, out: Path, progress: bool):
     return run, mdtraj.load(str(run.trajectory), top=str(run.topology))
 
 
-def _finished_metadynamics(out: Path, variables, settings: dict, interval: int, seed: int, steps: int) -> dict | None:
+def _finished_metadynamics(out: Path, system, variables, settings: dict, interval: int, seed: int, steps: int) -> dict | None:
     try:
         saved = json.loads((out / METAD_FILES["settings"]).read_text())
     except (OSError, ValueError):
         return None
     wanted = dict(variables=variable_signature(variables), height_kjmol=settings["height"], bias_factor=settings["bias_factor"],
-                  frequency=settings["frequency"], interval=interval, seed=seed)
+                  frequency=settings["frequency"], interval=interval, seed=seed,
+                  temperature_K=system.temperature.value_in_unit(unit.kelvin))
     if any(saved.get(key) != value for key, value in wanted.items()) or saved["results"]["steps"] != steps:
         return None
     return saved["results"] if all((out / METAD_FILES[k]).exists() for k in ("trajectory", "topology", "weights")) else None
@@ -120,8 +121,8 @@ def metadynamics_data(system, config: dict, out: Path, progress: bool) -> tuple[
     same run): frames, their normalised reweighting weights ``(T,)`` and the run's summary."""
     data, settings = config["data"], config["data"]["metadynamics"]
     variables = phi_psi_bias_variables(system)
-    steps = round(settings["ns"] * 1000.0 / 0.001)  # alanine dipeptide without constraints: 1 fs
-    summary = _finished_metadynamics(out, variables, settings, data["interval"], config["seed"], steps)
+    steps = round(settings["ns"] * 1000.0 / default_timestep(system).value_in_unit(unit.picosecond))
+    summary = _finished_metadynamics(out, system, variables, settings, data["interval"], config["seed"], steps)
     if summary is None:
         result = run_metadynamics(system, variables, ns=settings["ns"], out=out, height=settings["height"],
                                   bias_factor=settings["bias_factor"], frequency=settings["frequency"],

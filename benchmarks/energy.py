@@ -48,6 +48,7 @@ def benchmark_energy(
     seconds: float = 2.0,
     max_loop_configs: int = 256,
     seed: int = 0,
+    compile: bool = False,
     **system_kwargs,
 ) -> dict:
     """Measure energy+force evaluations/s of both paths on one system and batch size.
@@ -59,6 +60,7 @@ def benchmark_energy(
         platform: OpenMM platform of the loop; ``None``/``"auto"``: what ``OpenMMEnergy`` picks.
         dtype: ``float64`` or ``float32``, for the batched path (OpenMM's Reference is float64).
         seconds: wall time per measurement; max_loop_configs: configurations timed in the loop.
+        compile: ``TorchEnergy(compile=True)`` (compiled once in the warm-up call, not timed).
         system_kwargs: passed to the system builder (``solvent="implicit"``, ``n=13``, ...).
 
     Returns a flat dict: ``per_config_evals_per_s``, ``batched_evals_per_s``, ``ratio``, the
@@ -75,7 +77,7 @@ def benchmark_energy(
     x_loop = x[: min(batch, max_loop_configs)]
     per_config = rate(lambda: loop.energy_and_forces(x_loop), len(x_loop), seconds)
 
-    batched = TorchEnergy(system, dtype=getattr(torch, dtype), device=device)
+    batched = TorchEnergy(system, dtype=getattr(torch, dtype), device=device, compile=compile)
     x_batched = x.to(device=device, dtype=getattr(torch, dtype))
     batched_rate = rate(lambda: batched.energy_and_forces(x_batched), batch, seconds, synchronizer(batched.device))
 
@@ -94,6 +96,7 @@ def benchmark_energy(
         "per_config_evals_per_s": per_config,
         "batched_device": str(batched.device),
         "batched_evals_per_s": batched_rate,
+        "batched_compiled": bool(compile),
         "ratio": batched_rate / per_config,
         "max_abs_energy_difference_kT": max_abs_energy_difference,
         "seconds_per_measurement": seconds,
@@ -132,11 +135,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--platform", default=None, help="OpenMM platform of the loop (default: OpenMMEnergy's automatic choice)")
     parser.add_argument("--dtype", default="float64", choices=["float64", "float32"])
     parser.add_argument("--seconds", type=float, default=2.0, help="wall time per measurement")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the batched path (TorchEnergy(compile=True))")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; use 1 on a shared, busy machine)")
     add_output_arguments(parser)
     args = parse_arguments(parser, argv)
     runs = [
-        benchmark_energy(args.system, batch, args.device, args.platform, dtype=args.dtype, seconds=args.seconds, **_system_kwargs(args))
+        benchmark_energy(args.system, batch, args.device, args.platform, dtype=args.dtype, seconds=args.seconds, compile=args.compile, **_system_kwargs(args))
         for batch in args.batch
     ]
     result = runs[0] if len(runs) == 1 else {"machine": runs[0]["machine"], "runs": runs}

@@ -232,6 +232,10 @@ def test_lepton_expressions_evaluate_like_openmm(text):
         state = context.getState(energy=True, forces=True)
         assert value == pytest.approx(state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole), rel=1e-12, abs=1e-12)
         np.testing.assert_allclose(-grad, state.getForces(asNumpy=True)._value[0], rtol=1e-10, atol=1e-10)
+    expression = LeptonExpression(text)  # its symbolic derivatives (the analytic forces of custom forces)
+    nodes = [expression.derivative(("variable", v)) or ("number", 0.0) for v in "xyz"]
+    slopes = expression.evaluate(nodes, {"x": xyz[:, 0].detach(), "y": xyz[:, 1].detach(), "z": xyz[:, 2].detach()})
+    np.testing.assert_allclose(torch.stack([torch.as_tensor(v, dtype=torch.float64).expand(5) for v in slopes], 1).numpy(), xyz.grad.numpy(), rtol=1e-12, atol=1e-12)
 
 
 def test_lepton_errors():
@@ -322,6 +326,41 @@ def test_nonbonded_cutoff_is_refused():
 
 
 # -- OBC2: the engulfed-atom branch the peptide never reaches ------------------------------------
+@pytest.mark.parametrize("name", ["custom", "alanine-implicit-amber99sbildn-None"])
+def test_analytic_gradients_equal_autograd(name):
+    """Every term's ``energy_gradient`` (analytic, or symbolic for custom expressions) equals autograd
+    through its plain ``forward``; ``TorchEnergy``'s backward (one fused node) equals its forces."""
+    system = custom_force_system() if name == "custom" else build(name)
+    energy = TorchEnergy(system)
+    x = real_configurations(system) if name != "custom" else system.from_positions(system.positions) + 0.04 * torch.randn(
+        5, system.dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    positions = energy._layout(x)
+    for term in energy.terms:
+        gradient = torch.zeros_like(positions)
+        u = term.energy_gradient(positions, gradient)
+        exact = positions.clone().requires_grad_(True)
+        u_autograd = term(exact)
+        (g_autograd,) = torch.autograd.grad(u_autograd.sum(), exact)
+        assert torch.allclose(u, u_autograd, rtol=1e-12, atol=1e-12), type(term).__name__
+        assert torch.allclose(gradient, g_autograd, rtol=1e-9, atol=1e-9 * float(g_autograd.abs().max())), type(term).__name__
+    xg = x.clone().requires_grad_(True)
+    energy(xg).sum().backward()
+    u, f = energy.energy_and_forces(x, chunk_size=3)
+    assert torch.allclose(-xg.grad, f, rtol=1e-12, atol=1e-12) and torch.allclose(energy(x), u, rtol=1e-14)
+
+
+def test_compiled_equals_eager():
+    """``compile=True``: one compiled graph on chunks padded to the chunk size (ragged last chunk)."""
+    system = build("cluster-2d-3")
+    x = real_configurations(system)
+    u, f = TorchEnergy(system).energy_and_forces(x)
+    compiled = TorchEnergy(system, compile=True)
+    uc, fc = compiled.energy_and_forces(x, chunk_size=4)
+    assert compiled.compile, "compilation failed and fell back to eager"
+    assert torch.allclose(uc, u, rtol=1e-12) and torch.allclose(fc, f, rtol=1e-10, atol=1e-12)
+    assert torch.equal(pickle.loads(pickle.dumps(compiled))(x), compiled(x))
+
+
 def test_obc_engulfed_atom_matches_openmm():
     """A small atom inside a large one (r < s_j - rho_i) takes Tinker's extra term in the Born radius."""
     system = openmm.System()

@@ -48,7 +48,7 @@ DEFAULTS = {
     # cv.xml: an exported CV force XML (then cv.range: [min, max] is required); null: the stand-in below
     "cv": {"xml": None, "range": None, "features": "distances", "hidden": [8], "epochs": 100,
            "target_center": 1.0, "width": 0.05, "grid": None, "table_points": 257},
-    "speed": {"steps": 3000, "repeats": 3},
+    "speed": {"steps": 5000, "repeats": 5},
     "progress": None,
 }
 

@@ -59,7 +59,7 @@ DEFAULTS = {
     "cv": {"modes": 2, "features": "torsions", "hidden": [16], "epochs": 60, "export_frames": 100, "table_points": 129},
     "metad": {"ns": 1.0, "interval": 500, "height": 2.0, "bias_factor": 15.0, "frequency": 500,
               "width_std": 0.25, "grid": 40, "platform": None},
-    "speed": {"steps": 3000, "repeats": 3},
+    "speed": {"steps": 5000, "repeats": 5},
     "rama": {"bins": 36, "vmax": 12.0},
     "progress": None,
 }

@@ -72,7 +72,7 @@ DEFAULTS = {
     "nct": {"layers": 4, "hidden": [32], "steps": 600, "batch": 256, "lr": 2e-3},
     "slow_modes": {"lag_ps": 0.5, "timescale_lags_ps": [0.1, 0.2, 0.5], "mi_neighbours": 3,
                    "interpolation_frames": 40, "mdshare_stride": 5},
-    "bg": {"coupling": "spline", "bins": 8, "layers": 6, "hidden": [64, 64], "batch": 256, "lr": 1e-3, "mle_steps": 3000, "eval_every": 250,
+    "bg": {"reweighted": False, "coupling": "spline", "bins": 8, "layers": 6, "hidden": [64, 64], "batch": 256, "lr": 1e-3, "mle_steps": 3000, "eval_every": 250,
            "patience": 8, "kl_steps": 500, "kl_batch": 256, "kl_lr": 5e-5, "nll_weight": 1.0, "energy_cap_kT": 1e4,
            "samples": 20000, "energy": "auto", "rama_bins": 24, "blocks": 10},
     "progress": None,
@@ -328,23 +328,28 @@ def build_generator(topology, x_train: torch.Tensor, settings: dict, seed: int) 
     return BoltzmannGenerator(StandardNormal(internal.dim), flow).to(BG_DTYPE)
 
 
-def _mean_nll(model, x: torch.Tensor, chunk: int = 4096) -> float:
+def _mean_nll(model, x: torch.Tensor, weights: torch.Tensor | None = None, chunk: int = 4096) -> float:
+    """``-sum_i w_i log q(x_i) / sum_i w_i`` over frames ``x (T, d)`` (``weights (T,)``; None: plain mean)."""
     with torch.no_grad():
-        return float(torch.cat([-model.log_prob(block) for block in x.split(chunk)]).mean())
+        log_q = torch.cat([model.log_prob(block) for block in x.split(chunk)])
+    weights = torch.ones_like(log_q) if weights is None else weights.to(log_q)
+    return float(-(weights * log_q).sum() / weights.sum())
 
 
-def train_likelihood(model, x_train: torch.Tensor, x_val: torch.Tensor, settings: dict, seed: int, out: Path,
+def train_likelihood(model, train: tuple, validation: tuple, settings: dict, seed: int, out: Path,
                      progress: bool) -> dict:
-    """Adam on the NLL with early stopping: every ``eval_every`` steps the held-out NLL is measured and
-    the best parameters are kept; training stops after ``patience`` evaluations without improvement."""
-    trainer = Trainer(model, lambda m, batch: nll(m, batch), data=x_train, batch_size=min(settings["batch"], len(x_train)), lr=settings["lr"],
+    """Adam on the weighted NLL of ``train = (x, w)`` with early stopping: every ``eval_every`` steps the
+    held-out weighted NLL of ``validation = (x, w)`` is measured and the best parameters are kept;
+    training stops after ``patience`` evaluations without improvement."""
+    x_train, x_val = train[0], validation[0]
+    trainer = Trainer(model, lambda m, batch: nll(m, *batch), data=train, batch_size=min(settings["batch"], len(x_train)), lr=settings["lr"],
                       device="cpu", seed=seed, out_dir=out, checkpoint_every=settings["eval_every"], progress=progress,
                       config={"bg": settings})
     best, best_state, best_step, waited = float("inf"), None, 0, 0
     while trainer.step < settings["mle_steps"] and waited < settings["patience"]:
         trainer.fit(min(trainer.step + settings["eval_every"], settings["mle_steps"]))
         model.eval()
-        value = _mean_nll(model, x_val)
+        value = _mean_nll(model, *validation)
         if value < best:
             best, best_step, waited = value, trainer.step, 0
             best_state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -354,26 +359,26 @@ def train_likelihood(model, x_train: torch.Tensor, x_val: torch.Tensor, settings
         raise RuntimeError(f"the held-out NLL was never finite in {trainer.step} steps of maximum likelihood")
     model.load_state_dict(best_state)
     return {"bg_mle_steps": trainer.step, "bg_mle_best_step": best_step, "bg_nll_validation_mle": best,
-            "bg_nll_train_mle": _mean_nll(model, x_train)}
+            "bg_nll_train_mle": _mean_nll(model, *train)}
 
 
-def train_reverse_kl(model, energy, x_train: torch.Tensor, x_val: torch.Tensor, settings: dict, seed: int, out: Path,
+def train_reverse_kl(model, energy, train: tuple, validation: tuple, settings: dict, seed: int, out: Path,
                      progress: bool) -> dict:
     """Adam on ``F_q + nll_weight * NLL(data)``: reverse KL with OpenMM energies (soft-capped above
-    ``energy_cap_kT`` so that clashing samples cannot dominate) plus the likelihood of the MD frames,
-    which keeps the flow on both basins."""
+    ``energy_cap_kT`` so that clashing samples cannot dominate) plus the weighted likelihood of the MD
+    frames ``train = (x, w)``, which keeps the flow on both basins."""
     cap = settings["energy_cap_kT"]
 
     def loss_fn(m, batch):
         free_energy, stats = reverse_kl(m, energy, settings["kl_batch"], u_high=cap, u_max=10.0 * cap)
-        data_term = nll(m, batch)
+        data_term = nll(m, *batch)
         return free_energy + settings["nll_weight"] * data_term, {**stats, "nll": data_term.item()}
 
-    Trainer(model, loss_fn, data=x_train, batch_size=min(settings["batch"], len(x_train)), lr=settings["kl_lr"], device="cpu", seed=seed + 1,
+    Trainer(model, loss_fn, data=train, batch_size=min(settings["batch"], len(train[0])), lr=settings["kl_lr"], device="cpu", seed=seed + 1,
             out_dir=out, checkpoint_every=max(1, settings["kl_steps"] // 4), progress=progress,
             config={"bg": settings}).fit(settings["kl_steps"], resume=True)
     model.eval()
-    return {"bg_nll_validation": _mean_nll(model, x_val)}
+    return {"bg_nll_validation": _mean_nll(model, *validation)}
 
 
 def sample_and_weigh(model, energy, n: int, chunk: int = 2000) -> tuple[torch.Tensor, torch.Tensor]:
@@ -431,15 +436,18 @@ def boltzmann_generator(system, frames: mdtraj.Trajectory, weights: np.ndarray, 
     validation = torch.as_tensor(held_out(len(x), config["data"]["validation_fraction"], config["data"]["validation_block"]))
     x_train, x_val = x[~validation], x[validation]
     model = build_generator(system.topology, x_train, settings, seed)
-    x_train, x_val = x_train.to(BG_DTYPE), x_val.to(BG_DTYPE)
-    metrics = train_likelihood(model, x_train, x_val, settings, seed, out / "mle", progress)
+    # the Boltzmann ensemble (frames reweighted) or, with bg.reweighted false, the biased one as sampled
+    w = torch.as_tensor(weights if settings["reweighted"] else np.ones(len(x)), dtype=BG_DTYPE)
+    train = (x_train.to(BG_DTYPE), w[~validation] / w[~validation].mean())
+    held = (x_val.to(BG_DTYPE), w[validation] / w[validation].mean())
+    metrics = train_likelihood(model, train, held, settings, seed, out / "mle", progress)
     energy = batched_energy(system, settings["energy"])
     metrics["bg_energy"] = type(energy).__name__
     check = min(settings["samples"], 4000)
     torch.manual_seed(seed + 2)
     metrics["bg_ess_fraction_mle"] = estimators.effective_sample_size(sample_and_weigh(model, energy, check)[1])
     after_likelihood = {k: v.clone() for k, v in model.state_dict().items()}
-    metrics.update(train_reverse_kl(model, energy, x_train, x_val, settings, seed, out / "reverse_kl", progress))
+    metrics.update(train_reverse_kl(model, energy, train, held, settings, seed, out / "reverse_kl", progress))
     metrics["bg_ess_fraction_kl"] = estimators.effective_sample_size(sample_and_weigh(model, energy, check)[1])
     metrics["bg_kl_kept"] = metrics["bg_ess_fraction_kl"] >= metrics["bg_ess_fraction_mle"]
     if not metrics["bg_kl_kept"]:  # the energy stage made the weights worse on these samples: keep the likelihood model

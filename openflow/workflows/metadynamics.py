@@ -3,15 +3,17 @@ learned CV, all of the same length.
 
 1. **Unbiased** Langevin MD (``run_metadynamics(system, [])``: the same files and analysis).
 2. **phi/psi**: periodic torsion CVs, ``openmm.app.Metadynamics`` on a 2-D grid.
-3. **Learned CV**: either ``cv.xml`` (an exported CV force XML with ``cv.range: [min, max]``, or a
-   list of 1-3 of them with one range each, e.g. the quickstart's ``cv_q1.xml`` and ``cv_q2.xml``
-   with the ranges from its ``metrics.json``: one non-periodic bias axis each), or -- until
-   the alanine dipeptide flow workflow (issue 5) provides slow modes -- a *stand-in*: a small
-   ``CVModel`` (45 heavy-atom distances or sin/cos(phi, psi) -> tanh MLP) regressed on
-   ``cos(phi - 1 rad)``, a smooth function of phi that is 1 in the alpha_L/C7ax basin, about -0.8 in
-   C7eq/C5, and takes the same value (~0.54) at both phi barriers (0 and 2 rad). Its training frames
-   are the phi/psi metadynamics frames (plain MD never leaves phi < 0). This tests the machinery
-   (export, bounds, bias, reweighting) with a CV known to be good, not a CV learned without phi.
+3. **Learned CV** (``cv.source``): ``nct`` (default), the slowest mode of a neural canonical
+   transformation, learned without any phi/psi information by the quickstart's steps 1-3
+   (:func:`openflow.workflows.quickstart.learn_slow_cvs`: hot MD, NCT on the heavy-atom phase space, a
+   CV over sin/cos(phi, psi) fitted to ``learn.cv.modes`` slowest modes, exported as a checked
+   periodic table); ``xml``, exported CV force XML files (``cv.xml`` with ``cv.range``, 1-3 of
+   them, e.g. the quickstart's ``cv_q1.xml`` and ``cv_q2.xml`` with the ranges from its
+   ``metrics.json``: one non-periodic bias axis each); or ``stand_in``: a small ``CVModel`` (45
+   heavy-atom distances or sin/cos(phi, psi) -> tanh MLP) regressed on ``cos(phi - 1 rad)``, a
+   smooth function of phi that is 1 in the alpha_L/C7ax basin, about -0.8 in C7eq/C5, and takes
+   the same value (~0.54) at both phi barriers (0 and 2 rad), trained on the phi/psi metadynamics
+   frames: a CV known to be good, for testing the machinery, not one learned without phi.
    Exported with ``export_cv(method="auto")`` (checked against torch), bounds from ``CVModel.bounds()``.
 
 Metrics (flat, per run prefix ``unbiased_``, ``phipsi_``, ``learned_``): transitions between the
@@ -38,6 +40,7 @@ from openflow.plugins.openmm.metadynamics import (basin_delta_f_from_fes, learne
                                                   run_metadynamics, step_costs)
 from openflow.plugins.openmm.reporters import read_colvar
 from openflow.systems import alanine_dipeptide
+from openflow.workflows import quickstart
 
 DEFAULTS = {
     "seed": 0,
@@ -45,9 +48,14 @@ DEFAULTS = {
     "md": {"ns": 2.0, "interval": 1000, "platform": None, "equilibration_steps": 1000},
     "metad": {"height": 1.2, "bias_factor": 6.0, "frequency": 1000},  # PLUMED's usual alanine dipeptide setup: 1.2 kJ/mol per ps
     "phipsi": {"width": 0.35, "grid": 60},  # 60 x 60: a deposit costs ~1/2 of 90 x 90 (OpenMM's default)
-    # cv.xml: an exported CV force XML (then cv.range: [min, max] is required); null: the stand-in below
-    "cv": {"xml": None, "range": None, "features": "distances", "hidden": [8], "epochs": 100,
+    # cv.source: "nct" (the slowest mode of a canonical transformation, settings in "learn"),
+    # "stand_in" (an MLP regressed on cos(phi - target_center)) or "xml" (cv.xml + cv.range)
+    "cv": {"source": "nct", "xml": None, "range": None, "features": "distances", "hidden": [8], "epochs": 100,
            "target_center": 1.0, "width": 0.05, "grid": None, "table_points": 257},
+    # cv.source nct: the quickstart's steps 1-3 (hot MD, NCT, CV over sin/cos(phi, psi) fitted to the
+    # slowest mode(s), exported as a checked table); Gaussian width width_std CV standard deviations
+    "learn": {"data": dict(quickstart.DEFAULTS["data"]), "nct": dict(quickstart.DEFAULTS["nct"]),
+              "cv": dict(quickstart.DEFAULTS["cv"], modes=1), "width_std": 0.25, "grid": 40},
     "speed": {"steps": 5000, "repeats": 5},
     "progress": None,
 }
@@ -122,16 +130,22 @@ def run(config: dict, out: Path) -> dict:
     phipsi = phi_psi_bias_variables(system, width=config["phipsi"]["width"], grid=config["phipsi"]["grid"])
     results["phipsi"] = run_metadynamics(system, phipsi, out=out / "phipsi", cv_names=["cv_phi", "cv_psi"], **common)
 
-    settings = config["cv"]
-    if settings["xml"]:
+    settings, widths, grid = config["cv"], config["cv"]["width"], config["cv"]["grid"]
+    if settings["source"] == "xml" or settings["xml"]:
         forces, cv_ranges = xml_cvs(settings["xml"], settings["range"])
-    else:
+    elif settings["source"] == "nct":
+        learn = dict(config["learn"], seed=config["seed"])
+        forces, cv_ranges, stds = quickstart.learn_slow_cvs(learn, out / "learn", common["progress"], metrics, {})
+        widths, grid = [learn["width_std"] * std for std in stds], learn["grid"]
+    elif settings["source"] == "stand_in":
         files = results["phipsi"].files
         frames = mdtraj.load(str(files["trajectory"]), top=str(files["topology"]))
         force, cv_range, cv_metrics = stand_in_cv(system, frames, config, out)
         forces, cv_ranges = [force], [cv_range]
         metrics.update(cv_metrics)
-    learned = learned_bias_variables(forces, settings["width"], settings["grid"], cv_ranges)
+    else:
+        raise ValueError(f"cv.source must be 'nct', 'stand_in' or 'xml', got {settings['source']!r}")
+    learned = learned_bias_variables(forces, widths, grid, cv_ranges)
     names = ["cv"] if len(forces) == 1 else [f"cv{k + 1}" for k in range(len(forces))]
     results["learned"] = run_metadynamics(system, learned, out=out / "learned", cv_names=names, **common)
 

@@ -220,17 +220,15 @@ def print_summary(files: dict, metrics: dict) -> None:
           f"wall time {sum(v for k, v in metrics.items() if k.startswith('time_')):.0f} s", file=sys.stderr)
 
 
-def run(config: dict, out: Path) -> dict:
-    progress = sys.stderr.isatty() if config["progress"] is None else bool(config["progress"])
+def learn_slow_cvs(config: dict, out: Path, progress: bool, metrics: dict, files: dict, lap=lambda stage: None):
+    """Steps 1-3: hot MD, the canonical transformation, and the CV fitted to its ``cv.modes`` slowest
+    modes, exported and checked (``cv_q{k}.xml`` in ``out``). No phi/psi information is used.
+
+    Uses ``config["seed"]``, ``["data"]``, ``["nct"]`` and ``["cv"]`` (as in :data:`DEFAULTS`); adds
+    to ``metrics`` and ``files``; ``lap(stage)`` is called after each step. Returns the exported
+    forces, their ``(lo, hi)`` ranges and the standard deviations of the CVs over the MD frames.
+    """
     generator = torch.Generator().manual_seed(config["seed"])
-    metrics, files, clock = {}, {}, time.perf_counter()
-
-    def lap(stage: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        metrics[f"time_{stage}_s"] = now - clock
-        clock = now
-
     hot = _system(config["data"]["temperature_K"])
     md, heavy, frames = simulate_data(hot, config, out, progress)
     files.update(md_trajectory=md.trajectory, md_topology=md.topology)
@@ -254,7 +252,21 @@ def run(config: dict, out: Path) -> dict:
     metrics.update(cv_metrics)
     files.update(cv_files)
     lap("fit_export_cv")
+    return forces, ranges, stds
 
+
+def run(config: dict, out: Path) -> dict:
+    progress = sys.stderr.isatty() if config["progress"] is None else bool(config["progress"])
+    metrics, files, clock = {}, {}, time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        metrics[f"time_{stage}_s"] = now - clock
+        clock = now
+
+    forces, ranges, stds = learn_slow_cvs(config, out, progress, metrics, files, lap)
+    n_modes = len(forces)
     metad, target = config["metad"], _system(config["temperature_K"])
     widths = [metad["width_std"] * std for std in stds]
     variables = learned_bias_variables(forces, widths, metad["grid"], ranges)

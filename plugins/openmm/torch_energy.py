@@ -1096,9 +1096,11 @@ class TorchEnergy(EvaluationCounts, nn.Module):
             above ``u_high``; ``energy_and_forces`` and ``forces`` stay uncapped.
         compile: ``energy_and_forces`` runs the energy and its analytic gradient as one
             ``torch.compile``'d graph per chunk size and device (the last chunk is padded to the chunk
-            size, so nothing recompiles): on a CPU about 5-7x faster for alanine dipeptide, but the
-            first call compiles for ~40 s (a C++ compiler is needed). If compiling fails it warns and
-            stays eager. ``forward`` is never compiled.
+            size, so nothing recompiles). Experimental: on a quiet 2-core CPU 1.5x (alanine dipeptide,
+            vacuum) to 2.6x (OBC2) the eager speed, after a first call that compiles for 15-60 s (a C++
+            compiler is needed); a variant traced as one graph (no break at OpenMM calls) corrupted the
+            heap for the Coulomb cluster with torch 2.13, so check its results against ``compile=False``.
+            If compiling fails it warns and stays eager. ``forward`` is never compiled.
 
     Raises ``NotImplementedError`` naming the first force it cannot translate.
     """

@@ -198,6 +198,15 @@ def test_workflow_smoke(tmp_path, source):
     assert 0 < metrics["phipsi_speed_relative_to_bare_md"] and (tmp_path / "metrics.json").exists()
 
 
+@pytest.mark.parametrize("cv, message", [({"source": "flow"}, "cv.source must be"), ({"source": "xml"}, "needs cv.xml")])
+def test_workflow_refuses_a_bad_cv_source_before_any_md(tmp_path, cv, message):
+    from openflow.workflows import run as run_workflow
+
+    with pytest.raises(ValueError, match=message):
+        run_workflow("workflows/metadynamics.yaml", tmp_path, {"cv": cv, "progress": False})
+    assert not (tmp_path / "unbiased").exists()
+
+
 def test_workflow_reads_one_or_several_xml_cvs(tmp_path, learned_cv, ala):
     from openflow.workflows.metadynamics import xml_cvs
 

@@ -341,8 +341,7 @@ def train_likelihood(model, train: tuple, validation: tuple, settings: dict, see
     """Adam on the weighted NLL of ``train = (x, w)`` with early stopping: every ``eval_every`` steps the
     held-out weighted NLL of ``validation = (x, w)`` is measured and the best parameters are kept;
     training stops after ``patience`` evaluations without improvement."""
-    x_train, x_val = train[0], validation[0]
-    trainer = Trainer(model, lambda m, batch: nll(m, *batch), data=train, batch_size=min(settings["batch"], len(x_train)), lr=settings["lr"],
+    trainer = Trainer(model, lambda m, batch: nll(m, *batch), data=train, batch_size=min(settings["batch"], len(train[0])), lr=settings["lr"],
                       device="cpu", seed=seed, out_dir=out, checkpoint_every=settings["eval_every"], progress=progress,
                       config={"bg": settings})
     best, best_state, best_step, waited = float("inf"), None, 0, 0

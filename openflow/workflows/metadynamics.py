@@ -120,6 +120,11 @@ def plot_delta_f(results: dict, path: Path) -> None:
 
 
 def run(config: dict, out: Path) -> dict:
+    source = config["cv"]["source"]
+    if source not in ("nct", "stand_in", "xml"):
+        raise ValueError(f"cv.source must be 'nct', 'stand_in' or 'xml', got {source!r}")
+    if source == "xml" and not config["cv"]["xml"]:
+        raise ValueError("cv.source xml needs cv.xml: 1-3 exported CV force XML files (and cv.range, one [min, max] each)")
     system = alanine_dipeptide(**config["system"])
     md, metad = config["md"], config["metad"]
     common = dict(ns=md["ns"], interval=md["interval"], platform=md["platform"], seed=config["seed"],
@@ -137,14 +142,12 @@ def run(config: dict, out: Path) -> dict:
         learn = dict(config["learn"], seed=config["seed"])
         forces, cv_ranges, stds = quickstart.learn_slow_cvs(learn, out / "learn", common["progress"], metrics, {})
         widths, grid = [learn["width_std"] * std for std in stds], learn["grid"]
-    elif settings["source"] == "stand_in":
+    else:  # stand_in
         files = results["phipsi"].files
         frames = mdtraj.load(str(files["trajectory"]), top=str(files["topology"]))
         force, cv_range, cv_metrics = stand_in_cv(system, frames, config, out)
         forces, cv_ranges = [force], [cv_range]
         metrics.update(cv_metrics)
-    else:
-        raise ValueError(f"cv.source must be 'nct', 'stand_in' or 'xml', got {settings['source']!r}")
     learned = learned_bias_variables(forces, widths, grid, cv_ranges)
     names = ["cv"] if len(forces) == 1 else [f"cv{k + 1}" for k in range(len(forces))]
     results["learned"] = run_metadynamics(system, learned, out=out / "learned", cv_names=names, **common)

@@ -440,6 +440,8 @@ def step_costs(system, variables, steps: int = 2000, platform: str | None = None
 
     from .platforms import select_platform
 
+    variables = list(variables)
+    _check_variables(variables)
     chosen = select_platform(platform, system.system, system.positions, task="md")
     dt = default_timestep(system) if timestep is None else timestep * unit.picosecond
     omm_system = openmm.XmlSerializer.clone(system.system)
@@ -460,7 +462,7 @@ def step_costs(system, variables, steps: int = 2000, platform: str | None = None
 
     runs = {"bare": bare, "biased": lambda n: meta.step(simulation, n)}
     best = dict.fromkeys(runs, float("inf"))
-    for name, step in runs.items():
+    for step in runs.values():
         step(100)
     for _ in range(repeats):
         for name, step in runs.items():

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from openflow.workflows import run as run_workflow
-from openflow.workflows.alanine_dipeptide import (block_delta_f, bootstrap_delta_f, heavy_positions, held_out, latent_interpolation,
-                                                  principal_frame, project, ramachandran_kl, split_segments)
+from openflow.workflows.alanine_dipeptide import (block_delta_f, bootstrap_delta_f, build_generator, heavy_positions, held_out,
+                                                  latent_interpolation, principal_frame, project, ramachandran_kl, split_segments,
+                                                  torus_marginal)
 from openflow.workflows.quickstart import train_nct
 
 WORKFLOW = "workflows/alanine_dipeptide.yaml"
@@ -29,6 +30,14 @@ def test_ramachandran_kl_equals_the_discrete_formula():
     weights = np.repeat([3.0, 1.0, 1 / 3], q_counts)
     assert ramachandran_kl((phi, psi, None), (other_phi, other_psi, weights), 12) == pytest.approx(
         np.sum(p * np.log(p / (q * [3, 1, 1 / 3] / np.sum(q * [3, 1, 1 / 3])))), rel=1e-12)
+    # an empty cell of `other` gets half a sample's share, whatever the weights of the others
+    missing = other_phi != centres[2]
+    for w in (None, np.where(weights[missing] > 1, 1e-50, 1.0)):
+        q_counts = np.histogram(other_phi[missing], bins=centres[:4] - np.pi / 12, weights=w)[0]
+        q_empty = np.append(q_counts[:2] / q_counts[:2].sum(), 0.5 / missing.sum())
+        q_empty = q_empty / q_empty.sum()
+        assert ramachandran_kl((phi, psi, None), (other_phi[missing], other_psi[missing], w), 12) == pytest.approx(
+            np.sum(p * np.log(p / q_empty)), rel=1e-12)
 
 
 def test_basin_free_energy_with_and_without_weights():
@@ -92,14 +101,44 @@ def test_latent_interpolation_moves_one_mode_exactly(alanine_frames):
     assert torch.allclose(latent[:, others], data_latent.median(0).values[others].expand(7, -1), atol=2e-3)
 
 
+def test_generator_factorises_into_a_torus_marginal_and_a_conditional(alanine_frames):
+    """With ``bg.marginal`` the generator's density is ``q(phi, psi) q(rest | phi, psi)``: its torus part
+    sees mdtraj's phi/psi, and changing only the torus parameters changes ``log q(x)`` by exactly the
+    change of ``log q(phi, psi)``."""
+    settings = {"coupling": "spline", "layers": 2, "hidden": [16], "bins": 4,
+                "marginal": {"layers": 2, "hidden": [8], "bins": 4}}
+    x = torch.as_tensor(alanine_frames.xyz.reshape(len(alanine_frames), -1), dtype=torch.float64)
+    model = build_generator(alanine_frames.topology, x, settings, seed=0).double()
+    generator, columns = torus_marginal(model)
+    for parameter in model.parameters():
+        parameter.data.normal_(0.0, 0.1)
+    internal = model.flow.layers[-1]
+    angles = internal.inverse(x[:50])[0][:, columns]
+    phi, psi = (torch.as_tensor(f(alanine_frames[:50])[1][:, 0], dtype=torch.float64) for f in (mdtraj.compute_phi, mdtraj.compute_psi))
+    assert torch.allclose(torch.cos(angles - torch.stack([phi, psi], 1)), torch.ones(50, 2, dtype=torch.float64), atol=1e-8)
+    with torch.no_grad():
+        before = generator.log_prob(angles)
+        conditional = model.log_prob(x[:50]) - before
+        for parameter in generator.parameters():
+            parameter.add_(0.3)
+        changed = generator.log_prob(angles)
+        assert (changed - before).abs().min() > 1e-3
+        assert torch.allclose(model.log_prob(x[:50]) - changed, conditional, atol=1e-8)
+    assert torus_marginal(build_generator(alanine_frames.topology, x, {**settings, "marginal": None}, seed=0)) is None
+    with pytest.raises(ValueError, match="affine"):
+        build_generator(alanine_frames.topology, x, {**settings, "coupling": "affine"}, seed=0)
+
+
 def test_tiny_run_end_to_end(tmp_path):
     overrides = {"solvents": ["vacuum"], "data": {"mdshare": False, "validation_block": 10, "metadynamics": {"ns": 0.02}, "tempering": {"ns": 0.02}},
                  "nct": {"steps": 10}, "slow_modes": {"interpolation_frames": 5},
-                 "bg": {"mle_steps": 20, "eval_every": 10, "kl_steps": 4, "samples": 400, "layers": 2, "hidden": [16]}}
+                 "bg": {"mle_steps": 20, "eval_every": 10, "kl_steps": 4, "samples": 400, "layers": 2, "hidden": [16],
+                        "marginal": {"mle_steps": 20, "eval_every": 10, "hidden": [8]}}}
     metrics = run_workflow(WORKFLOW, tmp_path, overrides)
     assert metrics["vacuum_metad_frames"] == 200 and metrics["vacuum_tempering_frames"] == 200
     assert 0 <= metrics["vacuum_bg_ess_fraction"] <= 1 and 0 <= metrics["vacuum_bg_nonfinite_fraction"] <= 1
     assert np.isfinite(metrics["vacuum_bg_nll_validation"]) and metrics["vacuum_bg_rama_kl_reweighted"] >= 0
+    assert np.isfinite(metrics["vacuum_bg_marginal_nll_validation_mle"])
     for key in ("mi_nct1_psi_nats", "vamp2_tica_lag0.5ps", "its_pca_1_lag0.1ps_ps", "auc_nct1", "interpolation_q1_phi_span_rad"):
         assert f"vacuum_{key}" in metrics
     for name in ("slow_modes.png", "interpolation_q1.pdb", "interpolation_q2.dcd", "bg/ramachandran_flow_reweighted.png",

@@ -231,3 +231,33 @@ def test_short_maximum_likelihood_training_lowers_held_out_nll(md, zmatrix):
         samples, log_q = model.sample(64)
         assert samples.shape == (64, 66) and torch.isfinite(log_q).all()
         assert (model.log_prob(samples) - log_q).abs().max() < 1e-2
+
+
+def test_circular_torsions_pass_through_as_plain_angles(md, zmatrix):
+    """phi and psi kept as angles: the flow's z holds exactly mdtraj's phi/psi there, unstandardised,
+    and the layer stays an exact bijection with the autograd log-det."""
+    _, x, traj = md
+    phi_atoms, psi_atoms = mdtraj.compute_phi(traj)[0][0], mdtraj.compute_psi(traj)[0][0]
+    torsions = [zmatrix.torsion_index(phi_atoms), zmatrix.torsion_index(psi_atoms[::-1])]
+    flow = InternalCoordinatesFlow(zmatrix, circular_torsions=torsions).double().fit(x)
+    assert flow.circular_dims == [2 * N_ATOMS - 3 + t for t in sorted(torsions)]
+    z, logdet_inverse = flow.inverse(x)
+    columns = [flow.circular_dims[sorted(torsions).index(t)] for t in torsions]
+    for column, compute in zip(columns, (mdtraj.compute_phi, mdtraj.compute_psi)):
+        reference = torch.as_tensor(compute(traj)[1][:, 0], dtype=torch.float64)
+        assert circular_difference(z[:, column], reference).abs().max() < 1e-4
+        assert z[:, column].min() >= -math.pi and z[:, column].max() < math.pi
+    others = [c for c in range(60) if c not in columns]
+    assert z[:, others].mean(0).abs().max() < 1e-8 and (z[:, others].std(0) - 1).abs().max() < 1e-8
+    back, logdet_forward = flow(z)
+    assert (back - flow.transform.canonical_frame(x)).abs().max() < 1e-5
+    assert (logdet_forward + logdet_inverse).abs().max() < 1e-8
+    assert rigid_log_det(lambda u: flow(u)[0], z[0]).item() == pytest.approx(logdet_forward[0].item(), abs=1e-6)
+    # an angle given outside [-pi, pi) is the same configuration
+    turned = z[:5].clone()
+    turned[:, columns[0]] += 2 * math.pi
+    assert (flow(turned)[0] - back[:5]).abs().max() < 1e-9
+    with pytest.raises(ValueError, match="no Z-matrix row"):
+        zmatrix.torsion_index([0, 1, 2, 3])
+    with pytest.raises(ValueError, match="circular_torsions"):
+        InternalCoordinatesFlow(zmatrix, circular_torsions=[19])

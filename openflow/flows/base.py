@@ -37,6 +37,32 @@ class InverseFlow(Flow):
         return self.flow.forward(x)
 
 
+class SubsetFlow(Flow):
+    """``flow`` applied to the columns ``indices`` of a ``(B, d)`` batch; the other columns pass unchanged
+    (so the log-det is ``flow``'s). E.g. a torus flow on the two backbone torsions of a molecule."""
+
+    def __init__(self, flow: Flow, indices, dim: int):
+        super().__init__()
+        indices = torch.as_tensor(indices, dtype=torch.long).flatten()
+        if indices.numel() == 0 or len(set(indices.tolist())) != indices.numel() or not 0 <= int(indices.min()) <= int(indices.max()) < dim:
+            raise ValueError(f"indices must be distinct columns in [0, {dim}), got {indices.tolist()}")
+        self.flow = flow
+        self.dim = int(dim)
+        self.register_buffer("indices", indices, persistent=False)
+
+    def _on_subset(self, direction, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if y.dim() != 2 or y.shape[1] != self.dim:
+            raise ValueError(f"input must have shape (B, {self.dim}), got {tuple(y.shape)}")
+        out, logdet = direction(y.index_select(1, self.indices))
+        return y.index_copy(1, self.indices, out), logdet
+
+    def forward(self, z):
+        return self._on_subset(self.flow.forward, z)
+
+    def inverse(self, x):
+        return self._on_subset(self.flow.inverse, x)
+
+
 class SequentialFlow(Flow):
     """Composition ``f_n o ... o f_1``: ``forward`` applies the layers in order."""
 

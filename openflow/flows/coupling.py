@@ -77,9 +77,13 @@ def mlp(
 
 class MaskedCoupling(Flow):
     """Base of coupling layers: ``mask`` (a binary ``(d,)`` buffer) marks with 1 the conditioning
-    (unchanged) dimensions; ``cond_idx`` / ``trans_idx`` index the two halves (``n_cond``, ``n_trans``)."""
+    (unchanged) dimensions; ``cond_idx`` / ``trans_idx`` index the two halves (``n_cond``, ``n_trans``).
 
-    def __init__(self, mask: torch.Tensor | Sequence[int]):
+    ``circular``: indices of dimensions that are angles (rad). The conditioner sees a conditioning
+    angle as ``(cos, sin)``, continuous across ``+-pi``: :meth:`features` has ``n_features`` columns.
+    """
+
+    def __init__(self, mask: torch.Tensor | Sequence[int], circular: Sequence[int] = ()):
         super().__init__()
         mask = torch.as_tensor(mask)
         if mask.dim() != 1:
@@ -95,6 +99,27 @@ class MaskedCoupling(Flow):
         self.register_buffer("mask", mask)
         self.register_buffer("cond_idx", torch.nonzero(mask).flatten(), persistent=False)
         self.register_buffer("trans_idx", torch.nonzero(~mask).flatten(), persistent=False)
+        angles = torch.zeros_like(mask)
+        circular = [int(i) for i in circular]
+        if any(not 0 <= i < self.dim for i in circular):
+            raise ValueError(f"circular indices must be in [0, {self.dim}), got {circular}")
+        angles[circular] = True
+        self.register_buffer("plain_idx", torch.nonzero(mask & ~angles).flatten(), persistent=False)
+        self.register_buffer("angle_idx", torch.nonzero(mask & angles).flatten(), persistent=False)
+        self.register_buffer("transformed_angle_idx", torch.nonzero(~mask & angles).flatten(), persistent=False)
+        self.n_features = self.plain_idx.numel() + 2 * self.angle_idx.numel()
+
+    def features(self, y: torch.Tensor) -> torch.Tensor:
+        """Conditioner input ``(B, n_features)``: the conditioning coordinates, angles as (cos, sin)."""
+        if self.angle_idx.numel() == 0:
+            return y.index_select(1, self.cond_idx)
+        angles = y.index_select(1, self.angle_idx)
+        return torch.cat([y.index_select(1, self.plain_idx), torch.cos(angles), torch.sin(angles)], 1)
+
+    def _refuse_transformed_angles(self) -> None:
+        if self.transformed_angle_idx.numel():
+            raise ValueError(f"{type(self).__name__} cannot transform the circular dimensions "
+                             f"{self.transformed_angle_idx.tolist()}: give them mask 1 (conditioning)")
 
 
 class AffineCoupling(MaskedCoupling):
@@ -112,17 +137,19 @@ class AffineCoupling(MaskedCoupling):
         hidden: Sequence[int] = (64, 64),
         activation: str | Callable[[], nn.Module] = "silu",
         scale_init: float = 1.0,
+        circular: Sequence[int] = (),
     ):
         if not scale_init > 0:
             raise ValueError(f"scale_init must be > 0, got {scale_init}")
-        super().__init__(mask)
-        self.conditioner = mlp(self.n_cond, 2 * self.n_trans, hidden, activation, zero_last=True)
+        super().__init__(mask, circular)
+        self._refuse_transformed_angles()
+        self.conditioner = mlp(self.n_features, 2 * self.n_trans, hidden, activation, zero_last=True)
         self.scale_factor = nn.Parameter(torch.full((self.n_trans,), float(scale_init)))
 
     def _scale_shift(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Full-width ``log-scale (B, d)``, ``shift (B, d)`` (zero on the conditioning dims)
         and the per-sample sum of log-scales ``(B,)``."""
-        raw_scale, shift = self.conditioner(y.index_select(1, self.cond_idx)).chunk(2, dim=1)
+        raw_scale, shift = self.conditioner(self.features(y)).chunk(2, dim=1)
         log_scale = self.scale_factor * torch.tanh(raw_scale)
         zeros = y.new_zeros(y.shape)
         return (
@@ -194,8 +221,15 @@ class ActNorm(Flow):
         return (x - self.shift) * torch.exp(-self.log_scale), (-self.log_scale.sum()).expand(x.shape[0])
 
 
-def _masks(dim: int, n_layers: int, mask: str | torch.Tensor | Sequence) -> torch.Tensor:
-    """The ``(n_layers, dim)`` boolean masks of a RealNVP stack."""
+def _masks(dim: int, n_layers: int, mask: str | torch.Tensor | Sequence, conditioning: Sequence[int] = ()) -> torch.Tensor:
+    """The ``(n_layers, dim)`` boolean masks of a coupling stack; the ``conditioning`` dimensions are
+    1 (never transformed) in every layer."""
+    masks = _alternating_masks(dim, n_layers, mask).bool().clone()
+    masks[:, [int(i) for i in conditioning]] = True
+    return masks
+
+
+def _alternating_masks(dim: int, n_layers: int, mask: str | torch.Tensor | Sequence) -> torch.Tensor:
     if isinstance(mask, str):
         if mask == "alternate":
             first = torch.arange(dim) % 2 == 0

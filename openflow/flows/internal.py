@@ -46,12 +46,14 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .base import Flow
+from .circular import wrap_angle
 from .coupling import check_batch
 
 TWO_PI = 2.0 * math.pi
@@ -108,6 +110,15 @@ class ZMatrix:
             row_level.append(level[i])
         row_level = np.asarray(row_level, dtype=np.int64)
         return [np.flatnonzero(row_level == value) for value in np.unique(row_level)]
+
+    def torsion_index(self, atoms: Sequence[int]) -> int:
+        """Index among the ``n - 3`` torsions of the row whose torsion is the dihedral ``atoms``
+        ``(a, b, c, d)`` (in either direction, e.g. phi ``C-N-CA-C``); ValueError if no row has it."""
+        atoms = tuple(int(a) for a in atoms)
+        for index, row in enumerate(self.rows.tolist()):
+            if tuple(row) in (atoms, atoms[::-1]):
+                return index
+        raise ValueError(f"no Z-matrix row has the torsion {atoms}; build the Z-matrix so that one does")
 
     def describe(self) -> list[str]:
         """One line per row, ``"i  j  k  l"`` as atom names."""
@@ -390,7 +401,7 @@ def largest_gap_centre(torsions: torch.Tensor) -> torch.Tensor:
     gaps = torch.cat([ordered[1:] - ordered[:-1], ordered[:1] + TWO_PI - ordered[-1:]], 0)
     widest, start = gaps.max(0)
     centre = ordered.gather(0, start.unsqueeze(0))[0] + widest / 2
-    return torch.remainder(centre, TWO_PI) - math.pi
+    return wrap_angle(centre - math.pi)
 
 
 class InternalCoordinatesFlow(Flow):
@@ -402,14 +413,25 @@ class InternalCoordinatesFlow(Flow):
     and standardised by fixed ``(value - mean) / std``. :meth:`fit` sets ``mean``, ``std`` and the
     torsion cuts from data; before it the standardisation is the identity and every cut is at
     ``pi``. These statistics are buffers (saved with the model), not trained.
+
+    ``circular_torsions``: indices (among the ``n - 3`` torsions) of torsions kept as plain angles
+    in ``[-pi, pi)``, neither cut open nor standardised (``z`` positions: :attr:`circular_dims`),
+    for flows that model them on the circle (:mod:`openflow.flows.circular`).
     """
 
-    def __init__(self, zmatrix: ZMatrix, data: torch.Tensor | None = None):
+    def __init__(self, zmatrix: ZMatrix, data: torch.Tensor | None = None, circular_torsions: Sequence[int] = ()):
         super().__init__()
         self.transform = InternalCoordinates(zmatrix)
         n = zmatrix.n_atoms
         self.dim = zmatrix.dim
         self.sizes = (n - 1, n - 2, n - 3)
+        circular = torch.zeros(n - 3, dtype=torch.bool)
+        indices = [int(t) for t in circular_torsions]
+        if any(not 0 <= t < n - 3 for t in indices):
+            raise ValueError(f"circular_torsions must be torsion indices in [0, {n - 3}), got {indices}")
+        circular[indices] = True
+        self.register_buffer("circular", circular, persistent=False)
+        self.circular_dims = [2 * n - 3 + t for t in sorted(set(indices))]
         self.register_buffer("mean", torch.zeros(self.dim))
         self.register_buffer("std", torch.ones(self.dim))
         self.register_buffer("cut", torch.full((n - 3,), math.pi))
@@ -428,6 +450,8 @@ class InternalCoordinatesFlow(Flow):
         u = self._unbounded(x)[0]
         self.mean.copy_(u.mean(0))
         self.std.copy_(u.std(0).clamp_min(1e-8))
+        self.mean[self.circular_dims] = 0.0
+        self.std[self.circular_dims] = 1.0
         return self
 
     def _unbounded(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -436,6 +460,8 @@ class InternalCoordinatesFlow(Flow):
         log_bonds = torch.log(bonds)
         u_angles, ld_angles = _logit_interval(angles, math.pi)
         u_torsions, ld_torsions = _logit_interval(torch.remainder(torsions - self.cut.to(torsions), TWO_PI), TWO_PI)
+        u_torsions = torch.where(self.circular, wrap_angle(torsions), u_torsions)
+        ld_torsions = torch.where(self.circular, torch.zeros_like(ld_torsions), ld_torsions)
         logdet = -log_bonds.sum(1) + ld_angles.sum(1) + ld_torsions.sum(1)
         logdet = logdet - self.transform.log_det_jacobian(bonds, angles)
         return torch.cat([log_bonds, u_angles, u_torsions], 1), logdet
@@ -447,7 +473,8 @@ class InternalCoordinatesFlow(Flow):
         bonds = torch.exp(u_bonds)
         angles, ld_angles = _sigmoid_interval(u_angles, math.pi)
         shifted, ld_torsions = _sigmoid_interval(u_torsions, TWO_PI)
-        torsions = torch.remainder(shifted + self.cut.to(z) + math.pi, TWO_PI) - math.pi
+        torsions = torch.where(self.circular, wrap_angle(u_torsions), wrap_angle(shifted + self.cut.to(z)))
+        ld_torsions = torch.where(self.circular, torch.zeros_like(ld_torsions), ld_torsions)
         logdet = torch.log(std).sum() + u_bonds.sum(1) + ld_angles.sum(1) + ld_torsions.sum(1)
         logdet = logdet + self.transform.log_det_jacobian(bonds, angles)
         return self.transform.to_cartesian(bonds, angles, torsions), logdet

@@ -38,6 +38,13 @@ def _knots(unnormalized: torch.Tensor, minimum: float, bound: float) -> tuple[to
     return knots[..., 1:] - knots[..., :-1], knots
 
 
+def _check_bins_and_bound(bins, bound) -> None:
+    if int(bins) != bins or not 2 <= bins < 1.0 / MIN_BIN_WIDTH:
+        raise ValueError(f"bins must be an integer in [2, {int(1 / MIN_BIN_WIDTH) - 1}], got {bins}")
+    if not float(bound) > 0:
+        raise ValueError(f"bound must be > 0, got {bound}")
+
+
 def _select(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``values[..., index]`` elementwise: ``values (..., n)``, ``index (...)`` -> ``(...)``."""
     return values.gather(-1, index.unsqueeze(-1)).squeeze(-1)
@@ -50,6 +57,7 @@ def rational_quadratic_spline(
     derivatives: torch.Tensor,
     inverse: bool = False,
     bound: float = 5.0,
+    periodic: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Elementwise monotonic rational-quadratic spline on ``[-bound, bound]``, identity outside.
 
@@ -58,6 +66,10 @@ def rational_quadratic_spline(
     with ``c`` chosen so that ``p = 0`` gives slope 1); the two boundary slopes are 1.
     All zeros give the identity. Returns ``outputs (...)`` and ``log|d outputs / d inputs| (...)``
     (0 outside the interval). ``inverse=True`` evaluates the inverse map.
+
+    ``periodic=True``: a circle diffeomorphism (Rezende et al. 2020): inputs are read modulo
+    ``2 bound`` into ``[-bound, bound)``, ``derivatives`` has shape ``(..., K)`` and its first entry is
+    the slope shared by both ends, so the map and its derivative are continuous across ``+-bound``.
     """
     if not isinstance(inputs, torch.Tensor) or not inputs.is_floating_point():
         raise TypeError("inputs must be a floating-point torch.Tensor")
@@ -66,15 +78,21 @@ def rational_quadratic_spline(
     n_bins = widths.shape[-1] if widths.dim() > 0 else 0
     if not 2 <= n_bins < 1.0 / max(MIN_BIN_WIDTH, MIN_BIN_HEIGHT):
         raise ValueError(f"the number of bins must be in [2, {int(1 / MIN_BIN_WIDTH) - 1}], got {n_bins}")
-    expected = {"widths": (*inputs.shape, n_bins), "heights": (*inputs.shape, n_bins), "derivatives": (*inputs.shape, n_bins - 1)}
+    n_slopes = n_bins if periodic else n_bins - 1
+    expected = {"widths": (*inputs.shape, n_bins), "heights": (*inputs.shape, n_bins), "derivatives": (*inputs.shape, n_slopes)}
     for name, tensor in (("widths", widths), ("heights", heights), ("derivatives", derivatives)):
         if tuple(tensor.shape) != expected[name]:
             raise ValueError(f"{name} must have shape {expected[name]} for inputs {tuple(inputs.shape)}, got {tuple(tensor.shape)}")
 
     bin_widths, x_knots = _knots(widths, MIN_BIN_WIDTH, bound)
     bin_heights, y_knots = _knots(heights, MIN_BIN_HEIGHT, bound)
-    ones = torch.ones_like(derivatives[..., :1])
-    slopes = torch.cat([ones, MIN_DERIVATIVE + F.softplus(derivatives + _DERIVATIVE_SHIFT), ones], dim=-1)
+    positive = MIN_DERIVATIVE + F.softplus(derivatives + _DERIVATIVE_SHIFT)
+    if periodic:
+        slopes = torch.cat([positive, positive[..., :1]], dim=-1)
+        inputs = torch.remainder(inputs + bound, 2.0 * bound) - bound
+    else:
+        ones = torch.ones_like(derivatives[..., :1])
+        slopes = torch.cat([ones, positive, ones], dim=-1)
 
     inside = (inputs >= -bound) & (inputs <= bound)
     # evaluate the spline on clamped values so the discarded outside branch stays finite
@@ -118,6 +136,7 @@ class SplineCoupling(MaskedCoupling):
     parameters come from an MLP of ``z[mask]``.
 
     ``mask``: binary ``(d,)`` tensor (a buffer); 1 marks the conditioning (unchanged) dimensions.
+    ``circular``: conditioning dimensions that are angles, seen by the conditioner as (cos, sin).
     The conditioner's output layer starts at zero, so the layer starts as the identity.
     """
 
@@ -128,18 +147,17 @@ class SplineCoupling(MaskedCoupling):
         activation: str | Callable[[], nn.Module] = "silu",
         bins: int = 8,
         bound: float = 5.0,
+        circular: Sequence[int] = (),
     ):
-        if int(bins) != bins or not 2 <= bins < 1.0 / MIN_BIN_WIDTH:
-            raise ValueError(f"bins must be an integer in [2, {int(1 / MIN_BIN_WIDTH) - 1}], got {bins}")
-        if not float(bound) > 0:
-            raise ValueError(f"bound must be > 0, got {bound}")
-        super().__init__(mask)
+        _check_bins_and_bound(bins, bound)
+        super().__init__(mask, circular)
+        self._refuse_transformed_angles()
         self.bins = int(bins)
         self.bound = float(bound)
-        self.conditioner = mlp(self.n_cond, self.n_trans * (3 * self.bins - 1), hidden, activation, zero_last=True)
+        self.conditioner = mlp(self.n_features, self.n_trans * (3 * self.bins - 1), hidden, activation, zero_last=True)
 
     def _transform(self, y: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        params = self.conditioner(y.index_select(1, self.cond_idx)).view(y.shape[0], self.n_trans, 3 * self.bins - 1)
+        params = self.conditioner(self.features(y)).view(y.shape[0], self.n_trans, 3 * self.bins - 1)
         widths, heights, derivatives = params.split([self.bins, self.bins, self.bins - 1], dim=-1)
         out, logabsdet = rational_quadratic_spline(
             y.index_select(1, self.trans_idx), widths, heights, derivatives, inverse=inverse, bound=self.bound
@@ -163,16 +181,20 @@ def spline_flow(
     bound: float = 5.0,
     mask: str | torch.Tensor | Sequence = "alternate",
     activation: str | Callable[[], nn.Module] = "silu",
+    circular: Sequence[int] = (),
 ) -> SequentialFlow:
     """A stack of ``n_layers`` :class:`SplineCoupling` layers on ``(B, dim)``.
 
     ``mask``: as in :func:`openflow.flows.coupling.real_nvp` (``"alternate"``, ``"half"``, a
     ``(dim,)`` binary tensor used with its complement in alternation, or ``(n_layers, dim)``).
+    ``circular``: dimensions that are angles: every layer conditions on them as (cos, sin) and none
+    transforms them, so the stack models the other dimensions *given* these angles.
     """
     if int(dim) < 2:
         raise ValueError(f"a coupling flow needs dim >= 2, got {dim}")
     if int(n_layers) < 1:
         raise ValueError(f"n_layers must be >= 1, got {n_layers}")
     return SequentialFlow(
-        *(SplineCoupling(m, hidden, activation, bins, bound) for m in _masks(int(dim), int(n_layers), mask))
+        *(SplineCoupling(m, hidden, activation, bins, bound, circular)
+          for m in _masks(int(dim), int(n_layers), mask, conditioning=circular))
     )

@@ -23,10 +23,15 @@ at ``temperature_K`` (300 K):
    and implied timescales on the unbiased segments. The latent interpolations along ``Q1`` and
    ``Q2`` (other modes at their median) are written as PDB + DCD of the heavy atoms.
 3. **Boltzmann generator** on all 22 atoms: internal coordinates (bonds, angles, torsions; rigid-body
-   motion removed by a canonical frame, exact log-det) under a RealNVP, trained by maximum
-   likelihood on the biased frames with early stopping on held-out blocks interleaved through the run, then by reverse
-   KL with OpenMM energies plus ``nll_weight`` times the likelihood (keeps both basins); the energy
-   stage is kept only if it raises the ESS on fresh samples. Reported:
+   motion removed by a canonical frame, exact log-det). The density factorises as
+   ``q(phi, psi) q(rest | phi, psi)`` (``bg.marginal``): the bias acts on (phi, psi) only, so the biased
+   frames sample the Boltzmann conditional of everything else exactly, and only the two-dimensional
+   marginal needs the reweighting. A torus flow (periodic splines, nothing cut open) is fitted to
+   the reweighted (phi, psi) by weighted maximum likelihood and frozen; rational-quadratic spline
+   couplings conditioned on (cos, sin) of phi and psi learn the rest by maximum likelihood on all
+   biased frames, with early stopping on held-out blocks interleaved through the run, then by
+   reverse KL with OpenMM energies plus ``nll_weight`` times the likelihood; the energy stage is kept
+   only if it raises the ESS on fresh samples. Reported:
    held-out NLL, ESS, KL of the reweighted flow's Ramachandran histogram against the reweighted
    MD's, the basin free-energy difference (flow vs MD, with errors), non-finite energies.
 
@@ -48,7 +53,8 @@ import torch
 from openflow import analysis, estimators
 from openflow.cv import implied_timescales, tica, vamp2_score
 from openflow.data import ALANINE_FILES, MDSHARE_FRAME_PS, default_timestep, fetch_mdshare, kabsch
-from openflow.flows.base import BoltzmannGenerator, SequentialFlow
+from openflow.flows.base import BoltzmannGenerator, SequentialFlow, SubsetFlow
+from openflow.flows.circular import circular_flow
 from openflow.flows.coupling import real_nvp
 from openflow.flows.internal import InternalCoordinatesFlow, zmatrix_from_topology
 from openflow.flows.priors import StandardNormal
@@ -72,7 +78,9 @@ DEFAULTS = {
     "nct": {"layers": 4, "hidden": [32], "steps": 600, "batch": 256, "lr": 2e-3},
     "slow_modes": {"lag_ps": 0.5, "timescale_lags_ps": [0.1, 0.2, 0.5], "mi_neighbours": 3,
                    "interpolation_frames": 40, "mdshare_stride": 5},
-    "bg": {"reweighted": False, "coupling": "spline", "bins": 8, "layers": 6, "hidden": [64, 64], "batch": 256, "lr": 1e-3, "mle_steps": 6000, "eval_every": 250,
+    "bg": {"reweighted": False, "marginal": {"layers": 4, "hidden": [64, 64], "bins": 16, "batch": 1024, "lr": 2e-3,
+                                           "mle_steps": 4000, "eval_every": 250, "patience": 6},
+           "coupling": "spline", "bins": 8, "layers": 6, "hidden": [64, 64], "batch": 256, "lr": 1e-3, "mle_steps": 6000, "eval_every": 250,
            "patience": 8, "kl_steps": 500, "kl_batch": 256, "kl_lr": 5e-5, "nll_weight": 1.0, "energy_cap_kT": 1e4,
            "samples": 20000, "energy": "auto", "rama_bins": 24, "blocks": 10},
     "progress": None,
@@ -312,20 +320,53 @@ def mdshare_slow_modes(config: dict, out: Path, progress: bool) -> tuple[dict, d
 # ----------------------------------------------------------------------------- Boltzmann generator
 
 
+def backbone_torsion_indices(topology, zmatrix) -> list[int]:
+    """Indices of phi and psi among the Z-matrix torsions (``topology``: openmm or mdtraj)."""
+    if not isinstance(topology, mdtraj.Topology):
+        topology = mdtraj.Topology.from_openmm(topology)
+    frame = mdtraj.Trajectory(np.zeros((1, topology.n_atoms, 3), dtype=np.float32), topology)
+    return [zmatrix.torsion_index(compute(frame)[0][0]) for compute in (mdtraj.compute_phi, mdtraj.compute_psi)]
+
+
 def build_generator(topology, x_train: torch.Tensor, settings: dict, seed: int) -> BoltzmannGenerator:
     """StandardNormal -> couplings (``settings["coupling"]``: ``"spline"``, rational-quadratic, which
     can shape the multimodal torsion marginals, or ``"affine"``, RealNVP) -> internal coordinates
-    (statistics from ``x_train``) -> Cartesian."""
+    (statistics from ``x_train``) -> Cartesian.
+
+    With ``settings["marginal"]`` (spline couplings only) the density factorises as
+    ``q(phi, psi) q(rest | phi, psi)``: a torus flow (:func:`circular_flow`) on the two backbone
+    torsions, kept as plain angles, and couplings that condition every layer on their (cos, sin) and
+    never transform them (:func:`torus_marginal` returns that part as a generator of its own).
+    """
     torch.manual_seed(seed)
-    internal = InternalCoordinatesFlow(zmatrix_from_topology(topology)).fit(x_train)
+    zmatrix = zmatrix_from_topology(topology)
+    marginal = settings.get("marginal")
+    circular = backbone_torsion_indices(topology, zmatrix) if marginal else ()
+    internal = InternalCoordinatesFlow(zmatrix, circular_torsions=circular).fit(x_train)
     if settings["coupling"] == "spline":
-        couplings = spline_flow(internal.dim, n_layers=settings["layers"], hidden=settings["hidden"], bins=settings["bins"])
-    elif settings["coupling"] == "affine":
+        couplings = spline_flow(internal.dim, n_layers=settings["layers"], hidden=settings["hidden"], bins=settings["bins"],
+                                circular=internal.circular_dims)
+    elif settings["coupling"] == "affine" and not marginal:
         couplings = real_nvp(internal.dim, n_layers=settings["layers"], hidden=settings["hidden"])
     else:
-        raise ValueError(f"bg.coupling must be 'spline' or 'affine', got {settings['coupling']!r}")
-    flow = SequentialFlow(couplings, internal)
-    return BoltzmannGenerator(StandardNormal(internal.dim), flow).to(BG_DTYPE)
+        raise ValueError(f"bg.coupling must be 'spline' or 'affine' (affine only with bg.marginal null), got {settings['coupling']!r}")
+    layers = [couplings, internal]
+    if marginal:
+        torus = circular_flow(len(circular), n_layers=marginal["layers"], hidden=marginal["hidden"], bins=marginal["bins"])
+        layers.insert(0, SubsetFlow(torus, internal.circular_dims, internal.dim))
+    return BoltzmannGenerator(StandardNormal(internal.dim), SequentialFlow(*layers)).to(BG_DTYPE)
+
+
+def torus_marginal(model: BoltzmannGenerator) -> tuple[BoltzmannGenerator, list[int]] | None:
+    """The ``(phi, psi)`` part of a generator from :func:`build_generator` with ``bg.marginal``: a
+    generator of the two angles ``(B, 2)`` rad sharing the model's parameters, and the columns of
+    the flow's internal coordinates it fills; None without a marginal."""
+    first = model.flow.layers[0]
+    if not isinstance(first, SubsetFlow):
+        return None
+    torus = first.flow
+    prior = StandardNormal(torus.layers[0].dim).to(next(torus.parameters()).dtype)
+    return BoltzmannGenerator(prior, torus), first.indices.tolist()
 
 
 def _mean_nll(model, x: torch.Tensor, weights: torch.Tensor | None = None, chunk: int = 4096) -> float:
@@ -359,6 +400,26 @@ def train_likelihood(model, train: tuple, validation: tuple, settings: dict, see
     model.load_state_dict(best_state)
     return {"bg_mle_steps": trainer.step, "bg_mle_best_step": best_step, "bg_nll_validation_mle": best,
             "bg_nll_train_mle": _mean_nll(model, *train)}
+
+
+def train_torus_marginal(model, marginal: tuple, x: torch.Tensor, weights: np.ndarray, validation: torch.Tensor,
+                         settings: dict, seed: int, out: Path, progress: bool) -> dict:
+    """Fit the generator's ``(phi, psi)`` torus flow to the frames ``x (T, 66)`` nm reweighted to the
+    Boltzmann ensemble (``weights (T,)``, held out where ``validation``), then freeze it.
+
+    The metadynamics bias depends on (phi, psi) only, so the biased frames sample the Boltzmann
+    *conditional* ``p(rest | phi, psi)`` exactly: the couplings learn it from every frame unweighted,
+    and only this two-dimensional marginal needs the weights."""
+    generator, columns = marginal
+    internal = model.flow.layers[-1]
+    with torch.no_grad():
+        angles = internal.inverse(x.to(internal.mean))[0][:, columns].to(BG_DTYPE)
+    w = torch.as_tensor(weights, dtype=BG_DTYPE)
+    part = lambda mask: (angles[mask], w[mask] / w[mask].mean())  # noqa: E731
+    torus_settings = {**settings, **settings["marginal"]}
+    metrics = train_likelihood(generator, part(~validation), part(validation), torus_settings, seed, out / "marginal", progress)
+    generator.requires_grad_(False)
+    return {key.replace("bg_", "bg_marginal_", 1): value for key, value in metrics.items()}
 
 
 def train_reverse_kl(model, energy, train: tuple, validation: tuple, settings: dict, seed: int, out: Path,
@@ -398,17 +459,19 @@ def ramachandran_kl(reference: tuple, other: tuple, bins: int) -> float:
     """``KL(reference || other)`` in nats between weighted (phi, psi) histograms on ``bins x bins`` cells.
 
     ``reference``, ``other``: ``(phi, psi, weights)`` with ``(T,)`` arrays (rad; weights may be None).
-    Cells where ``reference`` has mass and ``other`` none get the smallest non-zero probability of
-    either histogram (then ``other`` is renormalised), so the value stays finite.
+    A cell where ``reference`` has mass and none of the ``N`` samples of ``other`` falls gets half a
+    sample's share, ``1 / (2N)`` (the add-one-half estimate of an empty cell's probability; then
+    ``other`` is renormalised), so the value stays finite. (A floor at the smallest non-zero
+    probability instead lets one negligible importance weight, 1e-50 say, set the value.)
     """
     edges = np.linspace(-np.pi, np.pi, bins + 1)
     p, q = (np.histogram2d(analysis.wrap_angle(phi), analysis.wrap_angle(psi), bins=(edges, edges), weights=w)[0].ravel()
             for phi, psi, w in (reference, other))
     p, q = p / p.sum(), q / q.sum()
-    q = np.where((p > 0) & (q == 0), min(p[p > 0].min(), q[q > 0].min()), q)
+    q = np.where((p > 0) & (q == 0), 0.5 / len(other[0]), q)
     q = q / q.sum()
     mask = p > 0
-    return float(np.sum(p[mask] * np.log(p[mask] / q[mask])))
+    return float(np.sum(p[mask] * (np.log(p[mask]) - np.log(q[mask]))))
 
 
 def bootstrap_delta_f(phi: np.ndarray, log_w: torch.Tensor, n: int, seed: int) -> tuple[float, float]:
@@ -435,11 +498,14 @@ def boltzmann_generator(system, frames: mdtraj.Trajectory, weights: np.ndarray, 
     validation = torch.as_tensor(held_out(len(x), config["data"]["validation_fraction"], config["data"]["validation_block"]))
     x_train, x_val = x[~validation], x[validation]
     model = build_generator(system.topology, x_train, settings, seed)
+    metrics = {}
+    if (marginal := torus_marginal(model)) is not None:
+        metrics.update(train_torus_marginal(model, marginal, x, weights, validation, settings, seed, out, progress))
     # the Boltzmann ensemble (frames reweighted) or, with bg.reweighted false, the biased one as sampled
     w = torch.as_tensor(weights if settings["reweighted"] else np.ones(len(x)), dtype=BG_DTYPE)
     train = (x_train.to(BG_DTYPE), w[~validation] / w[~validation].mean())
     held = (x_val.to(BG_DTYPE), w[validation] / w[validation].mean())
-    metrics = train_likelihood(model, train, held, settings, seed, out / "mle", progress)
+    metrics.update(train_likelihood(model, train, held, settings, seed, out / "mle", progress))
     energy = batched_energy(system, settings["energy"])
     metrics["bg_energy"] = type(energy).__name__
     check = min(settings["samples"], 4000)
@@ -471,6 +537,8 @@ def boltzmann_generator(system, frames: mdtraj.Trajectory, weights: np.ndarray, 
         "bg_rama_kl_reweighted": ramachandran_kl(reference, (flow_phi, flow_psi, flow_weights), bins),
         "bg_rama_kl_raw": ramachandran_kl(reference, (flow_phi, flow_psi, None), bins),
         "md_weights_ess_fraction": float(1.0 / np.sum(weights**2) / weights.size),
+        "md_rama_kl_halves": ramachandran_kl(*(tuple(a[half] for a in reference) for half in np.array_split(np.arange(md_phi.size), 2)),
+                                             bins),
         "md_delta_f_kT": md_delta, "md_delta_f_error_kT": md_error,
         "bg_delta_f_kT": flow_delta, "bg_delta_f_error_kT": flow_error,
         "bg_delta_f_deviation_kT": flow_delta - md_delta,

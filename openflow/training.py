@@ -216,6 +216,11 @@ class _LoaderBatches:
             self._draw()
 
 
+def _canonical(config) -> str:
+    """A run config as canonical JSON (tuples and lists alike, keys sorted), for comparisons."""
+    return json.dumps(config, sort_keys=True, default=str)
+
+
 def _check_positive(name: str, value, integer: bool = False, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
@@ -489,13 +494,19 @@ class Trainer:
         """Train until ``self.step == steps`` (the total, counting steps done before a resume).
 
         ``resume=True`` first loads ``out_dir/checkpoint.pt`` when it exists (else starts fresh),
-        so the same script can be rerun after an interruption. Returns the history: one dict per
+        so the same script can be rerun after an interruption; a checkpoint written with another
+        ``config`` is left alone with a warning and training starts fresh (and overwrites it), so a
+        changed run never continues from stale weights. Returns the history: one dict per
         logged step (``step``, ``loss``, ``grad_norm``, ``lr``, ``skipped``, ``n_skipped``,
         ``step_time_s`` and the loss's own metrics; non-finite values as ``None``).
         """
         _check_positive("steps", steps, integer=True)
         if resume and self.checkpoint_path is not None and self.checkpoint_path.exists():
-            self.resume()
+            if _canonical(load_checkpoint(self.checkpoint_path)["config"].get("run")) == _canonical(self.config):
+                self.resume()
+            else:
+                warnings.warn(f"{self.checkpoint_path} was written by a run with another config: not resuming it, "
+                              "training from the start", stacklevel=2)
         elif resume and self.checkpoint_path is None:
             raise ValueError("resume=True needs an out_dir")
         if self.metrics_path is not None:

@@ -139,7 +139,7 @@ def test_tiny_run_end_to_end(tmp_path):
     assert 0 <= metrics["vacuum_bg_ess_fraction"] <= 1 and 0 <= metrics["vacuum_bg_nonfinite_fraction"] <= 1
     assert np.isfinite(metrics["vacuum_bg_nll_validation"]) and metrics["vacuum_bg_rama_kl_reweighted"] >= 0
     assert np.isfinite(metrics["vacuum_bg_marginal_nll_validation_mle"])
-    for key in ("mi_nct1_psi_nats", "vamp2_tica_lag0.5ps", "its_pca_1_lag0.1ps_ps", "auc_nct1", "interpolation_q1_phi_span_rad"):
+    for key in ("mi_nct1_psi_nats", "mi_nct4_phi_nats", "vamp2_tica_lag0.5ps", "its_pca_1_lag0.1ps_ps", "auc_nct4", "interpolation_q1_phi_span_rad"):
         assert f"vacuum_{key}" in metrics
     for name in ("slow_modes.png", "interpolation_q1.pdb", "interpolation_q2.dcd", "bg/ramachandran_flow_reweighted.png",
                  "bg/generator.pt", "metadynamics/COLVAR", "tempering/trajectory.dcd"):

@@ -121,6 +121,22 @@ def test_resumed_run_reproduces_the_uninterrupted_one_exactly(tmp_path, kind):
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == after_resumed
 
 
+def test_resume_ignores_a_checkpoint_of_another_config(tmp_path):
+    """A rerun with changed settings must not continue from the old run's weights."""
+    settings = dict(lr=3e-3, seed=11, checkpoint_every=5, device="cpu", progress=False)
+    make_run("tensor", tmp_path, model_seed=1, config={"layers": 2}, **settings).fit(10)
+    changed = make_run("tensor", tmp_path, model_seed=2, config={"layers": 3}, **settings)
+    start = [p.detach().clone() for p in changed.model.parameters()]
+    with pytest.warns(UserWarning, match="another config"):
+        history = changed.fit(3, resume=True)
+    assert changed.step == 3 and [r["step"] for r in history] == [1, 2, 3]
+    assert any(not torch.equal(p, q) for p, q in zip(changed.model.parameters(), start))
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["config"]["run"] == {"layers": 3}
+    same = make_run("tensor", tmp_path, model_seed=3, config={"layers": 3}, **settings)
+    same.fit(3, resume=True)  # the same config: resumed at step 3, nothing left to do
+    assert all(torch.equal(p, q) for p, q in zip(same.model.parameters(), changed.model.parameters()))
+
+
 def test_nonfinite_losses_and_gradients_skip_the_step(tmp_path):
     data = banana(256, seed=1)
     snapshots = []

@@ -75,7 +75,7 @@ DEFAULTS = {
     "data": {"interval": 100, "platform": None, "validation_fraction": 0.2, "validation_block": 100, "mdshare": True,
              "metadynamics": {"ns": 10.0, "height": 1.2, "bias_factor": 6.0, "frequency": 1000},
              "tempering": {"ns": 2.0, "replicas": 4, "max_temperature_K": 600.0, "exchange_interval": 1000}},
-    "nct": {"layers": 4, "hidden": [32], "steps": 600, "batch": 256, "lr": 2e-3},
+    "nct": {"layers": 6, "hidden": [64, 64], "steps": 5000, "batch": 256, "lr": 2e-3},
     "slow_modes": {"lag_ps": 0.5, "timescale_lags_ps": [0.1, 0.2, 0.5], "mi_neighbours": 3,
                    "interpolation_frames": 40, "mdshare_stride": 5},
     "bg": {"reweighted": False, "marginal": {"layers": 4, "hidden": [64, 64], "bins": 16, "batch": 1024, "lr": 2e-3,
@@ -257,20 +257,22 @@ def slow_modes(train: dict, dynamics: dict, topology: mdtraj.Topology, config: d
     _, omega = model.slow_modes()
     metrics.update({f"nct_omega_{i + 1}_per_ps": float(w) for i, w in enumerate(omega[:4])})
 
-    def nct(q: torch.Tensor) -> np.ndarray:
+    def nct(q: torch.Tensor, modes: int) -> np.ndarray:
         with torch.no_grad():
-            return torch.cat([model.collective_variables(b.to(NCT_DTYPE), 2) for b in q.split(4096)]).double().numpy()
+            return torch.cat([model.collective_variables(b.to(NCT_DTYPE), modes) for b in q.split(4096)]).double().numpy()
 
     frame_ps, segments = dynamics["frame_ps"], dynamics["segments"]
     q_train, q_dynamics = frame["q"].numpy(), project(frame, dynamics["heavy"]).numpy()
     lag = max(1, round(settings["lag_ps"] / frame_ps))
     ica = tica(split_segments(q_dynamics, segments), lag=lag, dim=2)
-    on_train = {"nct": nct(frame["q"]), "pca": q_train[:, :2], "tica": ica.transform(q_train)}
-    on_dynamics = {"nct": nct(torch.as_tensor(q_dynamics)), "pca": q_dynamics[:, :2], "tica": ica.transform(q_dynamics)}
+    # MI and AUC for the NCT's four slowest modes (a torsion is a circle: a flow may spread it over two
+    # latent lines, one cos-like, one sin-like); VAMP-2 and timescales for two coordinates of each method
+    on_train = {"nct": nct(frame["q"], 4), "pca": q_train[:, :2], "tica": ica.transform(q_train)}
+    on_dynamics = {"nct": nct(torch.as_tensor(q_dynamics), 2), "pca": q_dynamics[:, :2], "tica": ica.transform(q_dynamics)}
     basin = analysis.basin_of(train["phi"]) == 1
     lags = sorted({max(1, round(t / frame_ps)) for t in settings["timescale_lags_ps"]})
     for name in on_train:
-        for i in range(2):
+        for i in range(on_train[name].shape[1]):
             label = f"{name}{i + 1}"
             for angle in ("phi", "psi"):
                 metrics[f"mi_{label}_{angle}_nats"] = analysis.mutual_information(

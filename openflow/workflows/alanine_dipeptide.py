@@ -82,7 +82,7 @@ DEFAULTS = {
                                            "mle_steps": 4000, "eval_every": 250, "patience": 6},
            "coupling": "spline", "bins": 8, "layers": 6, "hidden": [64, 64], "batch": 256, "lr": 1e-3, "mle_steps": 6000, "eval_every": 250,
            "patience": 8, "kl_steps": 500, "kl_batch": 256, "kl_lr": 5e-5, "nll_weight": 1.0, "energy_cap_kT": 1e4,
-           "samples": 20000, "energy": "auto", "rama_bins": 24, "blocks": 10},
+           "samples": 100000, "energy": "auto", "rama_bins": 24, "blocks": 10},
     "progress": None,
 }
 BG_DTYPE = torch.float32

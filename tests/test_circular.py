@@ -13,15 +13,10 @@ from openflow.flows.priors import StandardNormal
 from openflow.flows.spline import SplineCoupling, rational_quadratic_spline, spline_flow
 from openflow.losses import nll
 
+from helpers import randomize_
+
 BINS = 6
 
-
-def randomize_(module: torch.nn.Module, seed: int, scale: float = 0.5) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return module
 
 
 def periodic_params(n: int, seed: int, scale: float = 1.0):
@@ -103,7 +98,7 @@ def test_circular_flow_is_identity_at_start_then_an_exact_bijection(dim):
         out, logdet = layer(theta)
         torch.testing.assert_close(out, theta, atol=1e-12, rtol=0)
         torch.testing.assert_close(logdet, torch.zeros(64, dtype=torch.float64), atol=1e-12, rtol=0)
-    flow = randomize_(circular_flow(dim, n_layers=3, hidden=(16,), bins=BINS).double(), seed=7)
+    flow = randomize_(circular_flow(dim, n_layers=3, hidden=(16,), bins=BINS).double(), seed=7, scale=0.5)
     z = torch.randn(64, dim, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     x, logdet = flow(z)
     assert x.min() >= -math.pi and x.max() < math.pi
@@ -114,14 +109,14 @@ def test_circular_flow_is_identity_at_start_then_an_exact_bijection(dim):
 
 
 def test_circular_coupling_log_det_against_autograd_and_continuity_across_pi():
-    layer = randomize_(CircularSplineCoupling([1, 0], hidden=(16,), bins=BINS).double(), seed=9)
+    layer = randomize_(CircularSplineCoupling([1, 0], hidden=(16,), bins=BINS).double(), seed=9, scale=0.5)
     theta = angles(16, 2, seed=10) * 0.99  # the Jacobian of the wrapped map, away from the wrap itself
     _, logdet = layer(theta)
     autograd = jacobian_log_det(lambda v: layer(v.unsqueeze(0))[0][0], theta)
     # wrapping adds multiples of 2 pi only: it does not change the derivative
     torch.testing.assert_close(logdet, autograd, atol=1e-9, rtol=0)
     # the density of a randomised torus flow is continuous across +-pi in both angles
-    flow = randomize_(circular_flow(2, n_layers=4, hidden=(16,), bins=BINS).double(), seed=11)
+    flow = randomize_(circular_flow(2, n_layers=4, hidden=(16,), bins=BINS).double(), seed=11, scale=0.5)
     model = BoltzmannGenerator(StandardNormal(2).double(), flow)
     t = torch.linspace(-3.0, 3.0, 7, dtype=torch.float64)
     for column in (0, 1):
@@ -179,7 +174,7 @@ def test_weighted_likelihood_learns_a_density_that_wraps_around_pi():
 
 
 def test_couplings_see_conditioning_angles_as_cos_and_sin():
-    layer = randomize_(SplineCoupling([1, 0, 1, 0], hidden=(16,), bins=BINS, circular=[2]).double(), seed=15)
+    layer = randomize_(SplineCoupling([1, 0, 1, 0], hidden=(16,), bins=BINS, circular=[2]).double(), seed=15, scale=0.5)
     assert layer.n_features == 3
     x = torch.randn(32, 4, generator=torch.Generator().manual_seed(16), dtype=torch.float64)
     turned = x.clone()
@@ -193,7 +188,7 @@ def test_couplings_see_conditioning_angles_as_cos_and_sin():
 
 
 def test_subset_flow_moves_only_its_columns():
-    torus = randomize_(circular_flow(2, n_layers=2, hidden=(8,), bins=BINS).double(), seed=17)
+    torus = randomize_(circular_flow(2, n_layers=2, hidden=(8,), bins=BINS).double(), seed=17, scale=0.5)
     flow = SubsetFlow(torus, [3, 1], dim=5)
     z = torch.randn(10, 5, generator=torch.Generator().manual_seed(18), dtype=torch.float64)
     x, logdet = flow(z)

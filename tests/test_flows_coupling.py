@@ -11,16 +11,10 @@ from openflow.flows.base import BoltzmannGenerator, InverseFlow, SequentialFlow
 from openflow.flows.coupling import ActNorm, AffineCoupling, mlp, real_nvp
 from openflow.flows.priors import StandardNormal
 
+from helpers import randomize_
+
 DIM = 5
 
-
-def randomize_(flow: torch.nn.Module, seed: int, scale: float = 0.4) -> torch.nn.Module:
-    """Overwrite every parameter with N(0, scale^2) draws and freeze ActNorm initialisation."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in flow.parameters():
-            p.copy_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return flow.eval()
 
 
 FLOWS = {
@@ -40,7 +34,7 @@ FLOWS = {
 
 def make(name: str, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return randomize_(FLOWS[name]().to(dtype), seed)
+    return randomize_(FLOWS[name]().to(dtype), seed, 0.4)
 
 
 @pytest.mark.parametrize("name", FLOWS)
@@ -88,7 +82,7 @@ def test_fresh_stack_is_identity():
 
 def test_coupling_leaves_conditioning_dims_unchanged():
     mask = torch.tensor([1, 0, 1, 1, 0])
-    layer = randomize_(AffineCoupling(mask, hidden=(8,)).double(), seed=5)
+    layer = randomize_(AffineCoupling(mask, hidden=(8,)).double(), seed=5, scale=0.4)
     z = torch.randn(16, DIM, dtype=torch.float64)
     x, _ = layer(z)
     assert torch.equal(x[:, mask.bool()], z[:, mask.bool()])
@@ -179,7 +173,7 @@ def test_per_layer_masks():
 
 def test_boltzmann_generator_sample_log_prob_consistent():
     torch.manual_seed(7)
-    bg = BoltzmannGenerator(StandardNormal(DIM), randomize_(real_nvp(DIM, 4, (16, 16)), seed=8)).double()
+    bg = BoltzmannGenerator(StandardNormal(DIM), randomize_(real_nvp(DIM, 4, (16, 16)), seed=8, scale=0.4)).double()
     x, log_q = bg.sample(200)
     assert x.shape == (200, DIM) and log_q.shape == (200,) and x.dtype == torch.float64
     torch.testing.assert_close(bg.log_prob(x), log_q, atol=1e-10, rtol=0)

@@ -397,7 +397,10 @@ class Trainer:
         path = Path(path) if path is not None else self.checkpoint_path
         if path is None or not path.exists():
             raise FileNotFoundError(f"no checkpoint to resume from at {path}")
-        state = load_checkpoint(path)
+        return self._restore(load_checkpoint(path), path)
+
+    def _restore(self, state: dict, path: Path) -> "Trainer":
+        """Continue from a loaded checkpoint ``state`` (read from ``path``)."""
         missing = [key for key in CHECKPOINT_KEYS if key not in state]
         if missing:
             raise ValueError(f"{path} is not a Trainer checkpoint (missing {missing})")
@@ -502,8 +505,9 @@ class Trainer:
         """
         _check_positive("steps", steps, integer=True)
         if resume and self.checkpoint_path is not None and self.checkpoint_path.exists():
-            if _canonical(load_checkpoint(self.checkpoint_path)["config"].get("run")) == _canonical(self.config):
-                self.resume()
+            state = load_checkpoint(self.checkpoint_path)
+            if _canonical(state.get("config", {}).get("run")) == _canonical(self.config):
+                self._restore(state, self.checkpoint_path)
             else:
                 warnings.warn(f"{self.checkpoint_path} was written by a run with another config: not resuming it, "
                               "training from the start", stacklevel=2)

@@ -1,5 +1,6 @@
 """Flows: one protocol (``base.Flow``), couplings, canonical transformations, continuous flows, priors."""
-from .base import BoltzmannGenerator, Flow, InverseFlow, SequentialFlow
+from .base import BoltzmannGenerator, Flow, InverseFlow, SequentialFlow, SubsetFlow
+from .circular import CircularSplineCoupling, GaussianToCircle, circular_flow
 from .cnf import ContinuousFlow, MLPPotential, MLPVelocity, MongeAmpereFlow, SymmetricPotential
 from .coupling import ActNorm, AffineCoupling, real_nvp
 from .internal import InternalCoordinates, InternalCoordinatesFlow, ZMatrix, alanine_dipeptide_zmatrix, zmatrix_from_topology
@@ -16,7 +17,8 @@ from .symplectic import (
 )
 
 __all__ = [
-    "ActNorm", "AffineCoupling", "BoltzmannGenerator", "CanonicalSequential", "ContinuousFlow", "Flow",
+    "ActNorm", "AffineCoupling", "BoltzmannGenerator", "CanonicalSequential", "CircularSplineCoupling", "ContinuousFlow", "Flow",
+    "GaussianToCircle", "SubsetFlow", "circular_flow",
     "HamiltonianFlow", "InternalCoordinates", "InternalCoordinatesFlow", "InverseFlow", "LatentHarmonicPrior", "LinearExp", "LinearSymplectic", "MLPPotential",
     "MLPVelocity", "MongeAmpereFlow", "NeuralCanonicalTransformation", "PointTransformation", "SequentialFlow", "SplineCoupling",
     "StandardNormal", "SymmetricPotential", "SymplecticScaling", "ZMatrix", "alanine_dipeptide_zmatrix", "moment_matched_normal", "rational_quadratic_spline", "real_nvp",

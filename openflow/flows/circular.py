@@ -23,7 +23,7 @@ from .coupling import MaskedCoupling, _masks, check_batch, mlp
 from .spline import _check_bins_and_bound, rational_quadratic_spline
 
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
-_TINY = 1e-15  # keeps Phi^-1 finite for an angle exactly at -pi (float64)
+_TINY = 1e-15  # keeps Phi^-1 finite at the ends of the circle (float64)
 
 
 def wrap_angle(theta: torch.Tensor) -> torch.Tensor:
@@ -52,7 +52,7 @@ class GaussianToCircle(Flow):
     def inverse(self, x):
         check_batch(x, self.dim, "theta")
         fraction = (wrap_angle(x.double()) + math.pi) / (2.0 * math.pi)
-        z = torch.special.ndtri(fraction.clamp(_TINY, 1.0 - 1e-16))
+        z = torch.special.ndtri(fraction.clamp(_TINY, 1.0 - _TINY))
         logdet = (_HALF_LOG_2PI + 0.5 * z * z - math.log(2.0 * math.pi)).sum(1)
         return z.to(x.dtype), logdet.to(x.dtype)
 

@@ -8,7 +8,7 @@ import torch
 
 from openflow.workflows import run as run_workflow
 from openflow.workflows.alanine_dipeptide import (block_delta_f, bootstrap_delta_f, build_generator, heavy_positions, held_out,
-                                                  latent_interpolation, principal_frame, project, ramachandran_kl, split_segments,
+                                                  kinetically_slowest, latent_interpolation, principal_frame, project, ramachandran_kl, split_segments,
                                                   torus_marginal)
 from openflow.workflows.quickstart import train_nct
 
@@ -80,6 +80,31 @@ def alanine_frames():
     return mdtraj.load(str(run.trajectory), top=str(run.topology))
 
 
+def test_kinetically_slowest_picks_the_rare_switch_over_the_wider_fast_mode():
+    # column 0: fast AR(1) noise of standard deviation 3 (the larger spread: a static, variance-based
+    # order puts it first); column 1: a two-state telegraph signal (switch probability p per frame)
+    # plus noise 0.1, whose state is the phi basin. Exact lag-L autocorrelation of column 1:
+    # (1 - 2p)^L / (1 + 0.1^2).
+    rng = np.random.default_rng(0)
+    n, p, lag = 40000, 0.002, 50
+    fast = np.zeros(n)
+    for t in range(1, n):
+        fast[t] = 0.3 * fast[t - 1] + 3.0 * math.sqrt(1 - 0.09) * rng.standard_normal()
+    state = np.cumsum(rng.random(n) < p) % 2 * 2 - 1
+    features = np.stack([fast, state + 0.1 * rng.standard_normal(n)], 1)
+    phi = np.where(state > 0, 1.0, -1.5) + 0.2 * rng.standard_normal(n)
+    train = {"segments": np.zeros(n, dtype=int), "frame_ps": 0.1, "phi": phi, "psi": rng.uniform(-np.pi, np.pi, n)}
+    basin = phi > 0
+    metrics, values = kinetically_slowest(features, train, basin, {"kinetic_lag_ps": lag * 0.1, "mi_neighbours": 3}, "nct")
+    assert metrics["auc_nct_kinetic"] > 0.99
+    assert abs(metrics["nct_kinetic_weight_q2"]) > 0.99 and abs(metrics["nct_kinetic_weight_q1"]) < 0.05
+    exact = (1 - 2 * p) ** lag / 1.01
+    assert abs(metrics["nct_kinetic_autocorrelation"] - exact) < 0.1  # ~60 switches: sampling error ~0.03
+    assert math.isclose(metrics["nct_kinetic_timescale_ps"], -lag * 0.1 / math.log(metrics["nct_kinetic_autocorrelation"]))
+    assert metrics["mi_nct_kinetic_phi_nats"] > 0.5 and metrics["mi_nct_kinetic_psi_nats"] < 0.05
+    assert values.shape == (n,) and abs(np.corrcoef(values, features[:, 1])[0, 1]) > 0.99
+
+
 def test_latent_interpolation_moves_one_mode_exactly(alanine_frames):
     """Positions along the path, projected and encoded again, have the requested latent values: the
     principal frame and the NCT are inverted exactly (up to float32 of the model)."""
@@ -139,7 +164,8 @@ def test_tiny_run_end_to_end(tmp_path):
     assert 0 <= metrics["vacuum_bg_ess_fraction"] <= 1 and 0 <= metrics["vacuum_bg_nonfinite_fraction"] <= 1
     assert np.isfinite(metrics["vacuum_bg_nll_validation"]) and metrics["vacuum_bg_rama_kl_reweighted"] >= 0
     assert np.isfinite(metrics["vacuum_bg_marginal_nll_validation_mle"])
-    for key in ("mi_nct1_psi_nats", "mi_nct4_phi_nats", "vamp2_tica_lag0.5ps", "its_pca_1_lag0.1ps_ps", "auc_nct4", "interpolation_q1_phi_span_rad"):
+    for key in ("mi_nct1_psi_nats", "mi_nct4_phi_nats", "vamp2_tica_lag0.5ps", "its_pca_1_lag0.1ps_ps", "auc_nct4", "interpolation_q1_phi_span_rad",
+                "auc_nct_kinetic", "mi_nct_kinetic_phi_nats", "nct_kinetic_weight_q4", "auc_tica_kinetic", "tica_kinetic_timescale_ps"):
         assert f"vacuum_{key}" in metrics
     for name in ("slow_modes.png", "interpolation_q1.pdb", "interpolation_q2.dcd", "bg/ramachandran_flow_reweighted.png",
                  "bg/generator.pt", "metadynamics/COLVAR", "tempering/trajectory.dcd"):
@@ -147,6 +173,8 @@ def test_tiny_run_end_to_end(tmp_path):
     assert (tmp_path / "metrics.json").exists() and (tmp_path / "config.yaml").exists()
     again = run_workflow(WORKFLOW, tmp_path, overrides)  # both data sets are reused
     assert again["vacuum_time_data_s"] < metrics["vacuum_time_data_s"]
+    with pytest.raises(ValueError, match="kinetic_modes"):
+        run_workflow(WORKFLOW, tmp_path, {**overrides, "slow_modes": {"kinetic_modes": 0}})
 
 
 def test_unknown_solvent_is_refused(tmp_path):

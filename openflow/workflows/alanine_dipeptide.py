@@ -77,7 +77,7 @@ DEFAULTS = {
              "tempering": {"ns": 2.0, "replicas": 4, "max_temperature_K": 600.0, "exchange_interval": 1000}},
     "nct": {"layers": 6, "hidden": [64, 64], "steps": 5000, "batch": 256, "lr": 2e-3},
     "slow_modes": {"lag_ps": 0.5, "timescale_lags_ps": [0.1, 0.2, 0.5], "mi_neighbours": 3,
-                   "interpolation_frames": 40, "mdshare_stride": 5},
+                   "interpolation_frames": 40, "mdshare_stride": 5, "kinetic_modes": 4, "kinetic_lag_ps": 5.0},
     "bg": {"reweighted": False, "marginal": {"layers": 4, "hidden": [64, 64], "bins": 16, "batch": 1024, "lr": 2e-3,
                                            "mle_steps": 4000, "eval_every": 250, "patience": 6},
            "coupling": "spline", "bins": 8, "layers": 6, "hidden": [64, 64], "batch": 256, "lr": 1e-3, "mle_steps": 6000, "eval_every": 250,
@@ -218,8 +218,9 @@ def write_interpolation(positions: torch.Tensor, topology: mdtraj.Topology, stem
     return files
 
 
-def plot_modes(features: np.ndarray, phi: np.ndarray, psi: np.ndarray, path: Path, title: str) -> Path:
-    """Scatter of ``(Q1, Q2)`` coloured by phi and by psi (two panels)."""
+def plot_modes(features: np.ndarray, slowest: np.ndarray, phi: np.ndarray, psi: np.ndarray, path: Path, title: str) -> Path:
+    """Scatter of ``(Q1, Q2)`` coloured by phi and by psi, and of the kinetically slowest CV
+    ``slowest (T,)`` against phi coloured by psi (three panels)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -227,11 +228,14 @@ def plot_modes(features: np.ndarray, phi: np.ndarray, psi: np.ndarray, path: Pat
 
     from openflow.io import atomic_path
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
-    for ax, angle, name in zip(axes, (phi, psi), (r"$\phi$", r"$\psi$")):
-        points = ax.scatter(features[:, 0], features[:, 1], c=angle, s=2, cmap="twilight", vmin=-np.pi, vmax=np.pi, rasterized=True)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    panels = [(features[:, 0], features[:, 1], phi, r"$\phi$", "Q1 (lowest frequency)", "Q2", r"coloured by $\phi$"),
+              (features[:, 0], features[:, 1], psi, r"$\psi$", "Q1 (lowest frequency)", "Q2", r"coloured by $\psi$"),
+              (phi, slowest, psi, r"$\psi$", r"$\phi$ (rad)", "slowest CV (TICA of Q1-Qk)", "kinetically slowest CV")]
+    for ax, (x, y, angle, name, xlabel, ylabel, caption) in zip(axes, panels):
+        points = ax.scatter(x, y, c=angle, s=2, cmap="twilight", vmin=-np.pi, vmax=np.pi, rasterized=True)
         fig.colorbar(points, ax=ax, label=f"{name} (rad)")
-        ax.set(xlabel="Q1 (slowest)", ylabel="Q2", title=f"{title}: coloured by {name}")
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=f"{title}: {caption}")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
@@ -239,18 +243,49 @@ def plot_modes(features: np.ndarray, phi: np.ndarray, psi: np.ndarray, path: Pat
     return path
 
 
+def kinetically_slowest(features: np.ndarray, train: dict, basin: np.ndarray, settings: dict, name: str) -> tuple[dict, np.ndarray]:
+    """The leading TICA component of ``features (T, k)`` on the training trajectory (``train``'s
+    ``segments``, ``frame_ps``, ``phi``, ``psi``) at ``settings["kinetic_lag_ps"]``: its metrics
+    (autocorrelation, implied timescale, MI with phi and psi, AUC for ``basin (T,)``, and for ``nct``
+    each feature's share in units of its spread), prefixed by ``name``, and its values ``(T,)``."""
+    lag = max(1, round(settings["kinetic_lag_ps"] / train["frame_ps"]))
+    model = tica(split_segments(features, train["segments"]), lag=lag, dim=1)
+    values = model.transform(features)[:, 0]
+    metrics = {f"{name}_kinetic_autocorrelation": float(model.eigenvalues[0]),
+               f"{name}_kinetic_timescale_ps": float(model.timescales(lag * train["frame_ps"])[0]),
+               f"auc_{name}_kinetic": analysis.basin_separation_auc(values, basin) if 0 < basin.sum() < basin.size else float("nan")}
+    for angle in ("phi", "psi"):
+        metrics[f"mi_{name}_kinetic_{angle}_nats"] = analysis.mutual_information(values, train[angle], k=settings["mi_neighbours"], period_y=TWO_PI)
+    if name == "nct":
+        share = model.eigenvectors[:, 0] * features.std(0)
+        metrics.update({f"nct_kinetic_weight_q{i + 1}": float(v) for i, v in enumerate(share / np.linalg.norm(share))})
+    return metrics, values
+
+
 def slow_modes(train: dict, dynamics: dict, topology: mdtraj.Topology, config: dict, out: Path,
                progress: bool) -> tuple[dict, dict]:
     """NCT slow modes against PCA and TICA on the same aligned heavy-atom coordinates.
 
     ``train``: ``heavy (T, 3m)`` nm, ``phi``, ``psi`` ``(T,)`` rad: the frames the NCT and PCA are fitted
-    to and MI/AUC are measured on. ``dynamics``: ``heavy (T', 3m)`` nm aligned the same way, ``segments
-    (T',)`` and ``frame_ps``: unbroken dynamics for TICA, VAMP-2 and implied timescales.
-    ``topology``: of the heavy atoms (masses, interpolation files).
+    to and MI/AUC are measured on, in time order: ``segments (T,)`` labels its unbroken pieces and
+    ``frame_ps`` is the time between frames. ``dynamics``: ``heavy (T', 3m)`` nm aligned the same way,
+    ``segments (T',)`` and ``frame_ps``: unbroken (unbiased) dynamics for TICA, VAMP-2 and implied
+    timescales. ``topology``: of the heavy atoms (masses, interpolation files).
+
+    The NCT orders its modes by latent frequency, a static measure (``w_k^2 = <P_k^2> / <Q_k^2>``).
+    The *kinetically* slowest CV is the leading TICA component of its ``kinetic_modes``
+    lowest-frequency modes on the training trajectory at ``kinetic_lag_ps``: the combination of them
+    with the longest measured autocorrelation. TICA of the raw coordinates on the same trajectory and
+    lag is its linear baseline.
     """
     settings = config["slow_modes"]
     kT_kjmol = float(MOLAR_GAS_CONSTANT * config["temperature_K"])
     frame = principal_frame(train["heavy"], [atom.element.mass for atom in topology.atoms], kT_kjmol)
+    n_kinetic, dim = settings["kinetic_modes"], frame["q"].shape[1]
+    if isinstance(n_kinetic, bool) or not isinstance(n_kinetic, int) or not 1 <= n_kinetic <= dim:
+        raise ValueError(f"slow_modes.kinetic_modes must be an integer in [1, {dim}] (the NCT's modes), got {n_kinetic!r}")
+    if not settings["kinetic_lag_ps"] > 0:
+        raise ValueError(f"slow_modes.kinetic_lag_ps must be a positive time in ps, got {settings['kinetic_lag_ps']}")
     generator = torch.Generator().manual_seed(config["seed"])
     p = torch.randn(frame["q"].shape, generator=generator, dtype=frame["q"].dtype)  # Maxwell-Boltzmann, reduced
     model, metrics = train_nct(p, frame["q"], frame["variances"], config, out / "nct", progress)
@@ -265,11 +300,16 @@ def slow_modes(train: dict, dynamics: dict, topology: mdtraj.Topology, config: d
     q_train, q_dynamics = frame["q"].numpy(), project(frame, dynamics["heavy"]).numpy()
     lag = max(1, round(settings["lag_ps"] / frame_ps))
     ica = tica(split_segments(q_dynamics, segments), lag=lag, dim=2)
+    basin = analysis.basin_of(train["phi"]) == 1
+    # the kinetically slowest CV: TICA of the NCT's lowest-frequency modes on the (time-ordered) training frames
+    modes = nct(frame["q"], max(4, n_kinetic))
+    kinetic, slowest_nct = kinetically_slowest(modes[:, :n_kinetic], train, basin, settings, "nct")
+    metrics.update(kinetic)
+    metrics.update(kinetically_slowest(q_train, train, basin, settings, "tica")[0])
     # MI and AUC for the NCT's four slowest modes (a torsion is a circle: a flow may spread it over two
     # latent lines, one cos-like, one sin-like); VAMP-2 and timescales for two coordinates of each method
-    on_train = {"nct": nct(frame["q"], 4), "pca": q_train[:, :2], "tica": ica.transform(q_train)}
+    on_train = {"nct": modes[:, :4], "pca": q_train[:, :2], "tica": ica.transform(q_train)}
     on_dynamics = {"nct": nct(torch.as_tensor(q_dynamics), 2), "pca": q_dynamics[:, :2], "tica": ica.transform(q_dynamics)}
-    basin = analysis.basin_of(train["phi"]) == 1
     lags = sorted({max(1, round(t / frame_ps)) for t in settings["timescale_lags_ps"]})
     for name in on_train:
         for i in range(on_train[name].shape[1]):
@@ -285,7 +325,7 @@ def slow_modes(train: dict, dynamics: dict, topology: mdtraj.Topology, config: d
             metrics.update({f"its_{name}_{k + 1}_lag{lag_frames * frame_ps:g}ps_ps": float(v) for k, v in enumerate(row)})
     metrics.update(frames_train=int(len(q_train)), frames_dynamics=int(len(q_dynamics)), dynamics_segments=len(np.unique(segments)))
 
-    files = {"modes_plot": plot_modes(on_train["nct"], train["phi"], train["psi"], out / "slow_modes.png", "NCT")}
+    files = {"modes_plot": plot_modes(on_train["nct"], slowest_nct, train["phi"], train["psi"], out / "slow_modes.png", "NCT")}
     for mode in (0, 1):
         positions = latent_interpolation(model, frame, mode, settings["interpolation_frames"])
         written = write_interpolation(positions, topology, out / f"interpolation_q{mode + 1}")
@@ -314,8 +354,8 @@ def mdshare_slow_modes(config: dict, out: Path, progress: bool) -> tuple[dict, d
         segments = np.concatenate([np.full(len(positions[k][::stride]), i) for i, k in enumerate(keys)])
     frames = mdtraj.Trajectory(xyz, heavy_topology)
     heavy, _ = heavy_positions(frames, frames[0])
-    train = {"heavy": heavy, "phi": angles[:, 0], "psi": angles[:, 1]}
     dynamics = {"heavy": heavy, "segments": segments, "frame_ps": MDSHARE_FRAME_PS * stride}
+    train = {"phi": angles[:, 0], "psi": angles[:, 1], **dynamics}
     return slow_modes(train, dynamics, heavy_topology, config, out, progress)
 
 
@@ -577,7 +617,8 @@ def run_solvent(solvent: str, config: dict, out: Path, progress: bool) -> tuple[
     reference = biased.atom_slice(biased.topology.select("not element H"))[0]
     heavy, topology = heavy_positions(biased, reference)
     segments = unbiased_run.segments
-    train = {"heavy": heavy, "phi": phi, "psi": psi}
+    train = {"heavy": heavy, "phi": phi, "psi": psi, "segments": np.zeros(len(heavy), dtype=int),
+             "frame_ps": config["data"]["interval"] * summary["timestep_ps"]}
     dynamics = {"heavy": heavy_positions(unbiased, reference)[0], "segments": segments,
                 "frame_ps": unbiased_run.interval * unbiased_run.timestep_ps}
     slow, files = slow_modes(train, dynamics, topology, config, out, progress)

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from openflow.heap import keep_freed_memory
 from openflow.systems import System
 
 from .bridge import EvaluationCounts, OpenMMEnergy
@@ -1096,13 +1097,14 @@ class TorchEnergy(EvaluationCounts, nn.Module):
             above ``u_high``; ``energy_and_forces`` and ``forces`` stay uncapped.
         compile: ``energy_and_forces`` runs the energy and its analytic gradient as one
             ``torch.compile``'d graph per chunk size and device (the last chunk is padded to the chunk
-            size, so nothing recompiles). Experimental: on a quiet 2-core CPU 1.5x (alanine dipeptide,
-            vacuum) to 2.6x (OBC2) the eager speed, after a first call that compiles for 15-60 s (a C++
-            compiler is needed); a variant traced as one graph (no break at OpenMM calls) corrupted the
+            size, so nothing recompiles). Experimental: on a 2-core CPU 1.2-1.4x the eager speed for OBC2
+            and slower than eager for alanine dipeptide in vacuum (float32), after a first call that
+            compiles for 15-60 s (a C++ compiler is needed); a variant traced as one graph (no break at OpenMM calls) corrupted the
             heap for the Coulomb cluster with torch 2.13, so check its results against ``compile=False``.
             If compiling fails it warns and stays eager. ``forward`` is never compiled.
 
-    Raises ``NotImplementedError`` naming the first force it cannot translate.
+    Raises ``NotImplementedError`` naming the first force it cannot translate. Creating one calls
+    ``openflow.heap.keep_freed_memory()`` (glibc keeps freed memory for reuse: 2-3x on a CPU).
     """
 
     def __init__(self, system: System, dtype: torch.dtype = torch.float64, device=None, soft_cap: float | None = None, compile: bool = False):
@@ -1129,6 +1131,7 @@ class TorchEnergy(EvaluationCounts, nn.Module):
         self.cpu_chunk_size = 512 if rows > 256 else 1024
         self.to(device=device, dtype=dtype)
         self.reset_stats()
+        keep_freed_memory()  # each chunk's multi-MB temporaries reuse freed heap instead of fresh pages: 2-3x on CPU
 
     # -- public API ----------------------------------------------------------------------------
     @property
@@ -1320,8 +1323,9 @@ def batched_energy(
             ``"auto"``: ``TorchEnergy`` when every force translates (else a
             ``TorchEnergyFallbackWarning`` naming the force and ``OpenMMEnergy``) and, off the GPU,
             when it is also *measured* faster than the OpenMM loop on ``batch_hint`` configurations
-            of this system (energy + gradient, best of 3): on a CPU, OpenMM's Reference platform
-            beats batched torch for alanine dipeptide, torch wins for the model systems.
+            of this system (energy + gradient, best of 3): on the 2-core test box torch wins for
+            every system here (alanine dipeptide 1.5-2.4x the Reference loop, the model systems 5-7x),
+            but a fast CPU core running OpenMM's loop can beat two slow ones running torch.
         dtype, device: for ``TorchEnergy``; platform, platform_properties: for ``OpenMMEnergy``;
         soft_cap: for both.
     """

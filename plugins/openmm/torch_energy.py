@@ -416,10 +416,11 @@ def _gather(positions: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return positions.index_select(1, index)
 
 
-def _scatter(gradient: torch.Tensor | None, index: torch.Tensor, values: torch.Tensor) -> None:
-    """``gradient[:, index] += values`` in place (repeated indices add up); no-op without ``gradient``."""
+def _scatter(gradient: torch.Tensor | None, index: torch.Tensor, values: torch.Tensor, sign: float = 1.0) -> None:
+    """``gradient[:, index] += sign * values`` in place (repeated indices add up, no temporary for
+    the sign); no-op without ``gradient``."""
     if gradient is not None:
-        gradient.index_add_(1, index, values)
+        gradient.index_add_(1, index, values, alpha=sign)
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -535,7 +536,7 @@ class HarmonicBonds(_Term):
         if gradient is not None:
             values = delta * (2.0 * self.half_k * stretch / r)
             _scatter(gradient, j, values)
-            _scatter(gradient, i, -values)
+            _scatter(gradient, i, values, sign=-1.0)
         return (self.half_k * stretch.square()).sum(0)
 
 
@@ -609,7 +610,7 @@ class CoulombLennardJones(_Term):
             # dE/dr / r = -(c/r + 4 eps (12 s^12 - 6 s^6)) / r^2
             values = delta * (-(coulomb + lennard_jones + self.four_epsilon * s6 * (11.0 * s6 - 5.0)) * inverse_r2)
             _scatter(gradient, j, values)
-            _scatter(gradient, i, -values)
+            _scatter(gradient, i, values, sign=-1.0)
         return (coulomb + lennard_jones).sum(0)
 
 
@@ -702,7 +703,7 @@ class OBC2(_Term):
         coefficient = d_r[:n_pairs] + d_r[n_pairs:] + 2.0 * pair_f2 * (1.0 - 0.25 * screening)
         values = delta * coefficient
         _scatter(gradient, j, values)
-        _scatter(gradient, i, -values)
+        _scatter(gradient, i, values, sign=-1.0)
         return energy
 
 

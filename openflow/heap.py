@@ -5,8 +5,8 @@ By default glibc serves allocations above 128 KiB with fresh ``mmap`` pages and 
 memory at the top of the heap to the operating system, so every chunk of a batched energy
 page-faults its temporaries in again. Measured on the 2-core box (``TorchEnergy.energy_and_forces``
 at batch 1024, float64, three paired runs in fresh processes): alanine dipeptide 1.3-2.9x faster in
-vacuum and 2.3-2.8x with OBC2 once freed memory is kept; the Coulomb cluster and the harmonic chain, whose temporaries are small,
-are unchanged.
+vacuum and 2.3-2.8x with OBC2 once freed memory is kept; the Coulomb cluster and the harmonic
+chain, whose temporaries are small, are unchanged.
 """
 from __future__ import annotations
 

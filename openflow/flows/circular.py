@@ -88,14 +88,6 @@ class CircularSplineCoupling(MaskedCoupling):
             out = out + shift.squeeze(-1)
         return y.index_copy(1, self.trans_idx, wrap_angle(out)), logabsdet.sum(dim=1)
 
-    def forward(self, z):
-        check_batch(z, self.dim, "theta")
-        return self._transform(z, inverse=False)
-
-    def inverse(self, x):
-        check_batch(x, self.dim, "theta")
-        return self._transform(x, inverse=True)
-
 
 def circular_flow(
     dim: int,

@@ -81,6 +81,7 @@ class MaskedCoupling(Flow):
 
     ``circular``: indices of dimensions that are angles (rad). The conditioner sees a conditioning
     angle as ``(cos, sin)``, continuous across ``+-pi``: :meth:`features` has ``n_features`` columns.
+    Subclasses write :meth:`_transform`; ``forward`` and ``inverse`` check the batch and call it.
     """
 
     def __init__(self, mask: torch.Tensor | Sequence[int], circular: Sequence[int] = ()):
@@ -115,6 +116,18 @@ class MaskedCoupling(Flow):
             return y.index_select(1, self.cond_idx)
         angles = y.index_select(1, self.angle_idx)
         return torch.cat([y.index_select(1, self.plain_idx), torch.cos(angles), torch.sin(angles)], 1)
+
+    def _transform(self, y: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's map of ``y (B, d)`` (its inverse if ``inverse``): ``(out (B, d), log|det| (B,))``."""
+        raise NotImplementedError
+
+    def forward(self, z):
+        check_batch(z, self.dim, "z")
+        return self._transform(z, inverse=False)
+
+    def inverse(self, x):
+        check_batch(x, self.dim, "x")
+        return self._transform(x, inverse=True)
 
     def _refuse_transformed_angles(self) -> None:
         if self.transformed_angle_idx.numel():
@@ -158,15 +171,11 @@ class AffineCoupling(MaskedCoupling):
             log_scale.sum(dim=1),
         )
 
-    def forward(self, z):
-        check_batch(z, self.dim, "z")
-        log_scale, shift, logdet = self._scale_shift(z)
-        return z * torch.exp(log_scale) + shift, logdet
-
-    def inverse(self, x):
-        check_batch(x, self.dim, "x")
-        log_scale, shift, logdet = self._scale_shift(x)
-        return (x - shift) * torch.exp(-log_scale), -logdet
+    def _transform(self, y: torch.Tensor, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        log_scale, shift, logdet = self._scale_shift(y)
+        if inverse:
+            return (y - shift) * torch.exp(-log_scale), -logdet
+        return y * torch.exp(log_scale) + shift, logdet
 
 
 class ActNorm(Flow):

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .base import SequentialFlow
-from .coupling import MaskedCoupling, _masks, check_batch, mlp
+from .coupling import MaskedCoupling, _masks, mlp
 
 MIN_BIN_WIDTH = 1e-3
 MIN_BIN_HEIGHT = 1e-3
@@ -163,14 +163,6 @@ class SplineCoupling(MaskedCoupling):
             y.index_select(1, self.trans_idx), widths, heights, derivatives, inverse=inverse, bound=self.bound
         )
         return y.index_copy(1, self.trans_idx, out), logabsdet.sum(dim=1)
-
-    def forward(self, z):
-        check_batch(z, self.dim, "z")
-        return self._transform(z, inverse=False)
-
-    def inverse(self, x):
-        check_batch(x, self.dim, "x")
-        return self._transform(x, inverse=True)
 
 
 def spline_flow(

@@ -1098,10 +1098,11 @@ class TorchEnergy(EvaluationCounts, nn.Module):
             above ``u_high``; ``energy_and_forces`` and ``forces`` stay uncapped.
         compile: ``energy_and_forces`` runs the energy and its analytic gradient as one
             ``torch.compile``'d graph per chunk size and device (the last chunk is padded to the chunk
-            size, so nothing recompiles). Experimental: on a 2-core CPU 1.2-1.4x the eager speed for OBC2
-            and slower than eager for alanine dipeptide in vacuum (float32), after a first call that
-            compiles for 15-60 s (a C++ compiler is needed); a variant traced as one graph (no break at OpenMM calls) corrupted the
-            heap for the Coulomb cluster with torch 2.13, so check its results against ``compile=False``.
+            size, so nothing recompiles). Experimental: on a 2-core CPU 1.2-1.4x the eager speed for
+            OBC2 and slower than eager for alanine dipeptide in vacuum (float32), after a first call
+            that compiles for 15-60 s (a C++ compiler is needed); a variant traced as one graph (no
+            break at OpenMM calls) corrupted the heap for the Coulomb cluster with torch 2.13, so
+            check its results against ``compile=False``.
             If compiling fails it warns and stays eager. ``forward`` is never compiled.
 
     Raises ``NotImplementedError`` naming the first force it cannot translate. Creating one calls

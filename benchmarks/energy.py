@@ -2,7 +2,8 @@
 
 The per-configuration loop is ``OpenMMEnergy.energy_and_forces`` (one ``setPositions`` +
 ``getState`` per configuration, the way Boltzmann-generator bridges do it); the batched path is
-``TorchEnergy.energy_and_forces`` (one vectorised energy and one autograd pass per chunk). Both run
+``TorchEnergy.energy_and_forces`` (analytic forces; on a CPU the standard forces run as compiled
+kernels, ``--torch-ops`` for torch ops throughout). Both run
 in the same process on the same configurations; the OpenMM loop is timed on at most
 ``max_loop_configs`` of them and reported per second.
 
@@ -49,6 +50,7 @@ def benchmark_energy(
     max_loop_configs: int = 256,
     seed: int = 0,
     compile: bool = False,
+    cpu_kernels: bool = True,
     **system_kwargs,
 ) -> dict:
     """Measure energy+force evaluations/s of both paths on one system and batch size.
@@ -61,6 +63,8 @@ def benchmark_energy(
         dtype: ``float64`` or ``float32``, for the batched path (OpenMM's Reference is float64).
         seconds: wall time per measurement; max_loop_configs: configurations timed in the loop.
         compile: ``TorchEnergy(compile=True)`` (compiled once in the warm-up call, not timed).
+        cpu_kernels: ``TorchEnergy(cpu_kernels=...)``: the compiled CPU kernels for the standard
+            forces (default) or torch ops throughout.
         system_kwargs: passed to the system builder (``solvent="implicit"``, ``n=13``, ...).
 
     Returns a flat dict: ``per_config_evals_per_s``, ``batched_evals_per_s``, ``ratio``, the
@@ -77,7 +81,7 @@ def benchmark_energy(
     x_loop = x[: min(batch, max_loop_configs)]
     per_config = rate(lambda: loop.energy_and_forces(x_loop), len(x_loop), seconds)
 
-    batched = TorchEnergy(system, dtype=getattr(torch, dtype), device=device, compile=compile)
+    batched = TorchEnergy(system, dtype=getattr(torch, dtype), device=device, cpu_kernels=cpu_kernels, compile=compile)
     x_batched = x.to(device=device, dtype=getattr(torch, dtype))
     batched_rate = rate(lambda: batched.energy_and_forces(x_batched), batch, seconds, synchronizer(batched.device))
 
@@ -97,6 +101,7 @@ def benchmark_energy(
         "batched_device": str(batched.device),
         "batched_evals_per_s": batched_rate,
         "batched_compiled": bool(compile),
+        "batched_cpu_kernels": bool(cpu_kernels) and batched.device.type == "cpu" and not compile,
         "ratio": batched_rate / per_config,
         "max_abs_energy_difference_kT": max_abs_energy_difference,
         "seconds_per_measurement": seconds,
@@ -136,11 +141,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dtype", default="float64", choices=["float64", "float32"])
     parser.add_argument("--seconds", type=float, default=2.0, help="wall time per measurement")
     parser.add_argument("--compile", action="store_true", help="torch.compile the batched path (TorchEnergy(compile=True))")
+    parser.add_argument("--torch-ops", action="store_true", help="no compiled CPU kernels: torch ops for every force (TorchEnergy(cpu_kernels=False))")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; use 1 on a shared, busy machine)")
     add_output_arguments(parser)
     args = parse_arguments(parser, argv)
     runs = [
-        benchmark_energy(args.system, batch, args.device, args.platform, dtype=args.dtype, seconds=args.seconds, compile=args.compile, **_system_kwargs(args))
+        benchmark_energy(args.system, batch, args.device, args.platform, dtype=args.dtype, seconds=args.seconds, compile=args.compile, cpu_kernels=not args.torch_ops, **_system_kwargs(args))
         for batch in args.batch
     ]
     result = runs[0] if len(runs) == 1 else {"machine": runs[0]["machine"], "runs": runs}

@@ -17,6 +17,7 @@ import openmm.unit as unit
 import pytest
 import torch
 
+import openflow.plugins.openmm.cpu_kernels as cpu_kernels_module
 import openflow.plugins.openmm.torch_energy as torch_energy_module
 
 from openflow.plugins.openmm import OpenMMEnergy
@@ -476,3 +477,82 @@ def test_forces_without_terms_contribute_zero():
     wrapped = System("empty", system, point_particle_topology(3, "X"), np.zeros((3, 3)) * unit.nanometer, kelvin(1.0), np.ones((3, 3), bool))
     u, f = TorchEnergy(wrapped).energy_and_forces(torch.randn(4, 9, dtype=torch.float64))
     assert torch.all(u == 0) and torch.all(f == 0)
+
+
+# -- the compiled CPU kernels against the torch ops ---------------------------------------------
+KERNEL_VARIANTS = ["alanine-vacuum-amber99sbildn-None", "alanine-implicit-amber99sbildn-hbonds", "alanine-implicit-amber14-None"]
+
+
+@pytest.mark.parametrize("name", KERNEL_VARIANTS)
+def test_cpu_kernels_equal_torch_ops(name):
+    """Every standard force has a kernel (the implicit solvent of amber14 and ff96 is a CustomGBForce:
+    torch ops);
+    energies and forces of both paths agree to rounding, through ``energy_and_forces``, the
+    energy-only path and autograd, in both precisions."""
+    system = build(name)
+    x = real_configurations(system, seed=3)
+    kernels, ops = TorchEnergy(system), TorchEnergy(system, cpu_kernels=False)
+    without = {type(term).__name__ for term in kernels.terms if term.cpu_kernel() is None}
+    assert without == (set() if "vacuum" in name or "amber99sbildn" in name else {"CustomGB"})
+    u, f = kernels.energy_and_forces(x)
+    u_ops, f_ops = ops.energy_and_forces(x)
+    assert torch.allclose(u, u_ops, rtol=1e-12, atol=1e-12) and torch.allclose(f, f_ops, rtol=1e-10, atol=1e-10 * float(f_ops.abs().max()))
+    assert torch.allclose(kernels.potential_energy(x), ops.potential_energy(x), rtol=1e-12)
+    xg = x.clone().requires_grad_(True)
+    kernels(xg).sum().backward()
+    assert torch.allclose(-xg.grad, f, rtol=1e-12, atol=1e-12)
+    if without:  # torch ops compute in float32 (test_float32_and_dtype_following)
+        return
+    # float32: the kernels compute in float64, so only the input and the output are rounded
+    u32, f32 = TorchEnergy(system, dtype=torch.float32).energy_and_forces(x.float())
+    u_rounded, f_rounded = kernels.energy_and_forces(x.float().double())
+    assert u32.dtype == torch.float32
+    assert_matches(u32.double(), f32.double(), u_rounded.numpy(), f_rounded.numpy(), energy_rtol=1e-6, force_rtol=1e-6)
+
+
+def test_torsion_kernel_every_periodicity_and_phase_matches_openmm():
+    """The kernel's ``cos(n phi)`` from powers of ``exp(i phi)``: periodicities 1-6 (OpenMM's range), arbitrary phases,
+    several terms on one dihedral, against OpenMM."""
+    system = openmm.System()
+    torsions = openmm.PeriodicTorsionForce()
+    for _ in range(5):
+        system.addParticle(1.0)
+    rng = np.random.default_rng(4)
+    for n in range(1, 7):
+        torsions.addTorsion(0, 1, 2, 3, n, float(rng.uniform(-np.pi, np.pi)), float(rng.uniform(0.5, 3.0)))
+        torsions.addTorsion(4, 3, 2, 1, n, float(rng.uniform(-np.pi, np.pi)), float(rng.uniform(0.5, 3.0)))
+    system.addForce(torsions)
+    positions = rng.normal(scale=0.15, size=(5, 3))
+    wrapped = System("torsions", system, point_particle_topology(5, "TOR"), positions * unit.nanometer, kelvin(300.0), np.ones((5, 3), bool))
+    x = wrapped.from_positions(positions[None] + rng.normal(scale=0.05, size=(9, 5, 3)))
+    u_ref, f_ref = openmm_reduced(wrapped, x)
+    for cpu_kernels in (True, False):
+        u, f = TorchEnergy(wrapped, cpu_kernels=cpu_kernels).energy_and_forces(x)
+        assert_matches(u, f, u_ref, f_ref, energy_rtol=1e-10, force_rtol=1e-9)
+
+
+def _child_energy(energy, x, queue):
+    torch.set_num_threads(1)  # as DataLoader workers do: torch's own OpenMP pool is gone after a fork too
+    u, f = energy.energy_and_forces(x)
+    queue.put((cpu_kernels_module.usable(), u.numpy(), f.numpy()))  # numpy: torch would share memory
+
+
+def test_forked_child_falls_back_to_torch_ops():
+    """GNU OpenMP cannot run in a child forked after the kernels ran: the child says so and computes
+    the same numbers with torch ops (on one thread, as torch's pool is gone too)."""
+    import multiprocessing
+
+    system = build("alanine-implicit-amber99sbildn-None")
+    x = real_configurations(system)
+    energy = TorchEnergy(system)
+    u, f = energy.energy_and_forces(x)
+    assert cpu_kernels_module.usable()
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_child_energy, args=(energy, x, queue))
+    child.start()
+    usable, u_child, f_child = queue.get(timeout=120)
+    child.join(timeout=60)
+    assert child.exitcode == 0 and not usable
+    np.testing.assert_allclose(u_child, u.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(f_child, f.numpy(), rtol=1e-10, atol=1e-10)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ BLOCK = 64  # configurations per parallel task: a block's positions and gradient
 _COMPILE = dict(nogil=True, cache=True, error_model="numpy", boundscheck=False, fastmath={"contract", "arcp", "nsz"})
 _PARALLEL = dict(_COMPILE, parallel=True)
 _parallel_pid: int | None = None  # the process whose OpenMP threads the kernels started
+_lock = threading.Lock()  # one caller at a time: numba's workqueue layer must not be entered concurrently
 
 
 @njit(**_COMPILE)
@@ -274,7 +276,8 @@ def evaluate(kernels: list, positions: torch.Tensor, with_gradient: bool) -> tup
     p = positions.detach().to(torch.float64).contiguous().numpy()
     energy = np.zeros(p.shape[-1])
     gradient = np.zeros_like(p) if with_gradient else np.zeros((3, 0, 0))
-    set_num_threads(min(torch.get_num_threads(), numba_config.NUMBA_NUM_THREADS))
-    for kernel, parameters in kernels:
-        kernel(p, gradient, energy, with_gradient, *parameters)
+    with _lock:
+        set_num_threads(min(torch.get_num_threads(), numba_config.NUMBA_NUM_THREADS))
+        for kernel, parameters in kernels:
+            kernel(p, gradient, energy, with_gradient, *parameters)
     return torch.from_numpy(energy), torch.from_numpy(gradient) if with_gradient else None

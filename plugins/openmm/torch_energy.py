@@ -1,4 +1,4 @@
-"""Batched potential energies of an OpenMM ``System`` in pure torch.
+"""Batched potential energies of an OpenMM ``System`` in torch.
 
 ``TorchEnergy(system)(x)`` maps active coordinates ``x`` ``(B, d)`` nm to reduced energies
 ``u = E / kT`` ``(B,)``, vectorised over the batch and over the terms of every force, and
@@ -16,6 +16,10 @@ number comes from the ``openmm.System`` itself; only the force groups in
   here (same grammar and precedence as Lepton, ``;`` definitions included) and evaluated in
   torch with the global and per-term parameters substituted;
 - ``CMMotionRemover`` and ``AndersenThermostat`` contribute no energy.
+
+On a CPU the five standard forces above (not the custom ones) run as the compiled kernels of
+``cpu_kernels`` (numba; ``TorchEnergy(cpu_kernels=False)`` keeps torch ops), the same physics
+written out per configuration and checked against the torch terms to rounding.
 
 Anything else (cutoffs, periodic boxes, tabulated functions, virtual sites, other force types)
 raises ``NotImplementedError`` naming the force; ``batched_energy(system)`` then warns loudly and
@@ -1182,9 +1186,11 @@ class TorchEnergy(EvaluationCounts, nn.Module):
         self.all_active = bool(system.active.all())
         self.compile, self._compiled = bool(compile), None
         self.cpu_kernels = bool(cpu_kernels)
-        # CPU chunks: per-term temporaries (rows x chunk float64) of at most ~2 MB stay off fresh, page-faulting memory
-        rows = max((len(b) for t in self.terms for b in t.buffers() if b.dtype == torch.int64), default=0)
-        self.cpu_chunk_size = 512 if rows > 256 else 1024
+        # CPU chunks: torch ops' per-term temporaries (rows x chunk float64) of at most ~2 MB stay off fresh,
+        # page-faulting memory; the compiled kernels have none, so chunks of only-kernel systems are large
+        in_torch = [t for t in self.terms if not (self.cpu_kernels and not self.compile and t.cpu_kernel())]
+        rows = max((len(b) for t in in_torch for b in t.buffers() if b.dtype == torch.int64), default=0)
+        self.cpu_chunk_size = 512 if rows > 256 else 1024 if in_torch else 16384
         self.to(device=device, dtype=dtype)
         self.reset_stats()
         keep_freed_memory()  # each chunk's multi-MB temporaries reuse freed heap instead of fresh pages: 2-3x on CPU
@@ -1248,10 +1254,11 @@ class TorchEnergy(EvaluationCounts, nn.Module):
     def energy_and_forces(self, x: torch.Tensor, chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Reduced energies ``(B,)`` kT and reduced forces ``-du/dx`` ``(B, d)`` kT/nm, no graph, uncapped.
 
-        Evaluated ``chunk_size`` configurations at a time to bound memory; ``None``: 512 on the
-        CPU when a term has over 256 rows (pairs, ...), else 1024, 16384 on a GPU. The gradient is analytic for the standard
-        forces and, through symbolic derivatives of their expressions, for the custom bonded ones
-        (autograd for the rest). Non-finite energies or forces give ``+inf`` and 0.
+        Evaluated ``chunk_size`` configurations at a time to bound memory; ``None``: on the CPU 512
+        when a term in torch ops has over 256 rows (pairs, ...), 1024 for smaller ones, 16384 when
+        the compiled kernels do everything; 16384 on a GPU. The gradient is analytic for the
+        standard forces and, through symbolic derivatives of their expressions, for the custom
+        bonded ones (autograd for the rest). Non-finite energies or forces give ``+inf`` and 0.
         """
         xc = self._coordinates(x).detach()
         if chunk_size is None:

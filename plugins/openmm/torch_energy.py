@@ -1396,7 +1396,7 @@ def batched_energy(
             ``TorchEnergyFallbackWarning`` naming the force and ``OpenMMEnergy``) and, off the GPU,
             when it is also *measured* faster than the OpenMM loop on ``batch_hint`` configurations
             of this system (energy + gradient, best of 3): on the 2-core test box torch wins for
-            every system here (alanine dipeptide 1.5-2.4x the Reference loop, the model systems 5-7x),
+            every system here (alanine dipeptide 4-6x the Reference loop, the model systems 4-7x),
             but a fast CPU core running OpenMM's loop can beat two slow ones running torch.
         dtype, device: for ``TorchEnergy``; platform, platform_properties: for ``OpenMMEnergy``;
         soft_cap: for both.

@@ -101,6 +101,7 @@ def _info_arguments(parser):
 def environment() -> dict:
     """Versions, OpenMM platforms and the torch device, as a flat-ish dict."""
     import mdtraj
+    import numba
     import numpy
     import openmm
     import torch
@@ -116,6 +117,7 @@ def environment() -> dict:
             "torch": torch.__version__,
             "mdtraj": mdtraj.__version__,
             "numpy": numpy.__version__,
+            "numba": numba.__version__,
             "python": python_platform.python_version(),
         },
         "openmm_platforms": available_platforms(),

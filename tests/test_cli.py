@@ -29,11 +29,11 @@ def test_help_lists_subcommands(capsys):
 def test_info_prints_versions_platforms_and_device(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    for word in ("openflow", "openmm", "torch", "mdtraj", "numpy", "python", "OpenMM platforms:", "Reference", "torch device:"):
+    for word in ("openflow", "openmm", "torch", "mdtraj", "numpy", "numba", "python", "OpenMM platforms:", "Reference", "torch device:"):
         assert word in out
     assert main(["info", "--json"]) == 0
     facts = json.loads(capsys.readouterr().out)
-    assert set(facts["versions"]) == {"openflow", "openmm", "torch", "mdtraj", "numpy", "python"}
+    assert set(facts["versions"]) == {"openflow", "openmm", "torch", "mdtraj", "numpy", "numba", "python"}
     assert "Reference" in facts["openmm_platforms"] and isinstance(facts["torch_cuda_available"], bool)
 
 

@@ -35,6 +35,23 @@ _lock = threading.Lock()  # one caller at a time: numba's workqueue layer must n
 
 
 @njit(**_COMPILE)
+def _block(block, positions):
+    """Configurations ``b0 <= b < b1`` of parallel task ``block``."""
+    return block * BLOCK, min(positions.shape[2], (block + 1) * BLOCK)
+
+
+@njit(**_COMPILE)
+def _n_blocks(positions):
+    return -(-positions.shape[2] // BLOCK)
+
+
+@njit(**_COMPILE)
+def _difference(p, i, j, b):
+    """``p[:, j, b] - p[:, i, b]`` as three numbers."""
+    return p[0, j, b] - p[0, i, b], p[1, j, b] - p[1, i, b], p[2, j, b] - p[2, i, b]
+
+
+@njit(**_COMPILE)
 def _add_pair_gradient(gradient, i, j, b, c, dx, dy, dz):
     """``gradient[:, j, b] += c (dx, dy, dz)`` and ``gradient[:, i, b] -= c (dx, dy, dz)``."""
     gradient[0, j, b] += c * dx
@@ -55,14 +72,13 @@ def _add_gradient(gradient, a, b, gx, gy, gz):
 @njit(**_PARALLEL)
 def harmonic_bonds(positions, gradient, energy, with_gradient, pairs, length, half_k):
     """``k/2 (r - r0)^2``; pairs ``(M, 2)``, length, half_k ``(M,)``."""
-    n_configurations = positions.shape[2]
-    for block in prange(-(-n_configurations // BLOCK)):
-        b0, b1 = block * BLOCK, min(n_configurations, (block + 1) * BLOCK)
-        p = positions
+    p = positions
+    for block in prange(_n_blocks(p)):
+        b0, b1 = _block(block, p)
         for m in range(pairs.shape[0]):
             i, j = pairs[m, 0], pairs[m, 1]
             for b in range(b0, b1):
-                dx, dy, dz = p[0, j, b] - p[0, i, b], p[1, j, b] - p[1, i, b], p[2, j, b] - p[2, i, b]
+                dx, dy, dz = _difference(p, i, j, b)
                 r = math.sqrt(dx * dx + dy * dy + dz * dz)
                 stretch = r - length[m]
                 energy[b] += half_k[m] * stretch * stretch
@@ -73,15 +89,14 @@ def harmonic_bonds(positions, gradient, energy, with_gradient, pairs, length, ha
 @njit(**_PARALLEL)
 def harmonic_angles(positions, gradient, energy, with_gradient, triples, angle, half_k):
     """``k/2 (theta - theta0)^2`` of the angle i-j-k; triples ``(M, 3)``, angle, half_k ``(M,)``."""
-    n_configurations = positions.shape[2]
-    for block in prange(-(-n_configurations // BLOCK)):
-        b0, b1 = block * BLOCK, min(n_configurations, (block + 1) * BLOCK)
-        p = positions
+    p = positions
+    for block in prange(_n_blocks(p)):
+        b0, b1 = _block(block, p)
         for m in range(triples.shape[0]):
             i, j, k = triples[m, 0], triples[m, 1], triples[m, 2]
             for b in range(b0, b1):
-                ax, ay, az = p[0, i, b] - p[0, j, b], p[1, i, b] - p[1, j, b], p[2, i, b] - p[2, j, b]
-                bx, by, bz = p[0, k, b] - p[0, j, b], p[1, k, b] - p[1, j, b], p[2, k, b] - p[2, j, b]
+                ax, ay, az = _difference(p, j, i, b)
+                bx, by, bz = _difference(p, j, k, b)
                 nx, ny, nz = ay * bz - az * by, az * bx - ax * bz, ax * by - ay * bx
                 sine = math.sqrt(nx * nx + ny * ny + nz * nz)
                 bend = math.atan2(sine, ax * bx + ay * by + az * bz) - angle[m]
@@ -101,16 +116,15 @@ def periodic_torsions(positions, gradient, energy, with_gradient, quadruples, of
     """``k (1 + cos(n phi - phi0))`` of the dihedral i-j-k-l; quadruples ``(M, 4)`` distinct, each with
     the terms ``offsets[m] <= t < offsets[m + 1]`` of integer periodicity ``n``. ``cos(n phi)`` and
     ``sin(n phi)`` come from ``(cos phi + i sin phi)^n``: no transcendental function per term."""
-    n_configurations = positions.shape[2]
-    for block in prange(-(-n_configurations // BLOCK)):
-        b0, b1 = block * BLOCK, min(n_configurations, (block + 1) * BLOCK)
-        p = positions
+    p = positions
+    for block in prange(_n_blocks(p)):
+        b0, b1 = _block(block, p)
         for m in range(quadruples.shape[0]):
             i, j, kk, l = quadruples[m, 0], quadruples[m, 1], quadruples[m, 2], quadruples[m, 3]
             for b in range(b0, b1):
-                b1x, b1y, b1z = p[0, j, b] - p[0, i, b], p[1, j, b] - p[1, i, b], p[2, j, b] - p[2, i, b]
-                b2x, b2y, b2z = p[0, kk, b] - p[0, j, b], p[1, kk, b] - p[1, j, b], p[2, kk, b] - p[2, j, b]
-                b3x, b3y, b3z = p[0, l, b] - p[0, kk, b], p[1, l, b] - p[1, kk, b], p[2, l, b] - p[2, kk, b]
+                b1x, b1y, b1z = _difference(p, i, j, b)
+                b2x, b2y, b2z = _difference(p, j, kk, b)
+                b3x, b3y, b3z = _difference(p, kk, l, b)
                 n1x, n1y, n1z = b1y * b2z - b1z * b2y, b1z * b2x - b1x * b2z, b1x * b2y - b1y * b2x
                 n2x, n2y, n2z = b2y * b3z - b2z * b3y, b2z * b3x - b2x * b3z, b2x * b3y - b2y * b3x
                 b2_squared = b2x * b2x + b2y * b2y + b2z * b2z
@@ -142,14 +156,13 @@ def periodic_torsions(positions, gradient, energy, with_gradient, quadruples, of
 @njit(**_PARALLEL)
 def coulomb_lennard_jones(positions, gradient, energy, with_gradient, pairs, coulomb, sigma_squared, four_epsilon):
     """``c/r + 4 eps ((sigma/r)^12 - (sigma/r)^6)``; pairs ``(P, 2)``, the rest ``(P,)``."""
-    n_configurations = positions.shape[2]
-    for block in prange(-(-n_configurations // BLOCK)):
-        b0, b1 = block * BLOCK, min(n_configurations, (block + 1) * BLOCK)
-        p = positions
+    p = positions
+    for block in prange(_n_blocks(p)):
+        b0, b1 = _block(block, p)
         for m in range(pairs.shape[0]):
             i, j = pairs[m, 0], pairs[m, 1]
             for b in range(b0, b1):
-                dx, dy, dz = p[0, j, b] - p[0, i, b], p[1, j, b] - p[1, i, b], p[2, j, b] - p[2, i, b]
+                dx, dy, dz = _difference(p, i, j, b)
                 inverse_r2 = 1.0 / (dx * dx + dy * dy + dz * dz)
                 electrostatic = coulomb[m] * math.sqrt(inverse_r2)
                 s6 = sigma_squared[m] * inverse_r2
@@ -197,17 +210,16 @@ def obc2(positions, gradient, energy, with_gradient, pairs, rho, s, s_squared, e
     ``rho, s, s_squared, engulfed_below, two_over_rho`` ``(2, P)``: row 0 for atom i's integral over
     j, row 1 for j's over i; charge_products ``(P,)``; the rest per atom ``(N,)``; scalars: the
     polarisation prefactor (kJ/mol nm/e^2) and the OBC2 rescaling's alpha, beta, gamma."""
-    n_configurations = positions.shape[2]
-    for block in prange(-(-n_configurations // BLOCK)):
-        b0, b1 = block * BLOCK, min(n_configurations, (block + 1) * BLOCK)
-        p = positions
+    p = positions
+    for block in prange(_n_blocks(p)):
+        b0, b1 = _block(block, p)
         n, nb, n_pairs = radius.shape[0], b1 - b0, pairs.shape[0]
         total = np.zeros((n, nb))  # sum of pair integrals per atom
         slopes = np.empty((2, n_pairs, nb))  # d(integral)/dr / r, both directions
         for m in range(n_pairs):
             i, j = pairs[m, 0], pairs[m, 1]
             for b in range(b0, b1):
-                dx, dy, dz = p[0, j, b] - p[0, i, b], p[1, j, b] - p[1, i, b], p[2, j, b] - p[2, i, b]
+                dx, dy, dz = _difference(p, i, j, b)
                 r = math.sqrt(dx * dx + dy * dy + dz * dz)
                 inverse_r = 1.0 / r
                 term, slopes[0, m, b - b0] = _born_integral(r, inverse_r, rho[0, m], s[0, m], s_squared[0, m], engulfed_below[0, m], two_over_rho[0, m], with_gradient)
@@ -235,7 +247,7 @@ def obc2(positions, gradient, energy, with_gradient, pairs, rho, s, s_squared, e
         for m in range(n_pairs):
             i, j = pairs[m, 0], pairs[m, 1]
             for b in range(b0, b1):
-                dx, dy, dz = p[0, j, b] - p[0, i, b], p[1, j, b] - p[1, i, b], p[2, j, b] - p[2, i, b]
+                dx, dy, dz = _difference(p, i, j, b)
                 r2 = dx * dx + dy * dy + dz * dz
                 born_i, born_j = born[i, b - b0], born[j, b - b0]
                 product = born_i * born_j
@@ -257,7 +269,7 @@ def obc2(positions, gradient, energy, with_gradient, pairs, rho, s, s_squared, e
                 i, j = pairs[m, 0], pairs[m, 1]
                 for b in range(b0, b1):
                     c = direct[m, b - b0] + d_born[i, b - b0] * slopes[0, m, b - b0] + d_born[j, b - b0] * slopes[1, m, b - b0]
-                    dx, dy, dz = p[0, j, b] - p[0, i, b], p[1, j, b] - p[1, i, b], p[2, j, b] - p[2, i, b]
+                    dx, dy, dz = _difference(p, i, j, b)
                     _add_pair_gradient(gradient, i, j, b, c, dx, dy, dz)
 
 

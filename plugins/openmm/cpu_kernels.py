@@ -30,28 +30,29 @@ from numba import config as numba_config
 BLOCK = 64  # configurations per parallel task: a block's positions and gradient stay in cache
 _COMPILE = dict(nogil=True, cache=True, error_model="numpy", boundscheck=False, fastmath={"contract", "arcp", "nsz"})
 _PARALLEL = dict(_COMPILE, parallel=True)
+_INLINE = dict(_COMPILE, inline="always")  # helpers: inlined in numba IR (OBC2 1.3x; LLVM alone left calls)
 _parallel_pid: int | None = None  # the process whose OpenMP threads the kernels started
 _lock = threading.Lock()  # one caller at a time: numba's workqueue layer must not be entered concurrently
 
 
-@njit(**_COMPILE)
+@njit(**_INLINE)
 def _block(block, positions):
     """Configurations ``b0 <= b < b1`` of parallel task ``block``."""
     return block * BLOCK, min(positions.shape[2], (block + 1) * BLOCK)
 
 
-@njit(**_COMPILE)
+@njit(**_INLINE)
 def _n_blocks(positions):
     return -(-positions.shape[2] // BLOCK)
 
 
-@njit(**_COMPILE)
+@njit(**_INLINE)
 def _difference(p, i, j, b):
     """``p[:, j, b] - p[:, i, b]`` as three numbers."""
     return p[0, j, b] - p[0, i, b], p[1, j, b] - p[1, i, b], p[2, j, b] - p[2, i, b]
 
 
-@njit(**_COMPILE)
+@njit(**_INLINE)
 def _add_pair_gradient(gradient, i, j, b, c, dx, dy, dz):
     """``gradient[:, j, b] += c (dx, dy, dz)`` and ``gradient[:, i, b] -= c (dx, dy, dz)``."""
     gradient[0, j, b] += c * dx
@@ -62,7 +63,7 @@ def _add_pair_gradient(gradient, i, j, b, c, dx, dy, dz):
     gradient[2, i, b] -= c * dz
 
 
-@njit(**_COMPILE)
+@njit(**_INLINE)
 def _add_gradient(gradient, a, b, gx, gy, gz):
     gradient[0, a, b] += gx
     gradient[1, a, b] += gy
@@ -174,7 +175,7 @@ def coulomb_lennard_jones(positions, gradient, energy, with_gradient, pairs, cou
                     _add_pair_gradient(gradient, i, j, b, c, dx, dy, dz)
 
 
-@njit(**_COMPILE)
+@njit(**_INLINE)
 def _born_integral(r, inverse_r, rho, s, s_squared, engulfed_below, two_over_rho, with_gradient):
     """HCT integral of atom i (offset radius ``rho``) over atom j (scaled radius ``s``) at distance
     ``r``, with Tinker's engulfed-atom term, and its ``d/dr / r`` (0 without gradient)."""

@@ -152,6 +152,8 @@ def test_bad_input_raises_clear_errors():
         real_nvp(4, mask=[1, 0, 1])
     with pytest.raises(ValueError, match="unknown activation"):
         mlp(2, 2, activation="swishy")
+    with pytest.raises(TypeError, match=r"sequence of layer widths.*256"):
+        real_nvp(4, hidden=256)
     with pytest.raises(ValueError, match="at least 2 samples"):
         ActNorm(3).initialize(torch.zeros(1, 3))
     flow = real_nvp(4, n_layers=2, hidden=(8,))

@@ -59,6 +59,8 @@ def mlp(
     ``"softplus"``) or a zero-argument callable returning a module (e.g. ``nn.Tanh``).
     ``zero_last=True`` zeroes the output layer, so the network starts as the constant 0.
     """
+    if not isinstance(hidden, Sequence) or isinstance(hidden, str):
+        raise TypeError(f"hidden must be a sequence of layer widths, e.g. (64, 64) or (256,), got {hidden!r}")
     hidden = tuple(int(h) for h in hidden)
     if in_dim < 1 or out_dim < 1 or any(h < 1 for h in hidden):
         raise ValueError(f"layer widths must be >= 1, got in={in_dim}, hidden={hidden}, out={out_dim}")

@@ -599,10 +599,10 @@ class PeriodicTorsions(_Term):
         self.register_buffer("periodicity", _column(periodicity))
         self.register_buffer("phase", _column(phase))
         self.register_buffer("k", _column(k))
-        order = np.argsort(which.reshape(-1), kind="stable")  # terms grouped by dihedral
+        periodicity = np.rint(np.asarray(periodicity, dtype=np.float64).reshape(-1)).astype(np.int64)
+        order = np.lexsort((periodicity, which.reshape(-1)))  # terms grouped by dihedral, by periodicity within
         offsets = np.concatenate([[0], np.cumsum(np.bincount(which.reshape(-1), minlength=len(unique)))])
-        phase = np.asarray(phase, dtype=np.float64).reshape(-1)[order]
-        periodicity = np.rint(np.asarray(periodicity, dtype=np.float64).reshape(-1)[order]).astype(np.int64)
+        phase, periodicity = np.asarray(phase, dtype=np.float64).reshape(-1)[order], periodicity[order]
         k = np.asarray(k, dtype=np.float64).reshape(-1)[order]
         self._kernel_parameters = _kernel_arrays(self.quadruples, offsets, periodicity, np.cos(phase), np.sin(phase), k)
 
@@ -1191,6 +1191,7 @@ class TorchEnergy(EvaluationCounts, nn.Module):
         in_torch = [t for t in self.terms if not (self.cpu_kernels and not self.compile and t.cpu_kernel())]
         rows = max((len(b) for t in in_torch for b in t.buffers() if b.dtype == torch.int64), default=0)
         self.cpu_chunk_size = 512 if rows > 256 else 1024 if in_torch else 16384
+        self._kernels_only = not in_torch  # CPU positions then stay in the caller's layout (the kernels read any strides)
         self.to(device=device, dtype=dtype)
         self.reset_stats()
         keep_freed_memory()  # each chunk's multi-MB temporaries reuse freed heap instead of fresh pages: 2-3x on CPU
@@ -1225,13 +1226,10 @@ class TorchEnergy(EvaluationCounts, nn.Module):
         """Energies ``(B,)`` kJ/mol of positions ``(3, n_atoms, B)``; adds ``dE/dpositions`` into ``gradient``."""
         energy = positions.new_zeros(positions.shape[-1])
         terms = self.terms
-        if self.cpu_kernels and not self.compile and positions.device.type == "cpu" and cpu_kernels.usable():
+        if self.cpu_kernels and not self.compile and positions.device.type == "cpu":
             kernels = [term.cpu_kernel() for term in terms]
             if any(kernels):
-                compiled_energy, compiled_gradient = cpu_kernels.evaluate([k for k in kernels if k], positions, gradient is not None)
-                energy = energy + compiled_energy.to(energy.dtype)
-                if gradient is not None:
-                    gradient += compiled_gradient.to(gradient.dtype)
+                energy = energy + cpu_kernels.evaluate([k for k in kernels if k], positions, gradient).to(energy.dtype)
                 terms = [term for term, kernel in zip(terms, kernels) if kernel is None]
         for term in terms:
             energy = energy + term.energy_gradient(positions, gradient)
@@ -1268,9 +1266,9 @@ class TorchEnergy(EvaluationCounts, nn.Module):
         energies, forces = [], []
         for chunk in xc.split(chunk_size):
             u, grad = self._chunk_energy_gradient(chunk, chunk_size)
-            finite = torch.isfinite(u) & torch.isfinite(grad).all(-1)
+            finite = torch.isfinite(u) & torch.isfinite(grad.sum(-1))  # a NaN or inf component makes the sum one
             energies.append(u.masked_fill(~finite, math.inf))
-            forces.append(-grad.masked_fill(~finite[:, None], 0.0))
+            forces.append(grad.masked_fill_(~finite[:, None], 0.0).neg_())
         u, f = torch.cat(energies), torch.cat(forces)
         self._count(~torch.isfinite(u))
         return u.to(x.dtype), f.to(x.dtype)
@@ -1300,8 +1298,8 @@ class TorchEnergy(EvaluationCounts, nn.Module):
     # -- internals -----------------------------------------------------------------------------
     def _reduced_energy_gradient(self, chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Reduced energies ``(B,)`` and ``du/dx`` ``(B, d)`` of ``chunk`` ``(B, d)``, raw."""
-        positions = self._layout(chunk)
-        gradient = torch.zeros_like(positions)
+        positions = self._layout(chunk, contiguous=not (self._kernels_only and chunk.device.type == "cpu"))
+        gradient = torch.zeros_like(positions)  # same strides: a view of (B, n_atoms, 3) for the kernels
         u = self._energy_gradient(positions, gradient) / self.kT
         grad = gradient.permute(2, 1, 0).reshape(len(chunk), 3 * self.system.n_atoms)
         if not self.all_active:
@@ -1327,11 +1325,13 @@ class TorchEnergy(EvaluationCounts, nn.Module):
     def __getstate__(self) -> dict:
         return dict(super().__getstate__(), _compiled=None)
 
-    def _layout(self, x: torch.Tensor) -> torch.Tensor:
-        """Active coordinates ``(B, d)`` -> positions in the internal layout ``(3, n_atoms, B)`` nm."""
+    def _layout(self, x: torch.Tensor, contiguous: bool = True) -> torch.Tensor:
+        """Active coordinates ``(B, d)`` -> positions in the internal layout ``(3, n_atoms, B)`` nm;
+        ``contiguous=False``: a transposed view of ``(B, n_atoms, 3)`` where possible."""
         if not self.all_active:
             x = self.reference.expand(-1, x.shape[0]).index_copy(0, self.active_index, x.T).T
-        return x.reshape(x.shape[0], self.system.n_atoms, 3).permute(2, 1, 0).contiguous()
+        positions = x.reshape(x.shape[0], self.system.n_atoms, 3).permute(2, 1, 0)
+        return positions.contiguous() if contiguous else positions
 
     def _coordinates(self, x) -> torch.Tensor:
         """Validate ``x`` ``(B, d)``; move the parameters to its device; return it in ``self.dtype``."""

@@ -556,3 +556,20 @@ def test_forked_child_computes_the_same():
     assert child.exitcode == 0 and pool_works
     np.testing.assert_allclose(u_child, u.numpy(), rtol=1e-12)
     np.testing.assert_allclose(f_child, f.numpy(), rtol=1e-10, atol=1e-10)
+
+
+def test_torch_runs_on_one_thread_only_around_the_kernels():
+    """``energy_and_forces`` of a kernel-only system runs torch's own ops serially and restores torch's
+    thread count afterwards, also when nested or interrupted by an error."""
+    threads = torch.get_num_threads()
+    system = build("alanine-vacuum-amber99sbildn-None")
+    TorchEnergy(system).energy_and_forces(real_configurations(system))
+    assert torch.get_num_threads() == threads
+    with pytest.raises(RuntimeError, match="inside"):
+        with cpu_kernels_module.torch_on_one_thread():
+            assert torch.get_num_threads() == 1
+            with cpu_kernels_module.torch_on_one_thread():
+                assert torch.get_num_threads() == 1
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("inside")
+    assert torch.get_num_threads() == threads

@@ -28,6 +28,7 @@ input) become ``u = +inf`` with zero gradient and are counted, exactly as in ``O
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import operator
@@ -1264,12 +1265,14 @@ class TorchEnergy(EvaluationCounts, nn.Module):
         if int(chunk_size) != chunk_size or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
         energies, forces = [], []
-        for chunk in xc.split(chunk_size):
-            u, grad = self._chunk_energy_gradient(chunk, chunk_size)
-            finite = torch.isfinite(u) & torch.isfinite(grad.sum(-1))  # a NaN or inf component makes the sum one
-            energies.append(u.masked_fill(~finite, math.inf))
-            forces.append(grad.masked_fill_(~finite[:, None], 0.0).neg_())
-        u, f = torch.cat(energies), torch.cat(forces)
+        serial_torch = self._kernels_only and xc.device.type == "cpu" and not self.compile
+        with cpu_kernels.torch_on_one_thread() if serial_torch else contextlib.nullcontext():
+            for chunk in xc.split(chunk_size):
+                u, grad = self._chunk_energy_gradient(chunk, chunk_size)
+                finite = torch.isfinite(u) & torch.isfinite(grad.sum(-1))  # a NaN or inf component makes the sum one
+                energies.append(u.masked_fill(~finite, math.inf))
+                forces.append(grad.masked_fill_(~finite[:, None], 0.0).neg_())
+            u, f = torch.cat(energies), torch.cat(forces)
         self._count(~torch.isfinite(u))
         return u.to(x.dtype), f.to(x.dtype)
 

@@ -1148,9 +1148,10 @@ class TorchEnergy(EvaluationCounts, nn.Module):
         soft_cap: as in ``OpenMMEnergy``: ``__call__`` returns ``u_high + log(1 + u - u_high)``
             above ``u_high``; ``energy_and_forces`` and ``forces`` stay uncapped.
         cpu_kernels: on the CPU, evaluate the standard forces (bonds, angles, torsions, nonbonded,
-            OBC2) with the compiled kernels of ``cpu_kernels`` (numba, float64 inside, threaded over
-            the batch): 2-4x the torch ops on alanine dipeptide. The custom forces stay in torch.
-            ``False``: torch ops everywhere. Ignored on a GPU and with ``compile=True``.
+            OBC2) with the compiled kernels of ``cpu_kernels`` (numba, vectorised, float64 inside,
+            threaded over the batch): on alanine dipeptide at batch 1024 3.4-5.9x the torch ops in
+            float64, 1.5-3.4x in float32. The custom forces stay in torch. ``False``: torch ops
+            everywhere. Ignored on a GPU and with ``compile=True``.
         compile: ``energy_and_forces`` runs the energy and its analytic gradient as one
             ``torch.compile``'d graph per chunk size and device (the last chunk is padded to the chunk
             size, so nothing recompiles). Experimental: on a 2-core CPU 1.2-1.4x the eager speed for

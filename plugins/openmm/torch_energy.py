@@ -1260,22 +1260,22 @@ class TorchEnergy(EvaluationCounts, nn.Module):
         standard forces and, through symbolic derivatives of their expressions, for the custom
         bonded ones (autograd for the rest). Non-finite energies or forces give ``+inf`` and 0.
         """
-        xc = self._coordinates(x).detach()
-        if chunk_size is None:
-            chunk_size = self.cpu_chunk_size if xc.device.type == "cpu" else 16384
-        if int(chunk_size) != chunk_size or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
-        energies, forces = [], []
-        serial_torch = self._kernels_only and xc.device.type == "cpu" and not self.compile
+        serial_torch = self._kernels_only and not self.compile and isinstance(x, torch.Tensor) and x.device.type == "cpu"
         with cpu_kernels.torch_on_one_thread() if serial_torch else contextlib.nullcontext():
+            xc = self._coordinates(x).detach()
+            if chunk_size is None:
+                chunk_size = self.cpu_chunk_size if xc.device.type == "cpu" else 16384
+            if int(chunk_size) != chunk_size or chunk_size < 1:
+                raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+            energies, forces = [], []
             for chunk in xc.split(chunk_size):
                 u, grad = self._chunk_energy_gradient(chunk, chunk_size)
                 finite = torch.isfinite(u) & torch.isfinite(grad.sum(-1))  # a NaN or inf component makes the sum one
                 energies.append(u.masked_fill(~finite, math.inf))
                 forces.append(grad.masked_fill_(~finite[:, None], 0.0).neg_())
             u, f = torch.cat(energies), torch.cat(forces)
-        self._count(~torch.isfinite(u))
-        return u.to(x.dtype), f.to(x.dtype)
+            self._count(~torch.isfinite(u))
+            return u.to(x.dtype), f.to(x.dtype)
 
     def forces(self, x: torch.Tensor) -> torch.Tensor:
         """Reduced forces ``-du/dx`` ``(B, d)`` kT/nm of ``x`` ``(B, d)`` nm (zero where non-finite)."""
@@ -1302,7 +1302,10 @@ class TorchEnergy(EvaluationCounts, nn.Module):
     # -- internals -----------------------------------------------------------------------------
     def _reduced_energy_gradient(self, chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Reduced energies ``(B,)`` and ``du/dx`` ``(B, d)`` of ``chunk`` ``(B, d)``, raw."""
-        positions = self._layout(chunk, contiguous=not (self._kernels_only and chunk.device.type == "cpu"))
+        kernels_only = self._kernels_only and chunk.device.type == "cpu"
+        if kernels_only:  # the kernels compute in float64 whatever the dtype: no conversions on the way
+            chunk = chunk.double()
+        positions = self._layout(chunk, contiguous=not kernels_only)
         gradient = torch.zeros_like(positions)  # same strides: a view of (B, n_atoms, 3) for the kernels
         u = self._energy_gradient(positions, gradient) / self.kT
         grad = gradient.permute(2, 1, 0).reshape(len(chunk), 3 * self.system.n_atoms)
@@ -1333,7 +1336,7 @@ class TorchEnergy(EvaluationCounts, nn.Module):
         """Active coordinates ``(B, d)`` -> positions in the internal layout ``(3, n_atoms, B)`` nm;
         ``contiguous=False``: a transposed view of ``(B, n_atoms, 3)`` where possible."""
         if not self.all_active:
-            x = self.reference.expand(-1, x.shape[0]).index_copy(0, self.active_index, x.T).T
+            x = self.reference.to(x.dtype).expand(-1, x.shape[0]).index_copy(0, self.active_index, x.T).T
         positions = x.reshape(x.shape[0], self.system.n_atoms, 3).permute(2, 1, 0)
         return positions.contiguous() if contiguous else positions
 

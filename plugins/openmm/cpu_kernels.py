@@ -51,15 +51,24 @@ def _add_rows(gradient, atom, values, sign):
 
 
 @njit(**_INLINE)
-def _load(positions, b0, nb):
-    """A block's own copy ``(3, N, nb)`` of ``positions[:, :, b0:b0 + nb]``: loops over arrays the
-    kernel allocated itself are ones LLVM knows to be free of aliasing, and vectorises (2x)."""
+def _add_pair(gradient, i, j, values):
+    """A pair term's gradient: ``+values`` on atom j, ``-values`` on atom i."""
+    _add_rows(gradient, j, values, 1.0)
+    _add_rows(gradient, i, values, -1.0)
+
+
+@njit(**_INLINE)
+def _block(positions, b0, stop):
+    """The block of configurations from ``b0``: its size ``nb``, its own copy ``(3, N, nb)`` of their
+    positions (loops over arrays the kernel allocated itself are ones LLVM knows to be free of
+    aliasing, and vectorises: 2x), a zero gradient ``(3, N, nb)`` and zero energies ``(nb,)``."""
+    nb = min(stop - b0, BLOCK)
     block = np.empty((3, positions.shape[1], nb))
     for k in range(3):
         for a in range(positions.shape[1]):
             for b in range(nb):
                 block[k, a, b] = positions[k, a, b0 + b]
-    return block
+    return nb, block, np.zeros_like(block), np.zeros(nb)
 
 
 @njit(**_INLINE)
@@ -79,10 +88,8 @@ def _store(gradient, energy, b0, block_gradient, block_energy, with_gradient):
 def harmonic_bonds(positions, gradient, energy, with_gradient, start, stop, pairs, length, half_k):
     """``k/2 (r - r0)^2``; pairs ``(M, 2)``, length, half_k ``(M,)``."""
     for b0 in range(start, stop, BLOCK):
-        nb = min(stop - b0, BLOCK)
-        p = _load(positions, b0, nb)
-        g = np.zeros_like(p)
-        e, d = np.zeros(nb), np.empty((3, nb))  # energies; dE/dp_j = -dE/dp_i
+        nb, p, g, e = _block(positions, b0, stop)
+        d = np.empty((3, nb))  # dE/dp_j = -dE/dp_i
         for m in range(pairs.shape[0]):
             i, j = pairs[m, 0], pairs[m, 1]
             r0, hk = length[m], half_k[m]
@@ -94,8 +101,7 @@ def harmonic_bonds(positions, gradient, energy, with_gradient, start, stop, pair
                 c = 2.0 * hk * stretch / r
                 d[0, b], d[1, b], d[2, b] = c * dx, c * dy, c * dz
             if with_gradient:
-                _add_rows(g, j, d, 1.0)
-                _add_rows(g, i, d, -1.0)
+                _add_pair(g, i, j, d)
         _store(gradient, energy, b0, g, e, with_gradient)
 
 
@@ -103,10 +109,8 @@ def harmonic_bonds(positions, gradient, energy, with_gradient, start, stop, pair
 def harmonic_angles(positions, gradient, energy, with_gradient, start, stop, triples, angle, half_k):
     """``k/2 (theta - theta0)^2`` of the angle i-j-k; triples ``(M, 3)``, angle, half_k ``(M,)``."""
     for b0 in range(start, stop, BLOCK):
-        nb = min(stop - b0, BLOCK)
-        p = _load(positions, b0, nb)
-        g = np.zeros_like(p)
-        e, gi, gk = np.zeros(nb), np.empty((3, nb)), np.empty((3, nb))
+        nb, p, g, e = _block(positions, b0, stop)
+        gi, gk = np.empty((3, nb)), np.empty((3, nb))
         for m in range(triples.shape[0]):
             i, j, k = triples[m, 0], triples[m, 1], triples[m, 2]
             theta0, hk = angle[m], half_k[m]
@@ -137,10 +141,8 @@ def periodic_torsions(positions, gradient, energy, with_gradient, start, stop, q
     ``cos(n phi)`` and ``sin(n phi)`` come from ``(cos phi + i sin phi)^n``: no transcendental
     function at all."""
     for b0 in range(start, stop, BLOCK):
-        nb = min(stop - b0, BLOCK)
-        p = _load(positions, b0, nb)
-        g = np.zeros_like(p)
-        e, cos_phi, sin_phi = np.zeros(nb), np.empty(nb), np.empty(nb)
+        nb, p, g, e = _block(positions, b0, stop)
+        cos_phi, sin_phi = np.empty(nb), np.empty(nb)
         cos_n, sin_n, slope = np.empty(nb), np.empty(nb), np.empty(nb)
         roles = np.empty((4, 3, nb))  # dE/dp of atoms i, j, k, l
         for m in range(quadruples.shape[0]):
@@ -196,10 +198,8 @@ def periodic_torsions(positions, gradient, energy, with_gradient, start, stop, q
 def coulomb_lennard_jones(positions, gradient, energy, with_gradient, start, stop, pairs, coulomb, sigma_squared, four_epsilon):
     """``c/r + 4 eps ((sigma/r)^12 - (sigma/r)^6)``; pairs ``(P, 2)``, the rest ``(P,)``."""
     for b0 in range(start, stop, BLOCK):
-        nb = min(stop - b0, BLOCK)
-        p = _load(positions, b0, nb)
-        g = np.zeros_like(p)
-        e, d = np.zeros(nb), np.empty((3, nb))  # energies; dE/dp_j = -dE/dp_i
+        nb, p, g, e = _block(positions, b0, stop)
+        d = np.empty((3, nb))  # dE/dp_j = -dE/dp_i
         for m in range(pairs.shape[0]):
             i, j = pairs[m, 0], pairs[m, 1]
             q, s2, fe = coulomb[m], sigma_squared[m], four_epsilon[m]
@@ -214,8 +214,7 @@ def coulomb_lennard_jones(positions, gradient, energy, with_gradient, start, sto
                 c = -(electrostatic + dispersion + fe * s6 * (11.0 * s6 - 5.0)) * inverse_r2  # dE/dr / r
                 d[0, b], d[1, b], d[2, b] = c * dx, c * dy, c * dz
             if with_gradient:
-                _add_rows(g, j, d, 1.0)
-                _add_rows(g, i, d, -1.0)
+                _add_pair(g, i, j, d)
         _store(gradient, energy, b0, g, e, with_gradient)
 
 
@@ -253,10 +252,7 @@ def obc2(positions, gradient, energy, with_gradient, start, stop, pairs, rho, s,
     polarisation prefactor (kJ/mol nm/e^2) and the OBC2 rescaling's alpha, beta, gamma."""
     n, n_pairs = radius.shape[0], pairs.shape[0]
     for b0 in range(start, stop, BLOCK):
-        nb = min(stop - b0, BLOCK)
-        p = _load(positions, b0, nb)
-        g = np.zeros_like(p)
-        e = np.zeros(nb)
+        nb, p, g, e = _block(positions, b0, stop)
         total = np.zeros((n, nb))  # sum of pair integrals per atom
         slopes = np.empty((2, n_pairs, nb))  # d(integral)/dr / r, both directions
         r, inverse_r = np.empty(nb), np.empty(nb)
@@ -329,8 +325,7 @@ def obc2(positions, gradient, energy, with_gradient, start, stop, pairs, rho, s,
                     c = direct[m, b] + d_born[i, b] * slopes[0, m, b] + d_born[j, b] * slopes[1, m, b]
                     dx, dy, dz = _difference(p, i, j, b)
                     d[0, b], d[1, b], d[2, b] = c * dx, c * dy, c * dz
-                _add_rows(g, j, d, 1.0)
-                _add_rows(g, i, d, -1.0)
+                _add_pair(g, i, j, d)
         _store(gradient, energy, b0, g, e, with_gradient)
 
 

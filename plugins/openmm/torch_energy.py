@@ -1190,10 +1190,12 @@ class TorchEnergy(EvaluationCounts, nn.Module):
         self.cpu_kernels = bool(cpu_kernels)
         # CPU chunks: torch ops' per-term temporaries (rows x chunk float64) of at most ~2 MB stay off fresh,
         # page-faulting memory; the compiled kernels have none, so chunks of only-kernel systems are large
-        in_torch = [t for t in self.terms if not (self.cpu_kernels and not self.compile and t.cpu_kernel())]
-        rows = max((len(b) for t in in_torch for b in t.buffers() if b.dtype == torch.int64), default=0)
-        self.cpu_chunk_size = 512 if rows > 256 else 1024 if in_torch else 16384
-        self._kernels_only = not in_torch  # CPU positions then stay in the caller's layout (the kernels read any strides)
+        use_kernels = self.cpu_kernels and not self.compile
+        self._kernel_terms = [t for t in self.terms if use_kernels and t.cpu_kernel()]
+        self._cpu_torch_terms = [t for t in self.terms if not (use_kernels and t.cpu_kernel())]
+        rows = max((len(b) for t in self._cpu_torch_terms for b in t.buffers() if b.dtype == torch.int64), default=0)
+        self.cpu_chunk_size = 512 if rows > 256 else 1024 if self._cpu_torch_terms else 16384
+        self._kernels_only = not self._cpu_torch_terms  # CPU positions then stay in the caller's layout (the kernels read any strides)
         self.to(device=device, dtype=dtype)
         self.reset_stats()
         keep_freed_memory()  # each chunk's multi-MB temporaries reuse freed heap instead of fresh pages: 2-3x on CPU
@@ -1228,11 +1230,10 @@ class TorchEnergy(EvaluationCounts, nn.Module):
         """Energies ``(B,)`` kJ/mol of positions ``(3, n_atoms, B)``; adds ``dE/dpositions`` into ``gradient``."""
         energy = positions.new_zeros(positions.shape[-1])
         terms = self.terms
-        if self.cpu_kernels and not self.compile and positions.device.type == "cpu":
-            kernels = [term.cpu_kernel() for term in terms]
-            if any(kernels):
-                energy = energy + cpu_kernels.evaluate([k for k in kernels if k], positions, gradient).to(energy.dtype)
-                terms = [term for term, kernel in zip(terms, kernels) if kernel is None]
+        if positions.device.type == "cpu" and self._kernel_terms:
+            kernels = [term.cpu_kernel() for term in self._kernel_terms]
+            energy = energy + cpu_kernels.evaluate(kernels, positions, gradient).to(energy.dtype)
+            terms = self._cpu_torch_terms
         for term in terms:
             energy = energy + term.energy_gradient(positions, gradient)
         return energy
@@ -1260,7 +1261,7 @@ class TorchEnergy(EvaluationCounts, nn.Module):
         standard forces and, through symbolic derivatives of their expressions, for the custom
         bonded ones (autograd for the rest). Non-finite energies or forces give ``+inf`` and 0.
         """
-        serial_torch = self._kernels_only and not self.compile and isinstance(x, torch.Tensor) and x.device.type == "cpu"
+        serial_torch = self._kernels_only and isinstance(x, torch.Tensor) and x.device.type == "cpu"
         with cpu_kernels.torch_on_one_thread() if serial_torch else contextlib.nullcontext():
             xc = self._coordinates(x).detach()
             if chunk_size is None:
@@ -1403,7 +1404,7 @@ def batched_energy(
             ``TorchEnergyFallbackWarning`` naming the force and ``OpenMMEnergy``) and, off the GPU,
             when it is also *measured* faster than the OpenMM loop on ``batch_hint`` configurations
             of this system (energy + gradient, best of 3): on the 2-core test box torch wins for
-            every system here (alanine dipeptide 4-6x the Reference loop, the model systems 4-7x),
+            every system here (alanine dipeptide 7-9x the Reference loop, the model systems 4-8x),
             but a fast CPU core running OpenMM's loop can beat two slow ones running torch.
         dtype, device: for ``TorchEnergy``; platform, platform_properties: for ``OpenMMEnergy``;
         soft_cap: for both.

@@ -10,6 +10,8 @@ from typing import Callable
 import openmm
 import torch
 
+from openflow.io import write_json
+
 
 def machine_description(device: str = "cpu") -> dict:
     """CPU model, cores, threads, load, library versions and the torch device, for the JSON record."""
@@ -70,8 +72,7 @@ def set_threads(threads: int | None) -> None:
 def emit(result: dict, table: str, as_json: bool, out: str | None = None) -> dict:
     """Print ``result`` as one JSON line (``as_json``) or ``table``; also write the JSON to ``out``."""
     if out:
-        with open(out, "w") as handle:
-            json.dump(result, handle, indent=2)
+        write_json(out, result)  # atomically
     print(json.dumps(result) if as_json else table)
     return result
 

@@ -339,11 +339,11 @@ def metad(args):
 
 # ----------------------------------------------------------------------------- bench
 
-BENCHMARKS = ("energy", "flows", "md")
+BENCHMARKS = ("energy", "energy_table", "flows", "md")
 
 
 def _bench_arguments(parser):
-    parser.add_argument("benchmark", choices=BENCHMARKS, help="which benchmark (energy: OpenMM loop vs batched torch; "
+    parser.add_argument("benchmark", choices=BENCHMARKS, help="which benchmark (energy: OpenMM loop vs batched torch; energy_table: the README's table of it; "
                         "flows: sampling and training step per flow family; md: ns/day bare and with a CV bias)")
     parser.add_argument("options", nargs=argparse.REMAINDER,
                         help="the benchmark's own options, e.g. --system alanine_dipeptide --batch 1024 --json "

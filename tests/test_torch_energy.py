@@ -22,8 +22,8 @@ import openflow.plugins.openmm.torch_energy as torch_energy_module
 
 from openflow.plugins.openmm import OpenMMEnergy
 from openflow.plugins.openmm.bridge import linear_log_cap
+from openflow.plugins.openmm.lepton import LeptonExpression
 from openflow.plugins.openmm.torch_energy import (
-    LeptonExpression,
     TorchEnergy,
     TorchEnergyFallbackWarning,
     batched_energy,
@@ -237,6 +237,12 @@ def test_lepton_expressions_evaluate_like_openmm(text):
     nodes = [expression.derivative(("variable", v)) or ("number", 0.0) for v in "xyz"]
     slopes = expression.evaluate(nodes, {"x": xyz[:, 0].detach(), "y": xyz[:, 1].detach(), "z": xyz[:, 2].detach()})
     np.testing.assert_allclose(torch.stack([torch.as_tensor(v, dtype=torch.float64).expand(5) for v in slopes], 1).numpy(), xyz.grad.numpy(), rtol=1e-12, atol=1e-12)
+    # the compiled CPU kernel generated from the same text (every function and operator of Lepton)
+    wrapped = System("lepton", system, point_particle_topology(1, "LEP"), points[:1] * unit.nanometer, kelvin(300.0), np.ones((1, 3), bool))
+    energy = TorchEnergy(wrapped)
+    assert energy._kernel_terms == list(energy.terms)
+    u, f = energy.energy_and_forces(torch.as_tensor(points))
+    assert_matches(u, f, *openmm_reduced(wrapped, torch.as_tensor(points)), energy_rtol=1e-12, force_rtol=1e-10)
 
 
 def test_lepton_errors():
@@ -480,20 +486,23 @@ def test_forces_without_terms_contribute_zero():
 
 
 # -- the compiled CPU kernels against the torch ops ---------------------------------------------
-KERNEL_VARIANTS = ["alanine-vacuum-amber99sbildn-None", "alanine-implicit-amber99sbildn-hbonds", "alanine-implicit-amber14-None"]
+KERNEL_VARIANTS = [
+    "alanine-vacuum-amber99sbildn-None", "alanine-implicit-amber99sbildn-hbonds", "alanine-implicit-amber14-None",
+    "cluster-2d-6", "cluster-3d-13", "chain-fixed-free", "custom",
+]
 
 
 @pytest.mark.parametrize("name", KERNEL_VARIANTS)
 def test_cpu_kernels_equal_torch_ops(name):
-    """Every standard force has a kernel (the implicit solvent of amber14 and ff96 is a CustomGBForce:
-    torch ops);
-    energies and forces of both paths agree to rounding, through ``energy_and_forces``, the
-    energy-only path and autograd, in both precisions."""
-    system = build(name)
+    """Every force but CustomGBForce has a kernel (written out for the standard forces, generated from
+    the expression for the custom ones; the implicit solvent of amber14 and ff96 is a CustomGBForce:
+    torch ops); energies and forces of both paths agree to rounding, through ``energy_and_forces``,
+    the energy-only path and autograd, in both precisions."""
+    system = custom_force_system() if name == "custom" else build(name)
     x = real_configurations(system, seed=3)
     kernels, ops = TorchEnergy(system), TorchEnergy(system, cpu_kernels=False)
     without = {type(term).__name__ for term in kernels.terms if term.cpu_kernel() is None}
-    assert without == (set() if "vacuum" in name or "amber99sbildn" in name else {"CustomGB"})
+    assert without == ({"CustomGB"} if name == "custom" or "amber14" in name else set())
     u, f = kernels.energy_and_forces(x)
     u_ops, f_ops = ops.energy_and_forces(x)
     assert torch.allclose(u, u_ops, rtol=1e-12, atol=1e-12) and torch.allclose(f, f_ops, rtol=1e-10, atol=1e-10 * float(f_ops.abs().max()))

@@ -1,5 +1,6 @@
-"""Compiled CPU kernels (numba) for ``TorchEnergy``'s standard forces: energies and analytic gradients
-of a batch in one pass per force.
+"""Compiled CPU kernels (numba) for ``TorchEnergy``'s forces: energies and analytic gradients of a
+batch in one pass per force; written out here for the standard forces, generated from the Lepton
+expression for the custom ones (``expression_kernel``).
 
 Torch on a CPU spends its time streaming ``(terms, batch)`` temporaries through memory, one
 elementwise op at a time. These kernels loop over the terms and, innermost, over a block of
@@ -15,7 +16,8 @@ Every kernel has the signature ``kernel(positions, gradient, energy, with_gradie
 ``(3, N, B)``, for positions ``(3, N, B)`` nm (both of any strides: a transposed view of
 ``(B, N, 3)`` is read and written in place). The physics is that of the torch terms in
 ``torch_energy`` (see their docstrings), written out per configuration; non-finite values
-propagate (no fast-math assumptions about inf or NaN).
+propagate (no fast-math assumptions about inf or NaN). Kernels of this module are cached on disk
+by numba (about 10 s to compile once); generated ones compile in about 1 s per process.
 """
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 from numba import njit
+
+from .lepton import coordinate_leaves
 
 BLOCK = 128  # configurations per inner loop: long enough to vectorise, short enough for the cache
 _COMPILE = dict(nogil=True, cache=True, error_model="numpy", boundscheck=False, fastmath={"contract", "arcp", "nsz"})
@@ -327,6 +331,130 @@ def obc2(positions, gradient, energy, with_gradient, start, stop, pairs, rho, s,
                     d[0, b], d[1, b], d[2, b] = c * dx, c * dy, c * dz
                 _add_pair(g, i, j, d)
         _store(gradient, energy, b0, g, e, with_gradient)
+
+
+# Custom forces: kernels generated from their Lepton expressions -------------------------------------
+_CODE = {  # Lepton function -> Python code (numba), given its arguments' code
+    **{name: f"math.{name}({{0}})" for name in (
+        "sqrt", "exp", "log", "sin", "cos", "tan", "asin", "acos", "atan", "sinh", "cosh", "tanh", "erf", "erfc",
+    )},
+    "floor": "np.floor({0})",  # a float, as Lepton's (math.floor gives an integer)
+    "ceil": "np.ceil({0})",
+    "atan2": "math.atan2({0}, {1})",
+    "sec": "(1.0 / math.cos({0}))",
+    "csc": "(1.0 / math.sin({0}))",
+    "cot": "(1.0 / math.tan({0}))",
+    "step": "(1.0 if {0} >= 0.0 else 0.0)",
+    "delta": "(1.0 if {0} == 0.0 else 0.0)",
+    "square": "({0} * {0})",
+    "cube": "({0} * {0} * {0})",
+    "recip": "(1.0 / {0})",
+    "min": "min({0}, {1})",
+    "max": "max({0}, {1})",
+    "abs": "abs({0})",
+    "select": "({1} if {0} != 0.0 else {2})",
+}
+_KERNEL = """
+def kernel(positions, gradient, energy, with_gradient, start, stop, particles, values):
+    n = positions.shape[1]
+    for b0 in range(start, stop, BLOCK):
+        nb = min(stop - b0, BLOCK)
+        p, g, e = np.empty(({n_axes}, n, nb)), np.zeros(({n_gradient_axes}, n, nb)), np.zeros(nb)
+        d = np.empty(({n_slopes}, nb))
+{copy}
+        for m in range(particles.shape[0]):
+{per_term}
+            for b in range(nb):
+{per_configuration}
+            if with_gradient:
+{gradient}
+        for b in range(nb):
+            energy[b0 + b] += e[b]
+        if with_gradient:
+{store}
+"""
+_ROWS = """for a in range(n):
+    for b in range(nb):
+        {0}"""
+_generated: dict = {}
+
+
+def expression_kernel(energy: tuple, slopes: list, n_particles: int, columns: list):
+    """A kernel (the signature above; parameters ``particles`` ``(M, n_particles)`` int64 and ``values``
+    ``(M, len(columns))``) of the sum over terms ``m`` of one expression.
+
+    ``energy`` and ``slopes`` are Lepton trees (``lepton``) whose leaves are numbers, the variables
+    named in ``columns`` (read from ``values[m]``) and ``("coordinate", axis, slot)`` (component
+    ``axis`` of atom ``particles[m, slot]``); ``slopes`` lists ``(axis, slot, dE/dcoordinate)``.
+    Common subexpressions are computed once. Generated and compiled once per process and input.
+    """
+    key = (energy, tuple(slopes), n_particles, tuple(columns))
+    if key not in _generated:
+        namespace = dict(math=math, np=np, BLOCK=BLOCK)
+        exec(compile(_source(*key), "<openflow custom-force kernel>", "exec"), namespace)  # noqa: S102 - generated here
+        _generated[key] = njit(**dict(_COMPILE, cache=False))(namespace["kernel"])  # numba caches files, not exec'd code
+    return _generated[key]
+
+
+def _source(energy: tuple, slopes: tuple, n_particles: int, columns: tuple) -> str:
+    """Python source of ``expression_kernel``'s kernel."""
+    lines, names = [], {}
+    axes = sorted({node[1] for node in coordinate_leaves(energy)})
+    gradient_axes = sorted({axis for axis, _, _ in slopes})
+
+    def code(node) -> str:
+        if node in names:
+            return names[node]
+        kind = node[0]
+        if kind == "number":
+            return repr(float(node[1]))
+        if kind == "variable":
+            return f"v{columns.index(node[1])}"
+        if kind == "coordinate":
+            text = f"p[{axes.index(node[1])}, a{node[2]}, b]"
+        elif kind == "negate":
+            text = f"(-{code(node[1])})"
+        elif kind == "call":
+            text = _CODE[node[1]].format(*map(code, node[2]))
+        elif kind == "^" and node[2][0] == "number" and node[2][1] == int(node[2][1]) and 1 <= abs(node[2][1]) <= 16:
+            text = power(code(node[1]), int(node[2][1]))
+        else:
+            text = f"({code(node[1])} {'**' if kind == '^' else kind} {code(node[2])})"
+        names[node] = f"t{len(names)}"
+        lines.append(f"{names[node]} = {text}")
+        return names[node]
+
+    def power(base: str, n: int) -> str:
+        """``base ** n`` for integer ``1 <= |n| <= 16`` by repeated squaring (a vectorisable product, not ``pow``)."""
+        factors, square, k = [], base, abs(n)
+        while k:
+            if k & 1:
+                factors.append(square)
+            k >>= 1
+            if k:
+                lines.append(f"s{len(lines)} = {square} * {square}")
+                square = f"s{len(lines) - 1}"
+        product = " * ".join(factors)
+        return f"({product})" if n > 0 else f"(1.0 / ({product}))"
+
+    result = code(energy)
+    stores = [f"d[{s}, b] = {code(slope)}" for s, (_, _, slope) in enumerate(slopes)]
+    per_term = [f"a{slot} = particles[m, {slot}]" for slot in range(n_particles)]
+    per_term += [f"v{c} = values[m, {c}]" for c in range(len(columns))]
+    adds = [f"g[{gradient_axes.index(axis)}, a{slot}, b] += d[{s}, b]" for s, (axis, slot, _) in enumerate(slopes)]
+    copy = [_ROWS.format(f"p[{row}, a, b] = positions[{axis}, a, b0 + b]") for row, axis in enumerate(axes)]
+    store = [_ROWS.format(f"gradient[{axis}, a, b0 + b] += g[{row}, a, b]") for row, axis in enumerate(gradient_axes)]
+    return _KERNEL.format(
+        n_slopes=len(slopes), n_axes=len(axes), n_gradient_axes=len(gradient_axes),
+        copy=_indent(copy, 8), store=_indent(store, 12),
+        per_term=_indent(per_term, 12), per_configuration=_indent([*lines, f"e[b] += {result}", *stores], 16),
+        gradient=_indent(["for b in range(nb):", *("    " + a for a in adds)] if adds else [], 16),
+    )
+
+
+def _indent(blocks: list, spaces: int) -> str:
+    """Lines of code (each may hold several) indented by ``spaces``; ``pass`` if there are none."""
+    return "\n".join(" " * spaces + line for block in blocks or ["pass"] for line in block.split("\n"))
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:

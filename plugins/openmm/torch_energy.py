@@ -13,13 +13,14 @@ number comes from the ``openmm.System`` itself; only the force groups in
 - ``CustomBondForce``, ``CustomAngleForce``, ``CustomTorsionForce``, ``CustomExternalForce``,
   ``CustomCompoundBondForce``, ``CustomNonbondedForce`` (``NoCutoff``) and ``CustomGBForce``
   (``NoCutoff``, e.g. ``openmm.app``'s ``implicit/obc2.xml``): their Lepton expressions are parsed
-  here (same grammar and precedence as Lepton, ``;`` definitions included) and evaluated in
-  torch with the global and per-term parameters substituted;
+  by ``lepton`` (same grammar and precedence as Lepton, ``;`` definitions included) and evaluated
+  in torch with the global and per-term parameters substituted;
 - ``CMMotionRemover`` and ``AndersenThermostat`` contribute no energy.
 
-On a CPU the five standard forces above (not the custom ones) run as the compiled kernels of
-``cpu_kernels`` (numba; ``TorchEnergy(cpu_kernels=False)`` keeps torch ops), the same physics
-written out per configuration and checked against the torch terms to rounding.
+On a CPU every force but ``CustomGBForce`` runs as a compiled kernel of ``cpu_kernels`` (numba;
+``TorchEnergy(cpu_kernels=False)`` keeps torch ops): the five standard forces written out per
+configuration, the custom ones generated from their expressions with symbolic derivatives in the
+Cartesian coordinates; both checked against the torch terms to rounding.
 
 Anything else (cutoffs, periodic boxes, tabulated functions, virtual sites, other force types)
 raises ``NotImplementedError`` naming the force; ``batched_energy(system)`` then warns loudly and
@@ -31,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-import operator
 import re
 import time
 import warnings
@@ -47,6 +47,7 @@ from openflow.heap import keep_freed_memory
 from openflow.systems import System
 
 from . import cpu_kernels
+from .lepton import GEOMETRY_NODES, LeptonExpression, coordinate, coordinate_leaves, derivative, geometry_calls, in_coordinates
 from .bridge import EvaluationCounts, OpenMMEnergy
 
 # 1/(4 pi eps0) in kJ/mol nm/e^2, the value OpenMM >= 8 uses (CODATA 2018 constants); older
@@ -65,351 +66,6 @@ NONFINITE_WARNING = (
 
 class TorchEnergyFallbackWarning(UserWarning):
     """``batched_energy(energy="auto")`` could not translate a force and uses the slow OpenMM bridge."""
-
-
-# ===================================================================================================
-# Lepton expressions -> torch
-# ===================================================================================================
-_PRECEDENCE = {"+": 0, "-": 0, "*": 1, "/": 1, "^": 3}  # as Lepton; unary minus binds at 2
-_RIGHT_ASSOCIATIVE = {"^"}
-_NEGATION_PRECEDENCE = 2
-_TOKEN = re.compile(
-    r"\s*(?:(?P<number>(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)"
-    r"|(?P<function>[A-Za-z_][^\s+\-*/^(),]*)\("
-    r"|(?P<name>[A-Za-z_][^\s+\-*/^(),]*)"
-    r"|(?P<symbol>[-+*/^(),]))"
-)
-_BINARY = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv, "^": operator.pow}
-_FUNCTIONS = {  # name: (number of arguments, torch implementation)
-    "sqrt": (1, torch.sqrt),
-    "exp": (1, torch.exp),
-    "log": (1, torch.log),
-    "sin": (1, torch.sin),
-    "cos": (1, torch.cos),
-    "tan": (1, torch.tan),
-    "sec": (1, lambda a: 1.0 / torch.cos(a)),
-    "csc": (1, lambda a: 1.0 / torch.sin(a)),
-    "cot": (1, lambda a: 1.0 / torch.tan(a)),
-    "asin": (1, torch.asin),
-    "acos": (1, torch.acos),
-    "atan": (1, torch.atan),
-    "atan2": (2, torch.atan2),
-    "sinh": (1, torch.sinh),
-    "cosh": (1, torch.cosh),
-    "tanh": (1, torch.tanh),
-    "erf": (1, torch.erf),
-    "erfc": (1, torch.erfc),
-    "step": (1, lambda a: (a >= 0).to(a.dtype)),
-    "delta": (1, lambda a: (a == 0).to(a.dtype)),
-    "square": (1, lambda a: a * a),
-    "cube": (1, lambda a: a * a * a),
-    "recip": (1, lambda a: 1.0 / a),
-    "min": (2, torch.minimum),
-    "max": (2, torch.maximum),
-    "abs": (1, torch.abs),
-    "floor": (1, torch.floor),
-    "ceil": (1, torch.ceil),
-    "select": (3, lambda c, a, b: torch.where(c != 0, a, b)),
-}
-# CustomCompoundBondForce geometry functions: their arguments name particles p1, p2, ...
-_PARTICLE_FUNCTIONS = {"distance": 2, "angle": 3, "dihedral": 4}
-
-
-def _tokenize(text: str) -> list[tuple[str, str]]:
-    tokens, position, text = [], 0, text.rstrip()
-    while position < len(text):
-        match = _TOKEN.match(text, position)
-        if match is None:
-            raise ValueError(f"unexpected character {text[position:].strip()[:1]!r}")
-        kind = match.lastgroup
-        tokens.append((kind, match.group(kind)))
-        position = match.end()
-    return tokens
-
-
-def _parse_tokens(tokens: list, position: int, definitions: dict, precedence: int) -> tuple[tuple, int]:
-    """Lepton's precedence climbing: returns ``(node, next position)``.
-
-    Nodes are tuples: ``("number", v)``, ``("variable", name)``, ``("negate", a)``,
-    ``(operator, a, b)``, ``("call", name, args)``. A definition is substituted as the very same
-    node object, so shared subexpressions are evaluated once (see ``_evaluate``).
-    """
-    if position == len(tokens):
-        raise ValueError("unexpected end of expression")
-    kind, text = tokens[position]
-    position += 1
-    if kind == "number":
-        node = ("number", float(text))
-    elif kind == "name":
-        node = definitions.get(text, ("variable", text))
-    elif kind == "symbol" and text == "(":
-        node, position = _parse_tokens(tokens, position, definitions, 0)
-        position = _expect(tokens, position, ")")
-    elif kind == "function":
-        args = []
-        while True:
-            arg, position = _parse_tokens(tokens, position, definitions, 0)
-            args.append(arg)
-            if position < len(tokens) and tokens[position] == ("symbol", ","):
-                position += 1
-                continue
-            break
-        position = _expect(tokens, position, ")")
-        node = _call(text, args)
-    elif kind == "symbol" and text == "-":
-        operand, position = _parse_tokens(tokens, position, definitions, _NEGATION_PRECEDENCE)
-        node = ("negate", operand)
-    else:
-        raise ValueError(f"unexpected token {text!r}")
-    while position < len(tokens) and tokens[position][0] == "symbol" and tokens[position][1] in _PRECEDENCE:
-        operator = tokens[position][1]
-        if _PRECEDENCE[operator] < precedence:
-            break
-        next_precedence = _PRECEDENCE[operator] + (operator not in _RIGHT_ASSOCIATIVE)
-        rhs, position = _parse_tokens(tokens, position + 1, definitions, next_precedence)
-        node = (operator, node, rhs)
-    return node, position
-
-
-def _expect(tokens: list, position: int, symbol: str) -> int:
-    if position == len(tokens) or tokens[position] != ("symbol", symbol):
-        raise ValueError("unbalanced parentheses")
-    return position + 1
-
-
-def _call(name: str, args: list) -> tuple:
-    if name in _PARTICLE_FUNCTIONS:
-        if len(args) != _PARTICLE_FUNCTIONS[name] or any(a[0] != "variable" or not re.fullmatch(r"p\d+", a[1]) for a in args):
-            raise ValueError(f"{name}() takes {_PARTICLE_FUNCTIONS[name]} particle names p1, p2, ...")
-        return ("call", name, tuple(int(a[1][1:]) for a in args))
-    if name not in _FUNCTIONS:
-        raise NotImplementedError(f"function {name}() (tabulated or unknown) has no torch translation")
-    if len(args) != _FUNCTIONS[name][0]:
-        raise ValueError(f"{name}() takes {_FUNCTIONS[name][0]} argument(s), got {len(args)}")
-    return ("call", name, tuple(args))
-
-
-class LeptonExpression:
-    """A Lepton expression (OpenMM's custom-force language) evaluated on torch tensors.
-
-    ``LeptonExpression("0.5*k*(r-r0)^2; r0=0.1")({"k": k, "r": r})`` broadcasts like torch.
-    Definitions after ``;`` are read from the last one backwards, as Lepton does: a definition
-    may use those written after it. ``variables`` lists the free names the expression needs.
-    """
-
-    def __init__(self, text: str):
-        self.text = text
-        try:
-            main, *definition_texts = text.split(";")
-            definitions = {}
-            for piece in reversed(definition_texts):
-                if not piece.strip():
-                    continue
-                name, equals, body = piece.partition("=")
-                if not equals or not name.strip():
-                    raise ValueError(f"definition {piece.strip()!r} does not name a value")
-                definitions[name.strip()] = self._parse(body, definitions)
-            self.root = self._parse(main, definitions)
-        except ValueError as error:
-            raise ValueError(f"cannot parse the Lepton expression {text!r}: {error}") from None
-        self.variables = frozenset(_free_variables(self.root))
-        self.particles = frozenset(_particles(self.root))
-
-    @staticmethod
-    def _parse(text: str, definitions: dict) -> tuple:
-        tokens = _tokenize(text)
-        node, position = _parse_tokens(tokens, 0, definitions, 0)
-        if position != len(tokens):
-            raise ValueError(f"unexpected text at the end: {tokens[position][1]!r}")
-        return node
-
-    def __call__(self, variables: dict, geometry=None):
-        """Evaluate with ``variables`` (name -> tensor or float); ``geometry(name, particles)`` serves
-        ``distance``/``angle``/``dihedral``. Returns a tensor (or a float if nothing is a tensor)."""
-        return _evaluate(self.root, variables, geometry, {})
-
-    def derivative(self, target: tuple):
-        """The node of ``d expression / d target`` (``target``: ``("variable", name)`` or a geometry call
-        node such as ``("call", "distance", (1, 2))``), ``None`` where it is zero; evaluate it with
-        ``evaluate``. Raises ``NotImplementedError`` for functions without a derivative."""
-        return _derivative(self.root, target, {})
-
-    def evaluate(self, nodes: list, variables: dict, geometry=None) -> list:
-        """Values of ``nodes`` (this expression's root and its derivatives), shared parts computed once."""
-        memo = {}
-        return [_evaluate(node, variables, geometry, memo) for node in nodes]
-
-    def __repr__(self) -> str:
-        return f"LeptonExpression({self.text!r})"
-
-
-def _children(node: tuple) -> tuple:
-    if node[0] in ("number", "variable"):
-        return ()
-    if node[0] == "call":
-        return () if node[1] in _PARTICLE_FUNCTIONS else node[2]
-    return node[1:]
-
-
-def _free_variables(node: tuple) -> set:
-    if node[0] == "variable":
-        return {node[1]}
-    return set().union(*(_free_variables(child) for child in _children(node)))
-
-
-def _geometry_calls(node: tuple) -> set:
-    if node[0] == "call" and node[1] in _PARTICLE_FUNCTIONS:
-        return {node}
-    return set().union(*(_geometry_calls(child) for child in _children(node)))
-
-
-def _particles(node: tuple) -> set:
-    if node[0] == "call" and node[1] in _PARTICLE_FUNCTIONS:
-        return set(node[2])
-    return set().union(*(_particles(child) for child in _children(node)))
-
-
-# Symbolic derivatives of expression trees (for analytic forces of the custom forces). ``None`` is
-# an exact zero; a derivative reuses its expression's nodes, so shared values are evaluated once.
-_ONE = ("number", 1.0)
-
-
-def _num(value: float) -> tuple:
-    return ("number", float(value))
-
-
-def _plus(a, b):
-    if a is None or b is None:
-        return b if a is None else a
-    return ("+", a, b)
-
-
-def _times(a, b):
-    if a is None or b is None:
-        return None
-    if a == _ONE or b == _ONE:
-        return b if a == _ONE else a
-    return ("*", a, b)
-
-
-def _minus(a):
-    return None if a is None else ("negate", a)
-
-
-def _over(a, b):
-    return None if a is None else ("/", a, b)
-
-
-def _f(name: str, *args) -> tuple:
-    return ("call", name, tuple(args))
-
-
-_DERIVATIVES = {  # name: d f(a) / da as a node, given the call node and its argument
-    "sqrt": lambda node, a: ("/", _num(0.5), node),
-    "exp": lambda node, a: node,
-    "log": lambda node, a: ("/", _ONE, a),
-    "sin": lambda node, a: _f("cos", a),
-    "cos": lambda node, a: ("negate", _f("sin", a)),
-    "tan": lambda node, a: ("+", _ONE, ("*", node, node)),
-    "sec": lambda node, a: ("*", node, _f("tan", a)),
-    "csc": lambda node, a: ("negate", ("*", node, _f("cot", a))),
-    "cot": lambda node, a: ("negate", ("+", _ONE, ("*", node, node))),
-    "asin": lambda node, a: ("/", _ONE, _f("sqrt", ("-", _ONE, ("*", a, a)))),
-    "acos": lambda node, a: ("negate", ("/", _ONE, _f("sqrt", ("-", _ONE, ("*", a, a))))),
-    "atan": lambda node, a: ("/", _ONE, ("+", _ONE, ("*", a, a))),
-    "sinh": lambda node, a: _f("cosh", a),
-    "cosh": lambda node, a: _f("sinh", a),
-    "tanh": lambda node, a: ("-", _ONE, ("*", node, node)),
-    "erf": lambda node, a: ("*", _num(2.0 / math.sqrt(math.pi)), _f("exp", ("negate", ("*", a, a)))),
-    "erfc": lambda node, a: ("*", _num(-2.0 / math.sqrt(math.pi)), _f("exp", ("negate", ("*", a, a)))),
-    "square": lambda node, a: ("*", _num(2.0), a),
-    "cube": lambda node, a: ("*", _num(3.0), ("*", a, a)),
-    "recip": lambda node, a: ("negate", ("*", node, node)),
-    "abs": lambda node, a: ("-", ("*", _num(2.0), _f("step", a)), _ONE),
-}
-_PIECEWISE_CONSTANT = {"step", "delta", "floor", "ceil"}
-
-
-def _derivative(node: tuple, target: tuple, memo: dict):
-    """``d node / d target`` as a node (``None``: zero); ``target`` is a variable or geometry call node."""
-    key = id(node)
-    if key not in memo:
-        memo[key] = _derivative_of(node, target, memo)
-    return memo[key]
-
-
-def _derivative_of(node, target, memo):
-    kind = node[0]
-    if kind == "number":
-        return None
-    if kind == "variable" or (kind == "call" and node[1] in _PARTICLE_FUNCTIONS):
-        return _ONE if node == target else None
-    d = [_derivative(child, target, memo) for child in _children(node)]
-    if all(x is None for x in d):
-        return None
-    if kind == "negate":
-        return _minus(d[0])
-    if kind in "+-":
-        return _plus(d[0], d[1] if kind == "+" else _minus(d[1]))
-    a = node[1] if kind != "call" else None
-    b = node[2] if kind != "call" else None
-    if kind == "*":
-        return _plus(_times(d[0], b), _times(a, d[1]))
-    if kind == "/":
-        return _plus(_over(d[0], b), _minus(_times(node, _over(d[1], b))))
-    if kind == "^":
-        if b[0] == "number":
-            return _times(("*", b, a) if b[1] == 2.0 else ("*", b, ("^", a, _num(b[1] - 1.0))), d[0])
-        return _times(node, _plus(_times(d[1], _f("log", a)), _times(b, _over(d[0], a))))
-    name, args = node[1], node[2]
-    if name in _PIECEWISE_CONSTANT:
-        return None
-    if name in _DERIVATIVES:
-        return _times(_DERIVATIVES[name](node, args[0]), d[0])
-    zero = _num(0.0)
-    if name in ("min", "max"):  # min: b where a >= b, else a (Lepton's choice at ties)
-        first_wins = _f("step", ("-", args[0], args[1])) if name == "max" else _f("step", ("-", args[1], args[0]))
-        return _f("select", first_wins, d[0] or zero, d[1] or zero)
-    if name == "select":
-        return _f("select", args[0], d[1] or zero, d[2] or zero)
-    if name == "atan2":  # atan2(y, x)' = (x y' - y x') / (x^2 + y^2)
-        y, x = args
-        return _over(_plus(_times(x, d[0]), _minus(_times(y, d[1]))), ("+", ("*", x, x), ("*", y, y)))
-    raise NotImplementedError(f"no derivative for {name}()")
-
-
-def _apply(function, args: list):
-    """Apply a torch function to tensors and/or floats (floats alone are computed in float64)."""
-    like = next((a for a in args if isinstance(a, torch.Tensor)), None)
-    if like is None:
-        value = function(*[torch.tensor(a, dtype=torch.float64) for a in args])
-        return value if torch.compiler.is_compiling() else value.item()  # .item() would break the graph
-    return function(*[a if isinstance(a, torch.Tensor) else torch.tensor(a, dtype=like.dtype, device=like.device) for a in args])
-
-
-def _evaluate(node: tuple, variables: dict, geometry, memo: dict):
-    key = node  # equal subtrees share one value (tuples hash by value; torch.compile traces this, not id())
-    if key in memo:
-        return memo[key]
-    kind = node[0]
-    if kind == "number":
-        value = node[1]
-    elif kind == "variable":
-        value = variables[node[1]]
-    elif kind == "negate":
-        value = -_evaluate(node[1], variables, geometry, memo)
-    elif kind == "call" and node[1] in _PARTICLE_FUNCTIONS:
-        value = geometry(node[1], node[2])
-    elif kind == "call":
-        value = _apply(_FUNCTIONS[node[1]][1], [_evaluate(a, variables, geometry, memo) for a in node[2]])
-    else:
-        lhs, rhs = (_evaluate(a, variables, geometry, memo) for a in node[1:])
-        if isinstance(lhs, torch.Tensor) or isinstance(rhs, torch.Tensor):
-            value = _BINARY[kind](lhs, rhs)  # a float operand stays a scalar: fast kernels, e.g. x^2
-        else:
-            value = _apply(_BINARY[kind], [lhs, rhs])
-    memo[key] = value
-    return value
 
 
 # ===================================================================================================
@@ -789,6 +445,7 @@ class CustomBonded(_Term):
     """
 
     GEOMETRIC = {"external": {"x", "y", "z"}, "bond": {"r"}, "angle": {"theta"}, "torsion": {"theta"}}
+    GEOMETRY = {"bond": "distance", "angle": "angle", "torsion": "dihedral"}
 
     def __init__(self, kind: str, expression: LeptonExpression, particles, n_particles: int, parameters, names, constants: dict):
         super().__init__()
@@ -797,7 +454,15 @@ class CustomBonded(_Term):
         parameters = np.asarray(parameters, dtype=np.float64).reshape(len(particles), len(self.names))
         self.register_buffer("values_per_term", torch.as_tensor(parameters))
         targets = [("variable", name) for name in sorted(expression.variables - set(self.names) - set(self.constants))]
-        self.slopes = _slopes(expression, targets + sorted(_geometry_calls(expression.root)))
+        self.slopes = _slopes(expression, targets + sorted(geometry_calls(expression.root)))
+        geometric = {("variable", name): coordinate(*_coordinate(name)) for _, name in targets if _coordinate(name)}
+        if kind in ("bond", "angle", "torsion"):
+            geometric = {("variable", "r" if kind == "bond" else "theta"): GEOMETRY_NODES[self.GEOMETRY[kind]](*range(n_particles))}
+        geometric.update({call: GEOMETRY_NODES[call[1]](*(n - 1 for n in call[2])) for call in geometry_calls(expression.root)})
+        self._kernel_spec = _expression_kernel(expression, geometric, self.particles, parameters, self.names, self.constants)
+
+    def cpu_kernel(self):
+        return _spec_kernel(self._kernel_spec)
 
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
         variables, geometry, _ = self._variables(positions, with_gradient=False)
@@ -848,6 +513,26 @@ class CustomBonded(_Term):
         return variables, geometry, chains
 
 
+def _expression_kernel(expression: LeptonExpression, geometric: dict, particles, values, names: list, constants: dict) -> tuple:
+    """``(kernel inputs, kernel parameters)`` for ``cpu_kernels.expression_kernel`` of ``expression``
+    summed over terms of ``particles`` ``(M, k)`` with parameters ``values`` ``(M, len(names))`` and
+    global ``constants``; ``geometric`` maps its geometric variables and calls to coordinate trees
+    (the kernel differentiates with respect to the coordinates)."""
+    root = in_coordinates(expression.root, geometric)
+    slopes = [(leaf[1], leaf[2], derivative(root, leaf)) for leaf in sorted(coordinate_leaves(root))]
+    columns = sorted(expression.variables & (set(names) | set(constants)))
+    table = np.empty((len(particles), len(columns)))
+    for c, name in enumerate(columns):
+        table[:, c] = values[:, names.index(name)] if name in names else constants[name]
+    particles = np.ascontiguousarray(particles, dtype=np.int64)
+    return (root, [s for s in slopes if s[2] is not None], particles.shape[1], columns), (particles, table)
+
+
+def _spec_kernel(spec: tuple) -> tuple:
+    """``cpu_kernel()`` of a custom term from its ``_expression_kernel`` spec."""
+    return cpu_kernels.expression_kernel(*spec[0]), spec[1]
+
+
 def _coordinate(name: str) -> tuple[int, int] | None:
     """``"x"`` -> ``(0, 0)``, ``"y3"`` -> ``(1, 2)``: (axis, particle column) of a coordinate variable."""
     match = re.fullmatch(r"([xyz])(\d*)", name)
@@ -885,6 +570,14 @@ class CustomNonbonded(_Term):
         self.expression, self.names, self.constants = expression, list(names), dict(constants)
         self.register_buffer("pairs", _long(pairs, 2))
         self.register_buffer("values_per_term", torch.as_tensor(np.asarray(parameters, dtype=np.float64)))
+        i, j = self.pairs.numpy().T
+        per_pair = np.concatenate([self.values_per_term.numpy()[i], self.values_per_term.numpy()[j]], 1)
+        suffixed = [name + "1" for name in self.names] + [name + "2" for name in self.names]
+        geometric = {("variable", "r"): GEOMETRY_NODES["distance"](0, 1)}
+        self._kernel_spec = _expression_kernel(expression, geometric, self.pairs, per_pair, suffixed, self.constants)
+
+    def cpu_kernel(self):
+        return _spec_kernel(self._kernel_spec)
 
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
         i, j = self.pairs.T
@@ -1147,11 +840,11 @@ class TorchEnergy(EvaluationCounts, nn.Module):
         device: where the parameters live first; they follow ``x`` to its device afterwards.
         soft_cap: as in ``OpenMMEnergy``: ``__call__`` returns ``u_high + log(1 + u - u_high)``
             above ``u_high``; ``energy_and_forces`` and ``forces`` stay uncapped.
-        cpu_kernels: on the CPU, evaluate the standard forces (bonds, angles, torsions, nonbonded,
-            OBC2) with the compiled kernels of ``cpu_kernels`` (numba, vectorised, float64 inside,
-            threaded over the batch): on alanine dipeptide at batch 1024 3.6-6.6x the torch ops in
-            float64, 2.0-3.1x in float32. The custom forces stay in torch. ``False``: torch ops
-            everywhere. Ignored on a GPU and with ``compile=True``.
+        cpu_kernels: on the CPU, evaluate every force but ``CustomGBForce`` with the compiled
+            kernels of ``cpu_kernels`` (numba, vectorised, float64 inside, threaded over the batch;
+            custom forces generated from their expressions, compiled in about 1 s per force and
+            process): at batch 1024 on alanine dipeptide 3.6-6.6x the torch ops in float64, 2.0-3.1x
+            in float32. ``False``: torch ops everywhere. Ignored on a GPU and with ``compile=True``.
         compile: ``energy_and_forces`` runs the energy and its analytic gradient as one
             ``torch.compile``'d graph per chunk size and device (the last chunk is padded to the chunk
             size, so nothing recompiles). Experimental: on a 2-core CPU 1.2-1.4x the eager speed for
@@ -1186,6 +879,9 @@ class TorchEnergy(EvaluationCounts, nn.Module):
         self.register_buffer("reference", torch.as_tensor(reference))
         self.register_buffer("active_index", torch.as_tensor(np.flatnonzero(system.active.reshape(-1))))
         self.all_active = bool(system.active.all())
+        components = np.flatnonzero(system.active[0])  # the same leading components of every atom (chain: x; 2D: x, y)
+        uniform = (system.active == system.active[0]).all() and np.array_equal(components, np.arange(len(components)))
+        self._components = slice(0, len(components)) if uniform and not self.all_active else None
         self.compile, self._compiled = bool(compile), None
         self.cpu_kernels = bool(cpu_kernels)
         # CPU chunks: torch ops' per-term temporaries (rows x chunk float64) of at most ~2 MB stay off fresh,
@@ -1196,6 +892,10 @@ class TorchEnergy(EvaluationCounts, nn.Module):
         rows = max((len(b) for t in self._cpu_torch_terms for b in t.buffers() if b.dtype == torch.int64), default=0)
         self.cpu_chunk_size = 512 if rows > 256 else 1024 if self._cpu_torch_terms else 16384
         self._kernels_only = not self._cpu_torch_terms  # CPU positions then stay in the caller's layout (the kernels read any strides)
+        # torch's own ops run serially around kernels with >= 3 terms per coordinate (see cpu_kernels.torch_on_one_thread);
+        # around lighter ones their threads win (batch 1024, 2 cores: chain n=32 1.3x, Coulomb n=13 1.15x; n=24 0.85x)
+        kernel_rows = sum(len(term.cpu_kernel()[1][0]) for term in self._kernel_terms)
+        self._serial_torch = self._kernels_only and kernel_rows >= 9 * system.n_atoms
         self.to(device=device, dtype=dtype)
         self.reset_stats()
         keep_freed_memory()  # each chunk's multi-MB temporaries reuse freed heap instead of fresh pages: 2-3x on CPU
@@ -1261,7 +961,7 @@ class TorchEnergy(EvaluationCounts, nn.Module):
         standard forces and, through symbolic derivatives of their expressions, for the custom
         bonded ones (autograd for the rest). Non-finite energies or forces give ``+inf`` and 0.
         """
-        serial_torch = self._kernels_only and isinstance(x, torch.Tensor) and x.device.type == "cpu"
+        serial_torch = self._serial_torch and isinstance(x, torch.Tensor) and x.device.type == "cpu"
         with cpu_kernels.torch_on_one_thread() if serial_torch else contextlib.nullcontext():
             xc = self._coordinates(x).detach()
             if chunk_size is None:
@@ -1309,8 +1009,11 @@ class TorchEnergy(EvaluationCounts, nn.Module):
         positions = self._layout(chunk, contiguous=not kernels_only)
         gradient = torch.zeros_like(positions)  # same strides: a view of (B, n_atoms, 3) for the kernels
         u = self._energy_gradient(positions, gradient) / self.kT
-        grad = gradient.permute(2, 1, 0).reshape(len(chunk), 3 * self.system.n_atoms)
-        if not self.all_active:
+        grad = gradient.permute(2, 1, 0)  # (B, n_atoms, 3)
+        if self._components is not None:  # a strided slice: 5x an index_select
+            grad = grad[:, :, self._components]
+        grad = grad.reshape(len(chunk), grad.shape[1] * grad.shape[2])
+        if self._components is None and not self.all_active:
             grad = grad.index_select(1, self.active_index)
         return u, grad / self.kT
 
@@ -1336,7 +1039,11 @@ class TorchEnergy(EvaluationCounts, nn.Module):
     def _layout(self, x: torch.Tensor, contiguous: bool = True) -> torch.Tensor:
         """Active coordinates ``(B, d)`` -> positions in the internal layout ``(3, n_atoms, B)`` nm;
         ``contiguous=False``: a transposed view of ``(B, n_atoms, 3)`` where possible."""
-        if not self.all_active:
+        if self._components is not None:  # slice assignment: 5x an index_copy
+            full = self.reference.to(x.dtype).view(1, self.system.n_atoms, 3).expand(x.shape[0], -1, -1).clone()
+            full[:, :, self._components] = x.view(x.shape[0], self.system.n_atoms, self._components.stop)
+            x = full
+        elif not self.all_active:
             x = self.reference.to(x.dtype).expand(-1, x.shape[0]).index_copy(0, self.active_index, x.T).T
         positions = x.reshape(x.shape[0], self.system.n_atoms, 3).permute(2, 1, 0)
         return positions.contiguous() if contiguous else positions

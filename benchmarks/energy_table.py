@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--runs", type=int, default=2, help="repetitions of every measurement (the table gives their range)")
     parser.add_argument("--seconds", type=float, default=2.0, help="wall time per measurement")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     add_output_arguments(parser)
     args = parse_arguments(parser, argv)
     runs = [

@@ -466,14 +466,13 @@ def _pool(threads: int) -> ThreadPoolExecutor:
 
 
 def evaluate(kernels: list, positions: torch.Tensor, gradient: torch.Tensor | None) -> torch.Tensor:
-    """Sum of ``kernels`` (``(kernel, parameters)`` pairs) at positions ``(3, N, B)`` nm (a CPU tensor
-    of any strides): energies ``(B,)`` kJ/mol (float64); adds ``dE/dpositions`` into ``gradient``
-    ``(3, N, B)`` (any strides) unless it is ``None``."""
-    p = positions.detach().to(torch.float64).numpy()
+    """Sum of ``kernels`` (``(kernel, parameters)`` pairs) at positions ``(3, N, B)`` nm (a float32 or
+    float64 CPU tensor of any strides): energies ``(B,)`` kJ/mol (float64); adds ``dE/dpositions``
+    into ``gradient`` ``(3, N, B)`` (same dtype, any strides) unless it is ``None``."""
+    p = positions.detach().numpy()  # float32 or float64: the kernels read either, and compute in float64
     energy = np.zeros(p.shape[-1])
     with_gradient = gradient is not None
-    direct = with_gradient and gradient.dtype == torch.float64
-    out = gradient.numpy() if direct else np.zeros(p.shape if with_gradient else (3, 0, 0))
+    out = gradient.numpy() if with_gradient else np.zeros((3, 0, 0), p.dtype)
 
     def run(start: int, stop: int) -> None:
         for kernel, parameters in kernels:
@@ -486,8 +485,6 @@ def evaluate(kernels: list, positions: torch.Tensor, gradient: torch.Tensor | No
         run(0, len(energy))
     else:
         list(_pool(threads).map(run, edges[:-1], edges[1:]))
-    if with_gradient and not direct:
-        gradient += torch.from_numpy(out)
     return torch.from_numpy(energy)
 
 

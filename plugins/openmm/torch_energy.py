@@ -1003,10 +1003,7 @@ class TorchEnergy(EvaluationCounts, nn.Module):
     # -- internals -----------------------------------------------------------------------------
     def _reduced_energy_gradient(self, chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Reduced energies ``(B,)`` and ``du/dx`` ``(B, d)`` of ``chunk`` ``(B, d)``, raw."""
-        kernels_only = self._kernels_only and chunk.device.type == "cpu"
-        if kernels_only:  # the kernels compute in float64 whatever the dtype: no conversions on the way
-            chunk = chunk.double()
-        positions = self._layout(chunk, contiguous=not kernels_only)
+        positions = self._layout(chunk, contiguous=not (self._kernels_only and chunk.device.type == "cpu"))
         gradient = torch.zeros_like(positions)  # same strides: a view of (B, n_atoms, 3) for the kernels
         u = self._energy_gradient(positions, gradient) / self.kT
         grad = gradient.permute(2, 1, 0)  # (B, n_atoms, 3)

@@ -8,7 +8,7 @@ import openmm.unit as unit
 import pytest
 import torch
 
-from openflow.benchmarks import energy, flows, md
+from openflow.benchmarks import energy, energy_table, flows, md
 from openflow.benchmarks.common import machine_description, rate
 from openflow.plugins.openmm.export import check_export
 from openflow.systems import build
@@ -44,6 +44,19 @@ def test_flows_main_json(capsys, tmp_path):
         assert run["loss"] in {"reverse_kl", "nll", "flow_matching"}
     nfe = {run["family"]: run["nfe"] for run in printed["runs"]}
     assert nfe["realnvp_bg"] is None and nfe["cnf_rk4_hutchinson"] == 2 * 4  # RK4: 4 evaluations per step
+
+
+def test_energy_table_runs_both_paths_and_prints_the_readme_table(capsys, tmp_path):
+    out = tmp_path / "table.json"
+    result = energy_table.main(["--platform", "Reference", "--batch", "8", "--runs", "1", "--seconds", "0.01", "--out", str(out)])
+    table = capsys.readouterr().out.splitlines()
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    runs = result["runs"]
+    assert [r["batched_cpu_kernels"] for r in runs] == [True, False] * len(energy_table.SYSTEMS)
+    assert all(r["per_config_platform"] == "Reference" and r["dtype"] == "float64" and r["ratio"] > 0 for r in runs)
+    assert all(r["max_abs_energy_difference_kT"] < 1e-6 for r in runs)
+    assert table[0].startswith("| system | loop, Reference | batched, float64 | ratio | kernels / torch ops (float64) |")
+    assert [line.split(" | ")[0][2:] for line in table[2:-1]] == list(energy_table.SYSTEMS)
 
 
 @pytest.mark.parametrize("family", ["realnvp_bg", "nct_realnvp", "nct_linear"])

@@ -27,24 +27,13 @@ _TOKEN = re.compile(
 )
 _BINARY = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv, "^": operator.pow}
 _FUNCTIONS = {  # name: (number of arguments, torch implementation)
-    "sqrt": (1, torch.sqrt),
-    "exp": (1, torch.exp),
-    "log": (1, torch.log),
-    "sin": (1, torch.sin),
-    "cos": (1, torch.cos),
-    "tan": (1, torch.tan),
+    **{name: (1, getattr(torch, name)) for name in (
+        "sqrt", "exp", "log", "sin", "cos", "tan", "asin", "acos", "atan", "sinh", "cosh", "tanh", "erf", "erfc", "abs", "floor", "ceil",
+    )},
     "sec": (1, lambda a: 1.0 / torch.cos(a)),
     "csc": (1, lambda a: 1.0 / torch.sin(a)),
     "cot": (1, lambda a: 1.0 / torch.tan(a)),
-    "asin": (1, torch.asin),
-    "acos": (1, torch.acos),
-    "atan": (1, torch.atan),
     "atan2": (2, torch.atan2),
-    "sinh": (1, torch.sinh),
-    "cosh": (1, torch.cosh),
-    "tanh": (1, torch.tanh),
-    "erf": (1, torch.erf),
-    "erfc": (1, torch.erfc),
     "step": (1, lambda a: (a >= 0).to(a.dtype)),
     "delta": (1, lambda a: (a == 0).to(a.dtype)),
     "square": (1, lambda a: a * a),
@@ -52,9 +41,6 @@ _FUNCTIONS = {  # name: (number of arguments, torch implementation)
     "recip": (1, lambda a: 1.0 / a),
     "min": (2, torch.minimum),
     "max": (2, torch.maximum),
-    "abs": (1, torch.abs),
-    "floor": (1, torch.floor),
-    "ceil": (1, torch.ceil),
     "select": (3, lambda c, a, b: torch.where(c != 0, a, b)),
 }
 # CustomCompoundBondForce geometry functions: their arguments name particles p1, p2, ...
@@ -392,27 +378,27 @@ def _cross_nodes(a: list, b: list) -> list:
     return [("-", ("*", a[(k + 1) % 3], b[(k + 2) % 3]), ("*", a[(k + 2) % 3], b[(k + 1) % 3])) for k in range(3)]
 
 
-def distance_node(i: int, j: int) -> tuple:
+def _distance_node(i: int, j: int) -> tuple:
     """``|p_j - p_i|`` of slots i, j."""
     delta = _vector(i, j)
     return _f("sqrt", _dot_nodes(delta, delta))
 
 
-def angle_node(i: int, j: int, k: int) -> tuple:
+def _angle_node(i: int, j: int, k: int) -> tuple:
     """Angle i-j-k, ``atan2(|a x b|, a . b)`` with ``a = p_i - p_j``, ``b = p_k - p_j`` (as OpenMM)."""
     a, b = _vector(j, i), _vector(j, k)
     normal = _cross_nodes(a, b)
     return _f("atan2", _f("sqrt", _dot_nodes(normal, normal)), _dot_nodes(a, b))
 
 
-def dihedral_node(i: int, j: int, k: int, l: int) -> tuple:
+def _dihedral_node(i: int, j: int, k: int, l: int) -> tuple:
     """IUPAC dihedral i-j-k-l in ``(-pi, pi]`` (OpenMM's sign): ``atan2(|b2| b1 . n2, n1 . n2)``."""
     b1, b2, b3 = _vector(i, j), _vector(j, k), _vector(k, l)
     n1, n2 = _cross_nodes(b1, b2), _cross_nodes(b2, b3)
     return _f("atan2", ("*", _f("sqrt", _dot_nodes(b2, b2)), _dot_nodes(b1, n2)), _dot_nodes(n1, n2))
 
 
-GEOMETRY_NODES = {"distance": distance_node, "angle": angle_node, "dihedral": dihedral_node}
+GEOMETRY_NODES = {"distance": _distance_node, "angle": _angle_node, "dihedral": _dihedral_node}
 
 
 def in_coordinates(root: tuple, substitutions: dict) -> tuple:

@@ -47,8 +47,8 @@ from openflow.heap import keep_freed_memory
 from openflow.systems import System
 
 from . import cpu_kernels
-from .lepton import GEOMETRY_NODES, LeptonExpression, coordinate, coordinate_leaves, derivative, geometry_calls, in_coordinates
 from .bridge import EvaluationCounts, OpenMMEnergy
+from .lepton import GEOMETRY_NODES, LeptonExpression, coordinate, coordinate_leaves, derivative, geometry_calls, in_coordinates
 
 # 1/(4 pi eps0) in kJ/mol nm/e^2, the value OpenMM >= 8 uses (CODATA 2018 constants); older
 # OpenMM used 138.935456 (relative difference 1e-8). The OpenMM app's CustomGBForce expressions
@@ -445,7 +445,7 @@ class CustomBonded(_Term):
     """
 
     GEOMETRIC = {"external": {"x", "y", "z"}, "bond": {"r"}, "angle": {"theta"}, "torsion": {"theta"}}
-    GEOMETRY = {"bond": "distance", "angle": "angle", "torsion": "dihedral"}
+    MEASURED = {"bond": ("r", "distance"), "angle": ("theta", "angle"), "torsion": ("theta", "dihedral")}  # variable, geometry
 
     def __init__(self, kind: str, expression: LeptonExpression, particles, n_particles: int, parameters, names, constants: dict):
         super().__init__()
@@ -455,9 +455,11 @@ class CustomBonded(_Term):
         self.register_buffer("values_per_term", torch.as_tensor(parameters))
         targets = [("variable", name) for name in sorted(expression.variables - set(self.names) - set(self.constants))]
         self.slopes = _slopes(expression, targets + sorted(geometry_calls(expression.root)))
-        geometric = {("variable", name): coordinate(*_coordinate(name)) for _, name in targets if _coordinate(name)}
-        if kind in ("bond", "angle", "torsion"):
-            geometric = {("variable", "r" if kind == "bond" else "theta"): GEOMETRY_NODES[self.GEOMETRY[kind]](*range(n_particles))}
+        if kind in self.MEASURED:
+            variable, function = self.MEASURED[kind]
+            geometric = {("variable", variable): GEOMETRY_NODES[function](*range(n_particles))}
+        else:  # coordinates: x, y, z (external) or x1, y2, ... (compound)
+            geometric = {target: coordinate(*_coordinate(target[1])) for target in targets if _coordinate(target[1])}
         geometric.update({call: GEOMETRY_NODES[call[1]](*(n - 1 for n in call[2])) for call in geometry_calls(expression.root)})
         self._kernel_spec = _expression_kernel(expression, geometric, self.particles, parameters, self.names, self.constants)
 
@@ -505,10 +507,9 @@ class CustomBonded(_Term):
                 if name not in variables and _coordinate(name) is not None:
                     axis, particle = _coordinate(name)
                     variables[name] = positions[axis].index_select(0, columns[particle])
-        elif self.kind == "bond" and "r" in used:
-            variables["r"] = measure("distance", (1, 2), ("variable", "r"))
-        elif self.kind in ("angle", "torsion") and "theta" in used:
-            variables["theta"] = measure("angle" if self.kind == "angle" else "dihedral", tuple(range(1, 4 + (self.kind == "torsion"))), ("variable", "theta"))
+        elif self.MEASURED[self.kind][0] in used:
+            variable, function = self.MEASURED[self.kind]
+            variables[variable] = measure(function, tuple(range(1, len(columns) + 1)), ("variable", variable))
         geometry = lambda function, numbers: measure(function, numbers, ("call", function, numbers))  # noqa: E731
         return variables, geometry, chains
 

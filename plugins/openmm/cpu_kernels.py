@@ -364,10 +364,13 @@ def kernel(positions, gradient, energy, with_gradient, start, stop, particles, v
 {copy}
         for m in range(particles.shape[0]):
 {per_term}
-            for b in range(nb):
-{per_configuration}
             if with_gradient:
+                for b in range(nb):
+{per_configuration}
 {gradient}
+            else:
+                for b in range(nb):
+{energy_only}
         for b in range(nb):
             energy[b0 + b] += e[b]
         if with_gradient:
@@ -438,6 +441,7 @@ def _source(energy: tuple, slopes: tuple, n_particles: int, columns: tuple) -> s
         return f"({product})" if n > 0 else f"(1.0 / ({product}))"
 
     result = code(energy)
+    energy_lines = [*lines, f"e[b] += {result}"]
     stores = [f"d[{s}, b] = {code(slope)}" for s, (_, _, slope) in enumerate(slopes)]
     per_term = [f"a{slot} = particles[m, {slot}]" for slot in range(n_particles)]
     per_term += [f"v{c} = values[m, {c}]" for c in range(len(columns))]
@@ -447,8 +451,9 @@ def _source(energy: tuple, slopes: tuple, n_particles: int, columns: tuple) -> s
     return _KERNEL.format(
         n_slopes=len(slopes), n_axes=len(axes), n_gradient_axes=len(gradient_axes),
         copy=_indent(copy, 8), store=_indent(store, 12),
-        per_term=_indent(per_term, 12), per_configuration=_indent([*lines, f"e[b] += {result}", *stores], 16),
+        per_term=_indent(per_term, 12), per_configuration=_indent([*lines, f"e[b] += {result}", *stores], 20),
         gradient=_indent(["for b in range(nb):", *("    " + a for a in adds)] if adds else [], 16),
+        energy_only=_indent(energy_lines, 20),
     )
 
 

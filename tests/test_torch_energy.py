@@ -388,10 +388,12 @@ def test_obc_engulfed_atom_matches_openmm():
 
 
 # -- failures, precision, devices, interchangeability --------------------------------------------
-def test_clash_and_nan_give_inf_and_zero_gradient():
-    system = build("alanine-implicit-amber99sbildn-None")
+@pytest.mark.parametrize("name", ["alanine-implicit-amber99sbildn-None", "cluster-3d-13"])
+def test_clash_and_nan_give_inf_and_zero_gradient(name):
+    """Hand-written (alanine) and generated (Coulomb cluster) kernels alike."""
+    system = build(name)
     x = system.from_positions(system.positions).repeat(4, 1)
-    x[1, 0:3] = x[1, 63:66]  # atom 0 on top of atom 21 (not excluded from each other)
+    x[1, 0:3] = x[1, -3:]  # atom 0 on top of the last atom (not excluded from each other)
     x[2, 5] = float("nan")
     energy = TorchEnergy(system)
     xg = x.clone().requires_grad_(True)

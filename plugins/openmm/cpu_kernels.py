@@ -17,7 +17,8 @@ Every kernel has the signature ``kernel(positions, gradient, energy, with_gradie
 ``(B, N, 3)`` is read and written in place). The physics is that of the torch terms in
 ``torch_energy`` (see their docstrings), written out per configuration; non-finite values
 propagate (no fast-math assumptions about inf or NaN). Kernels of this module are cached on disk
-by numba (about 10 s to compile once); generated ones compile in about 1 s per process.
+by numba (about 10 s to compile once); generated ones compile in each process
+(about 0.7 s per force and array type).
 """
 from __future__ import annotations
 

@@ -843,8 +843,8 @@ class TorchEnergy(EvaluationCounts, nn.Module):
             above ``u_high``; ``energy_and_forces`` and ``forces`` stay uncapped.
         cpu_kernels: on the CPU, evaluate every force but ``CustomGBForce`` with the compiled
             kernels of ``cpu_kernels`` (numba, vectorised, float64 inside, threaded over the batch;
-            custom forces generated from their expressions, compiled in about 1 s per force and
-            process): at batch 1024 on alanine dipeptide 3.6-6.6x the torch ops in float64, 2.0-3.1x
+            custom forces generated from their expressions, compiled in about 0.7 s per force
+            and array type in each process): at batch 1024 on alanine dipeptide 3.6-6.6x the torch ops in float64, 2.0-3.1x
             in float32. ``False``: torch ops everywhere. Ignored on a GPU and with ``compile=True``.
         compile: ``energy_and_forces`` runs the energy and its analytic gradient as one
             ``torch.compile``'d graph per chunk size and device (the last chunk is padded to the chunk

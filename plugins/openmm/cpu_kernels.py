@@ -400,35 +400,40 @@ def expression_kernel(energy: tuple, slopes: list, n_particles: int, columns: li
     return _generated[key]
 
 
-def _source(energy: tuple, slopes: tuple, n_particles: int, columns: tuple) -> str:
-    """Python source of ``expression_kernel``'s kernel."""
-    lines, names = [], {}
-    axes = sorted({node[1] for node in coordinate_leaves(energy)})
-    gradient_axes = sorted({axis for axis, _, _ in slopes})
+class _Code:
+    """Straight-line code for Lepton trees: one line ``{prefix}{k} = ...`` per distinct subtree (shared
+    subtrees computed once), appended to ``lines``; ``symbols`` gives the code of the leaves
+    (variables and coordinates), numbers are literals."""
 
-    def code(node) -> str:
-        if node in names:
-            return names[node]
+    def __init__(self, symbols: dict, prefix: str = "t"):
+        self.symbols, self.prefix, self.lines, self.names = symbols, prefix, [], {}
+
+    def __call__(self, node: tuple) -> str:
+        if node in self.names:
+            return self.names[node]
         kind = node[0]
         if kind == "number":
             return repr(float(node[1]))
-        if kind == "variable":
-            return f"v{columns.index(node[1])}"
-        if kind == "coordinate":
-            text = f"p[{axes.index(node[1])}, a{node[2]}, b]"
+        if kind in ("variable", "coordinate"):
+            text = self.symbols[node]
         elif kind == "negate":
-            text = f"(-{code(node[1])})"
+            text = f"(-{self(node[1])})"
         elif kind == "call":
-            text = _CODE[node[1]].format(*map(code, node[2]))
+            text = _CODE[node[1]].format(*map(self, node[2]))
         elif kind == "^" and node[2][0] == "number" and node[2][1] == int(node[2][1]) and 1 <= abs(node[2][1]) <= 16:
-            text = power(code(node[1]), int(node[2][1]))
+            text = self._power(self(node[1]), int(node[2][1]))
         else:
-            text = f"({code(node[1])} {'**' if kind == '^' else kind} {code(node[2])})"
-        names[node] = f"t{len(names)}"
-        lines.append(f"{names[node]} = {text}")
-        return names[node]
+            text = f"({self(node[1])} {'**' if kind == '^' else kind} {self(node[2])})"
+        return self._line(node, text)
 
-    def power(base: str, n: int) -> str:
+    def _line(self, node, text: str) -> str:
+        name = f"{self.prefix}{len(self.lines)}"
+        self.lines.append(f"{name} = {text}")
+        if node is not None:
+            self.names[node] = name
+        return name
+
+    def _power(self, base: str, n: int) -> str:
         """``base ** n`` for integer ``1 <= |n| <= 16`` by repeated squaring (a vectorisable product, not ``pow``)."""
         factors, square, k = [], base, abs(n)
         while k:
@@ -436,13 +441,20 @@ def _source(energy: tuple, slopes: tuple, n_particles: int, columns: tuple) -> s
                 factors.append(square)
             k >>= 1
             if k:
-                lines.append(f"s{len(lines)} = {square} * {square}")
-                square = f"s{len(lines) - 1}"
+                square = self._line(None, f"{square} * {square}")
         product = " * ".join(factors)
         return f"({product})" if n > 0 else f"(1.0 / ({product}))"
 
+
+def _source(energy: tuple, slopes: tuple, n_particles: int, columns: tuple) -> str:
+    """Python source of ``expression_kernel``'s kernel."""
+    axes = sorted({node[1] for node in coordinate_leaves(energy)})
+    gradient_axes = sorted({axis for axis, _, _ in slopes})
+    symbols = {("variable", name): f"v{c}" for c, name in enumerate(columns)}
+    symbols.update({leaf: f"p[{axes.index(leaf[1])}, a{leaf[2]}, b]" for leaf in coordinate_leaves(energy)})
+    code = _Code(symbols)
     result = code(energy)
-    energy_lines = [*lines, f"e[b] += {result}"]
+    energy_lines = [*code.lines, f"e[b] += {result}"]
     stores = [f"d[{s}, b] = {code(slope)}" for s, (_, _, slope) in enumerate(slopes)]
     per_term = [f"a{slot} = particles[m, {slot}]" for slot in range(n_particles)]
     per_term += [f"v{c} = values[m, {c}]" for c in range(len(columns))]
@@ -452,7 +464,7 @@ def _source(energy: tuple, slopes: tuple, n_particles: int, columns: tuple) -> s
     return _KERNEL.format(
         n_slopes=len(slopes), n_axes=len(axes), n_gradient_axes=len(gradient_axes),
         copy=_indent(copy, 8), store=_indent(store, 12),
-        per_term=_indent(per_term, 12), per_configuration=_indent([*lines, f"e[b] += {result}", *stores], 20),
+        per_term=_indent(per_term, 12), per_configuration=_indent([*code.lines, f"e[b] += {result}", *stores], 20),
         gradient=_indent(["for b in range(nb):", *("    " + a for a in adds)] if adds else [], 16),
         energy_only=_indent(energy_lines, 20),
     )

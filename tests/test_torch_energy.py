@@ -10,6 +10,7 @@ import dataclasses
 import pickle
 import warnings
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import openmm
@@ -496,15 +497,14 @@ KERNEL_VARIANTS = [
 
 @pytest.mark.parametrize("name", KERNEL_VARIANTS)
 def test_cpu_kernels_equal_torch_ops(name):
-    """Every force but CustomGBForce has a kernel (written out for the standard forces, generated from
-    the expression for the custom ones; the implicit solvent of amber14 and ff96 is a CustomGBForce:
-    torch ops); energies and forces of both paths agree to rounding, through ``energy_and_forces``,
-    the energy-only path and autograd, in both precisions."""
+    """Every force has a kernel (written out for the standard forces, generated from the expressions
+    for the custom ones, CustomGBForce included: the implicit solvent of amber14 and ff96); energies
+    and forces of both paths agree to rounding, through ``energy_and_forces``, the energy-only path
+    and autograd, in both precisions."""
     system = custom_force_system() if name == "custom" else build(name)
     x = real_configurations(system, seed=3)
     kernels, ops = TorchEnergy(system), TorchEnergy(system, cpu_kernels=False)
-    without = {type(term).__name__ for term in kernels.terms if term.cpu_kernel() is None}
-    assert without == ({"CustomGB"} if name == "custom" or "amber14" in name else set())
+    assert kernels._kernel_terms == list(kernels.terms) and not kernels._cpu_torch_terms
     u, f = kernels.energy_and_forces(x)
     u_ops, f_ops = ops.energy_and_forces(x)
     assert torch.allclose(u, u_ops, rtol=1e-12, atol=1e-12) and torch.allclose(f, f_ops, rtol=1e-10, atol=1e-10 * float(f_ops.abs().max()))
@@ -512,8 +512,6 @@ def test_cpu_kernels_equal_torch_ops(name):
     xg = x.clone().requires_grad_(True)
     kernels(xg).sum().backward()
     assert torch.allclose(-xg.grad, f, rtol=1e-12, atol=1e-12)
-    if without:  # torch ops compute in float32 (test_float32_and_dtype_following)
-        return
     # float32: the kernels compute in float64, so only the input and the output are rounded
     u32, f32 = TorchEnergy(system, dtype=torch.float32).energy_and_forces(x.float())
     u_rounded, f_rounded = kernels.energy_and_forces(x.float().double())
@@ -584,3 +582,47 @@ def test_torch_runs_on_one_thread_only_around_the_kernels():
             assert torch.get_num_threads() == 1
             raise RuntimeError("inside")
     assert torch.get_num_threads() == threads
+
+
+def _trap_system(text: str) -> System:
+    """Two particles in a CustomExternalForce ``text``."""
+    system = openmm.System()
+    force = openmm.CustomExternalForce(text)
+    for k in range(2):
+        system.addParticle(1.0)
+        force.addParticle(k, [])
+    system.addForce(force)
+    positions = np.array([[0.1, 0.2, 0.3], [-0.2, 0.1, 0.4]])
+    return System("trap", system, point_particle_topology(2, "TRP"), positions * unit.nanometer, kelvin(300.0), np.ones((2, 3), bool))
+
+
+def test_generated_kernels_are_cached_on_disk_and_work_without_a_cache(tmp_path, monkeypatch):
+    """A generated kernel is written as a module into ``$OPENFLOW_CACHE_DIR/kernels`` and numba caches its
+    machine code there; a fresh process reuses both and computes the same. An unwritable cache folder
+    only means compiling in memory."""
+    import subprocess
+    import sys
+
+    text = f"x^2 + {tmp_path.stat().st_ino % 1000 + 0.5}*y*z"  # an expression no other test compiled in this process
+    monkeypatch.setenv("OPENFLOW_CACHE_DIR", str(tmp_path))
+    system = _trap_system(text)
+    x = system.from_positions(system.positions)[None]
+    u, f = TorchEnergy(system).energy_and_forces(x)
+    assert_matches(u, f, *openmm_reduced(system, x), energy_rtol=1e-12, force_rtol=1e-12)
+    modules = sorted((tmp_path / "kernels").glob("*.py"))
+    assert len(modules) == 1 and list((tmp_path / "kernels" / "__pycache__").glob("*.nbi"))
+    child = (
+        "import sys, torch; sys.path.insert(0, 'tests'); from test_torch_energy import _trap_system; "
+        "from openflow.plugins.openmm.torch_energy import TorchEnergy; s = _trap_system(sys.argv[1]); "
+        "print(repr(TorchEnergy(s).energy_and_forces(s.from_positions(s.positions)[None])[0].item()))"
+    )
+    result = subprocess.run([sys.executable, "-c", child, text], capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent)
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout.strip().splitlines()[-1]) == u.item()
+    assert sorted((tmp_path / "kernels").glob("*.py")) == modules
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    monkeypatch.setenv("OPENFLOW_CACHE_DIR", str(blocked))  # kernels/ cannot be made below a file
+    other = _trap_system(text.replace("x^2", "2*x^2"))
+    u, f = TorchEnergy(other).energy_and_forces(x)
+    assert_matches(u, f, *openmm_reduced(other, x), energy_rtol=1e-12, force_rtol=1e-12)

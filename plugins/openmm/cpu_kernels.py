@@ -1,6 +1,6 @@
 """Compiled CPU kernels (numba) for ``TorchEnergy``'s forces: energies and analytic gradients of a
 batch in one pass per force; written out here for the standard forces, generated from the Lepton
-expression for the custom ones (``expression_kernel``).
+expressions for the custom ones (``expression_kernel``; ``gb_kernel`` for ``CustomGBForce``).
 
 Torch on a CPU spends its time streaming ``(terms, batch)`` temporaries through memory, one
 elementwise op at a time. These kernels loop over the terms and, innermost, over a block of
@@ -16,23 +16,29 @@ Every kernel has the signature ``kernel(positions, gradient, energy, with_gradie
 ``(3, N, B)``, for positions ``(3, N, B)`` nm (both of any strides: a transposed view of
 ``(B, N, 3)`` is read and written in place). The physics is that of the torch terms in
 ``torch_energy`` (see their docstrings), written out per configuration; non-finite values
-propagate (no fast-math assumptions about inf or NaN). Kernels of this module are cached on disk
-by numba (about 10 s to compile once); generated ones compile in each process
-(about 0.7 s per force and array type).
+propagate (no fast-math assumptions about inf or NaN). Numba caches the machine code on disk: of
+this module's kernels beside it (about 10 s to compile once), of the generated ones beside their
+source in ``cache_folder()`` (0.5-8 s per force and precision once; then 0.05-0.3 s to load).
 """
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import math
 import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import torch
 from numba import njit
 
-from .lepton import coordinate_leaves
+from openflow.io import atomic_path
+
+from .lepton import coordinate_leaves, derivative
 
 BLOCK = 128  # configurations per inner loop: long enough to vectorise, short enough for the cache
 _COMPILE = dict(nogil=True, cache=True, error_model="numpy", boundscheck=False, fastmath={"contract", "arcp", "nsz"})
@@ -380,7 +386,37 @@ def kernel(positions, gradient, energy, with_gradient, start, stop, particles, v
 _ROWS = """for a in range(n):
     for b in range(nb):
         {0}"""
-_generated: dict = {}
+_generated: dict = {}  # kernel inputs -> compiled kernel, in this process
+_PRELUDE = "import math\n\nimport numpy as np\n\nfrom openflow.plugins.openmm.cpu_kernels import BLOCK, _block, _store\n"
+_VERSION = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]  # a changed helper is a new kernel file
+
+
+def cache_folder() -> Path:
+    """Where generated kernels are written as modules, for numba to cache their machine code beside
+    them: ``$OPENFLOW_CACHE_DIR/kernels``, by default ``~/.cache/openflow/kernels``."""
+    return Path(os.environ.get("OPENFLOW_CACHE_DIR") or Path.home() / ".cache" / "openflow") / "kernels"
+
+
+def _compiled(source: str):
+    """``kernel`` of ``source``, jitted. Written (atomically) as a module in ``cache_folder()`` so that
+    numba caches it on disk: a later process loads it instead of compiling (seconds for CustomGB);
+    compiled in memory only where that folder cannot be written."""
+    text = _PRELUDE + source
+    name = f"kernel_{hashlib.sha256(text.encode()).hexdigest()[:20]}_{_VERSION}"
+    path = cache_folder() / f"{name}.py"
+    try:
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp:
+                tmp.write_text(text)
+        spec = importlib.util.spec_from_file_location(f"openflow_{name}", path)
+        module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # numba's cache imports it by name
+        spec.loader.exec_module(module)
+        return njit(**_COMPILE)(module.kernel)
+    except OSError:
+        namespace = {}
+        exec(compile(text, "<openflow generated kernel>", "exec"), namespace)  # noqa: S102 - generated here
+        return njit(**dict(_COMPILE, cache=False))(namespace["kernel"])
 
 
 def expression_kernel(energy: tuple, slopes: list, n_particles: int, columns: list):
@@ -394,9 +430,7 @@ def expression_kernel(energy: tuple, slopes: list, n_particles: int, columns: li
     """
     key = (energy, tuple(slopes), n_particles, tuple(columns))
     if key not in _generated:
-        namespace = dict(math=math, np=np, BLOCK=BLOCK)
-        exec(compile(_source(*key), "<openflow custom-force kernel>", "exec"), namespace)  # noqa: S102 - generated here
-        _generated[key] = njit(**dict(_COMPILE, cache=False))(namespace["kernel"])  # numba caches files, not exec'd code
+        _generated[key] = _compiled(_source(*key))
     return _generated[key]
 
 
@@ -470,6 +504,96 @@ def _source(energy: tuple, slopes: tuple, n_particles: int, columns: tuple) -> s
     )
 
 
+_GB_KERNEL = """
+def kernel(positions, gradient, energy, with_gradient, start, stop, pairs_kept, pairs_all, params, constants):
+    n = positions.shape[1]
+    for b0 in range(start, stop, BLOCK):
+        nb, p, g, e = _block(positions, b0, stop)
+        val, adj = np.zeros(({n_values}, n, nb)), np.zeros(({n_values}, n, nb))  # computed values, dE/dvalue
+{forward}
+        if with_gradient:
+{backward}
+        _store(gradient, energy, b0, g, e, with_gradient)
+"""
+_PAIR_LOOP = """for m in range({pairs}.shape[0]):
+    i, j = {pairs}[m, 0], {pairs}[m, 1]
+    for b in range(nb):
+"""
+_SINGLE_LOOP = """for a in range(n):
+    for b in range(nb):
+"""
+
+
+def gb_kernel(values: tuple, energies: tuple):
+    """The kernel of a ``CustomGBForce`` (parameters ``pairs_kept``, ``pairs_all`` ``(P, 2)`` with
+    ``i < j``, ``params`` ``(N, q)``, ``constants`` ``(c,)``): the computed values in order, the energy
+    terms, and, backwards through them, the gradient.
+
+    ``values`` and ``energies`` list ``(kind, tree, roles)``: kind ``"single"``, ``"pair"`` (excluded
+    pairs left out) or ``"pair_all"``; the tree in coordinate leaves (slot 0: the particle itself or
+    particle 1 of a pair, slot 1: particle 2); ``roles`` the pairs ``(variable, (what, index, side))``,
+    what ``"param"``, ``"value"`` or ``"constant"``, side 0 or 1 (particle 1 or 2). A pair value of
+    particle i sums its expression over j with i as particle 1; pair energies sum over ``i < j``.
+    """
+    key = (values, energies)
+    if key not in _generated:
+        _generated[key] = _compiled(_gb_source(values, energies))
+    return _generated[key]
+
+
+def _gb_symbols(tree: tuple, roles: tuple, atoms: tuple) -> dict:
+    """Code of the leaves of a CustomGB tree for particles ``atoms`` (their loop variables)."""
+    symbols = {leaf: f"p[{leaf[1]}, {atoms[leaf[2]]}, b]" for leaf in coordinate_leaves(tree)}
+    for name, (what, index, side) in roles:
+        symbols[("variable", name)] = {
+            "param": f"params[{atoms[side]}, {index}]", "value": f"val[{index}, {atoms[side]}, b]", "constant": f"constants[{index}]",
+        }[what]
+    return symbols
+
+
+def _gb_lines(tree: tuple, roles: tuple, atoms: tuple, prefix: str, use: str | None = None, scale: str | None = None) -> list:
+    """Lines computing ``tree`` for particles ``atoms``: ``use`` (a template of its value ``{}``), or,
+    with ``scale`` (the code of dE/d(tree)), adding its derivatives into ``adj`` and ``g``."""
+    code = _Code(_gb_symbols(tree, roles, atoms), prefix)
+    if scale is None:
+        value = code(tree)
+        return [*code.lines, use.format(value)]
+    targets = sorted(coordinate_leaves(tree)) + [("variable", name) for name, (what, _, _) in roles if what == "value"]
+    for target in targets:
+        slope = derivative(tree, target)
+        if slope is not None:
+            if target[0] == "coordinate":
+                destination = f"g[{target[1]}, {atoms[target[2]]}, b]"
+            else:
+                _, index, side = dict(roles)[target[1]]
+                destination = f"adj[{index}, {atoms[side]}, b]"
+            code.lines.append(f"{destination} += {scale} * {code(slope)}")
+    return code.lines
+
+
+def _gb_loop(kind: str, body: list) -> str:
+    """``body`` inside the loop over the configurations of every particle (single) or pair."""
+    loop = _SINGLE_LOOP if kind == "single" else _PAIR_LOOP.format(pairs="pairs_kept" if kind == "pair" else "pairs_all")
+    return loop + "\n".join(" " * 8 + line for line in body or ["pass"])
+
+
+def _gb_source(values: tuple, energies: tuple) -> str:
+    """Python source of ``gb_kernel``'s kernel."""
+    forward, backward = [], []
+    for k, (kind, tree, roles) in enumerate(values):
+        directions = [("a",)] if kind == "single" else [("i", "j"), ("j", "i")]  # a pair value: both particles' sums
+        use = f"val[{k}, {{first}}, b] {'=' if kind == 'single' else '+='} {{{{}}}}"
+        forward.append(_gb_loop(kind, [line for d, atoms in enumerate(directions)
+                                       for line in _gb_lines(tree, roles, atoms, f"v{k}_{d}_", use.format(first=atoms[0]))]))
+        backward.insert(0, _gb_loop(kind, [line for d, atoms in enumerate(directions) for line in (
+            f"s{k}_{d} = adj[{k}, {atoms[0]}, b]", *_gb_lines(tree, roles, atoms, f"w{k}_{d}_", scale=f"s{k}_{d}"))]))
+    for t, (kind, tree, roles) in enumerate(energies):
+        atoms = ("a",) if kind == "single" else ("i", "j")
+        forward.append(_gb_loop(kind, _gb_lines(tree, roles, atoms, f"e{t}_", "e[b] += {}")))
+        backward.insert(0, _gb_loop(kind, _gb_lines(tree, roles, atoms, f"f{t}_", scale="1.0")))
+    return _GB_KERNEL.format(n_values=max(len(values), 1), forward=_indent(forward, 8), backward=_indent(backward, 12))
+
+
 def _indent(blocks: list, spaces: int) -> str:
     """Lines of code (each may hold several) indented by ``spaces``; ``pass`` if there are none."""
     return "\n".join(" " * spaces + line for block in blocks or ["pass"] for line in block.split("\n"))
@@ -490,7 +614,7 @@ def evaluate(kernels: list, positions: torch.Tensor, gradient: torch.Tensor | No
     p = positions.detach().numpy()  # float32 or float64: the kernels read either, and compute in float64
     energy = np.zeros(p.shape[-1])
     with_gradient = gradient is not None
-    out = gradient.numpy() if with_gradient else np.zeros((3, 0, 0), p.dtype)
+    out = gradient.numpy() if with_gradient else p  # never written without gradient; the same array type: one compiled version
 
     def run(start: int, stop: int) -> None:
         for kernel, parameters in kernels:

@@ -17,10 +17,10 @@ number comes from the ``openmm.System`` itself; only the force groups in
   in torch with the global and per-term parameters substituted;
 - ``CMMotionRemover`` and ``AndersenThermostat`` contribute no energy.
 
-On a CPU every force but ``CustomGBForce`` runs as a compiled kernel of ``cpu_kernels`` (numba;
+On a CPU every force runs as a compiled kernel of ``cpu_kernels`` (numba;
 ``TorchEnergy(cpu_kernels=False)`` keeps torch ops): the five standard forces written out per
-configuration, the custom ones generated from their expressions with symbolic derivatives in the
-Cartesian coordinates; both checked against the torch terms to rounding.
+configuration, the custom ones (``CustomGBForce`` included) generated from their expressions with
+symbolic derivatives in the Cartesian coordinates; both checked against the torch terms to rounding.
 
 Anything else (cutoffs, periodic boxes, tabulated functions, virtual sites, other force types)
 raises ``NotImplementedError`` naming the force; ``batched_energy(system)`` then warns loudly and
@@ -611,6 +611,37 @@ class CustomGB(_Term):
         kept = ~excluded[i, j]
         for suffix, (a, b) in {"all": (i, j), "kept": (i[kept], j[kept])}.items():
             self.register_buffer(f"pairs_{suffix}", _long(np.stack([a, b], 1), 2))
+        value_names = [name for name, _, _ in values]
+        self._kernel_spec = (
+            tuple(self._kernel_tree(expression, kind, value_names[:k]) for k, (_, expression, kind) in enumerate(values)),
+            tuple(self._kernel_tree(expression, kind, value_names) for expression, kind in energies),
+        )
+        self._kernel_parameters = (*_kernel_arrays(self.pairs_kept, self.pairs_all), self.values_per_term.numpy().copy(),
+                                   np.array(list(self.constants.values()), dtype=np.float64))
+
+    KINDS = {openmm.CustomGBForce.SingleParticle: "single", openmm.CustomGBForce.ParticlePair: "pair",
+             openmm.CustomGBForce.ParticlePairNoExclusions: "pair_all"}
+
+    def _kernel_tree(self, expression: LeptonExpression, kind: int, known: list) -> tuple:
+        """``(kind, tree in coordinates, roles)`` of one expression for ``cpu_kernels.gb_kernel``; names
+        resolve as in ``_pair_variables``/``_single_variables`` (computed values ``known`` so far)."""
+        def role(name: str, side: int):
+            if name in known:
+                return ("value", known.index(name), side)
+            return ("param", self.names.index(name), side) if name in self.names else None
+
+        if kind == openmm.CustomGBForce.SingleParticle:
+            geometric = {("variable", axis): coordinate(k, 0) for k, axis in enumerate("xyz")}
+            roles = {v: role(v, 0) for v in expression.variables - set("xyz")}
+        else:
+            geometric = {("variable", "r"): GEOMETRY_NODES["distance"](0, 1)}
+            roles = {v: role(v[:-1], int(v[-1]) - 1) if v[-1:] in ("1", "2") else None for v in expression.variables - {"r"}}
+        constants = list(self.constants)
+        roles = {v: r or ("constant", constants.index(v), 0) for v, r in roles.items()}
+        return self.KINDS[kind], in_coordinates(expression.root, geometric), tuple(sorted(roles.items()))
+
+    def cpu_kernel(self):
+        return cpu_kernels.gb_kernel(*self._kernel_spec), self._kernel_parameters
 
     def _pair_variables(self, positions, pairs, per_particle: dict) -> dict:
         i, j = pairs.T
@@ -841,11 +872,12 @@ class TorchEnergy(EvaluationCounts, nn.Module):
         device: where the parameters live first; they follow ``x`` to its device afterwards.
         soft_cap: as in ``OpenMMEnergy``: ``__call__`` returns ``u_high + log(1 + u - u_high)``
             above ``u_high``; ``energy_and_forces`` and ``forces`` stay uncapped.
-        cpu_kernels: on the CPU, evaluate every force but ``CustomGBForce`` with the compiled
-            kernels of ``cpu_kernels`` (numba, vectorised, float64 inside, threaded over the batch;
-            custom forces generated from their expressions, compiled in about 0.7 s per force
-            and array type in each process): at batch 1024 on alanine dipeptide 3.6-6.6x the torch ops in float64, 2.0-3.1x
-            in float32. ``False``: torch ops everywhere. Ignored on a GPU and with ``compile=True``.
+        cpu_kernels: on the CPU, evaluate every force with the compiled kernels of
+            ``cpu_kernels`` (numba, vectorised, float64 inside, threaded over the batch; custom
+            forces generated from their expressions and cached on disk, see
+            ``cpu_kernels.cache_folder``): at batch 1024 on alanine dipeptide 5-8x the torch ops in
+            float64, 2.8-3.7x in float32 (amber14's CustomGB implicit solvent 6.6x and 3.2x).
+            ``False``: torch ops everywhere. Ignored on a GPU and with ``compile=True``.
         compile: ``energy_and_forces`` runs the energy and its analytic gradient as one
             ``torch.compile``'d graph per chunk size and device (the last chunk is padded to the chunk
             size, so nothing recompiles). Experimental: on a 2-core CPU 1.2-1.4x the eager speed for
@@ -1004,7 +1036,7 @@ class TorchEnergy(EvaluationCounts, nn.Module):
     # -- internals -----------------------------------------------------------------------------
     def _reduced_energy_gradient(self, chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Reduced energies ``(B,)`` and ``du/dx`` ``(B, d)`` of ``chunk`` ``(B, d)``, raw."""
-        positions = self._layout(chunk, contiguous=not (self._kernels_only and chunk.device.type == "cpu"))
+        positions = self._layout(chunk)
         gradient = torch.zeros_like(positions)  # same strides: a view of (B, n_atoms, 3) for the kernels
         u = self._energy_gradient(positions, gradient) / self.kT
         grad = gradient.permute(2, 1, 0)  # (B, n_atoms, 3)
@@ -1034,9 +1066,10 @@ class TorchEnergy(EvaluationCounts, nn.Module):
     def __getstate__(self) -> dict:
         return dict(super().__getstate__(), _compiled=None)
 
-    def _layout(self, x: torch.Tensor, contiguous: bool = True) -> torch.Tensor:
-        """Active coordinates ``(B, d)`` -> positions in the internal layout ``(3, n_atoms, B)`` nm;
-        ``contiguous=False``: a transposed view of ``(B, n_atoms, 3)`` where possible."""
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        """Active coordinates ``(B, d)`` -> positions in the internal layout ``(3, n_atoms, B)`` nm:
+        contiguous for torch ops, a transposed view of ``(B, n_atoms, 3)`` where only the CPU kernels
+        read it (any strides; one array type for them to compile for)."""
         if self._components is not None:  # slice assignment: 5x an index_copy
             full = self.reference.to(x.dtype).view(1, self.system.n_atoms, 3).expand(x.shape[0], -1, -1).clone()
             full[:, :, self._components] = x.view(x.shape[0], self.system.n_atoms, self._components.stop)
@@ -1044,7 +1077,7 @@ class TorchEnergy(EvaluationCounts, nn.Module):
         elif not self.all_active:
             x = self.reference.to(x.dtype).expand(-1, x.shape[0]).index_copy(0, self.active_index, x.T).T
         positions = x.reshape(x.shape[0], self.system.n_atoms, 3).permute(2, 1, 0)
-        return positions.contiguous() if contiguous else positions
+        return positions if self._kernels_only and x.device.type == "cpu" else positions.contiguous()
 
     def _coordinates(self, x) -> torch.Tensor:
         """Validate ``x`` ``(B, d)``; move the parameters to its device; return it in ``self.dtype``."""

@@ -582,9 +582,9 @@ def _gb_source(values: tuple, energies: tuple) -> str:
     forward, backward = [], []
     for k, (kind, tree, roles) in enumerate(values):
         directions = [("a",)] if kind == "single" else [("i", "j"), ("j", "i")]  # a pair value: both particles' sums
-        use = f"val[{k}, {{first}}, b] {'=' if kind == 'single' else '+='} {{{{}}}}"
+        store = "=" if kind == "single" else "+="
         forward.append(_gb_loop(kind, [line for d, atoms in enumerate(directions)
-                                       for line in _gb_lines(tree, roles, atoms, f"v{k}_{d}_", use.format(first=atoms[0]))]))
+                                       for line in _gb_lines(tree, roles, atoms, f"v{k}_{d}_", f"val[{k}, {atoms[0]}, b] {store} {{}}")]))
         backward.insert(0, _gb_loop(kind, [line for d, atoms in enumerate(directions) for line in (
             f"s{k}_{d} = adj[{k}, {atoms[0]}, b]", *_gb_lines(tree, roles, atoms, f"w{k}_{d}_", scale=f"s{k}_{d}"))]))
     for t, (kind, tree, roles) in enumerate(energies):

@@ -990,9 +990,9 @@ class TorchEnergy(EvaluationCounts, nn.Module):
 
         Evaluated ``chunk_size`` configurations at a time to bound memory; ``None``: on the CPU 512
         when a term in torch ops has over 256 rows (pairs, ...), 1024 for smaller ones, 16384 when
-        the compiled kernels do everything; 16384 on a GPU. The gradient is analytic for the
-        standard forces and, through symbolic derivatives of their expressions, for the custom
-        bonded ones (autograd for the rest). Non-finite energies or forces give ``+inf`` and 0.
+        the compiled kernels do everything; 16384 on a GPU. The gradient is analytic: written out
+        for the standard forces, symbolic derivatives of the expressions for the custom ones
+        (in torch ops, autograd for CustomNonbonded and CustomGB). Non-finite energies or forces give ``+inf`` and 0.
         """
         serial_torch = self._serial_torch and isinstance(x, torch.Tensor) and x.device.type == "cpu"
         with cpu_kernels.torch_on_one_thread() if serial_torch else contextlib.nullcontext():

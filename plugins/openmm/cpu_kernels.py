@@ -406,14 +406,13 @@ def _compiled(source: str):
     path = cache_folder() / f"{name}.py"
     try:
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(path) as tmp:
                 tmp.write_text(text)
         spec = importlib.util.spec_from_file_location(f"openflow_{name}", path)
         module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # numba's cache imports it by name
         spec.loader.exec_module(module)
         return njit(**_COMPILE)(module.kernel)
-    except OSError:
+    except (OSError, RuntimeError):  # RuntimeError: numba finds no writable place for its cache
         namespace = {}
         exec(compile(text, "<openflow generated kernel>", "exec"), namespace)  # noqa: S102 - generated here
         return njit(**dict(_COMPILE, cache=False))(namespace["kernel"])

@@ -920,14 +920,16 @@ class TorchEnergy(EvaluationCounts, nn.Module):
         # CPU chunks: torch ops' per-term temporaries (rows x chunk float64) of at most ~2 MB stay off fresh,
         # page-faulting memory; the compiled kernels have none, so chunks of only-kernel systems are large
         use_kernels = self.cpu_kernels and not self.compile
-        self._kernel_terms = [t for t in self.terms if use_kernels and t.cpu_kernel()]
-        self._cpu_torch_terms = [t for t in self.terms if not (use_kernels and t.cpu_kernel())]
+        found = [(term, term.cpu_kernel() if use_kernels else None) for term in self.terms]
+        self._kernel_terms = [term for term, kernel in found if kernel]
+        self._cpu_torch_terms = [term for term, kernel in found if not kernel]
+        self._kernels = [kernel for _, kernel in found if kernel]  # (kernel, parameters); a lookup hashes expression trees: once
         rows = max((len(b) for t in self._cpu_torch_terms for b in t.buffers() if b.dtype == torch.int64), default=0)
         self.cpu_chunk_size = 512 if rows > 256 else 1024 if self._cpu_torch_terms else 16384
         self._kernels_only = not self._cpu_torch_terms  # CPU positions then stay in the caller's layout (the kernels read any strides)
         # torch's own ops run serially around kernels with >= 3 terms per coordinate (see cpu_kernels.torch_on_one_thread);
         # around lighter ones their threads win (batch 1024, 2 cores: chain n=32 1.3x, Coulomb n=13 1.15x; n=24 0.85x)
-        kernel_rows = sum(len(term.cpu_kernel()[1][0]) for term in self._kernel_terms)
+        kernel_rows = sum(len(parameters[0]) for _, parameters in self._kernels)
         self._serial_torch = self._kernels_only and kernel_rows >= 9 * system.n_atoms
         self.to(device=device, dtype=dtype)
         self.reset_stats()
@@ -964,8 +966,9 @@ class TorchEnergy(EvaluationCounts, nn.Module):
         energy = positions.new_zeros(positions.shape[-1])
         terms = self.terms
         if positions.device.type == "cpu" and self._kernel_terms:
-            kernels = [term.cpu_kernel() for term in self._kernel_terms]
-            energy = energy + cpu_kernels.evaluate(kernels, positions, gradient).to(energy.dtype)
+            if self._kernels is None:  # unpickled: generated kernels are looked up again, not pickled
+                self._kernels = [term.cpu_kernel() for term in self._kernel_terms]
+            energy = energy + cpu_kernels.evaluate(self._kernels, positions, gradient).to(energy.dtype)
             terms = self._cpu_torch_terms
         for term in terms:
             energy = energy + term.energy_gradient(positions, gradient)
@@ -1064,7 +1067,7 @@ class TorchEnergy(EvaluationCounts, nn.Module):
         return u[:n], grad[:n]
 
     def __getstate__(self) -> dict:
-        return dict(super().__getstate__(), _compiled=None)
+        return dict(super().__getstate__(), _compiled=None, _kernels=None)
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         """Active coordinates ``(B, d)`` -> positions in the internal layout ``(3, n_atoms, B)`` nm:

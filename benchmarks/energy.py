@@ -2,10 +2,12 @@
 
 The per-configuration loop is ``OpenMMEnergy.energy_and_forces`` (one ``setPositions`` +
 ``getState`` per configuration, the way Boltzmann-generator bridges do it); the batched path is
-``TorchEnergy.energy_and_forces`` (analytic forces; on a CPU the standard forces run as compiled
-kernels, ``--torch-ops`` for torch ops throughout). Both run
-in the same process on the same configurations; the OpenMM loop is timed on at most
-``max_loop_configs`` of them and reported per second.
+``TorchEnergy.energy_and_forces`` (analytic forces; on a CPU every force runs as a compiled
+kernel, ``--torch-ops`` for torch ops throughout). Both run in the same process on the same
+configurations; the OpenMM loop is timed on at most ``max_loop_configs`` of them and reported per
+second. The batched path is built with ``keep_freed_memory=True`` (glibc keeps freed memory in the
+process, see ``openflow.plugins.openmm.forcefield.heap``): a process-wide setting that every
+measurement here shares, so that the numbers stay comparable across runs.
 
     python benchmarks/energy.py --system alanine_dipeptide --solvent implicit --batch 1024 --json
     python benchmarks/energy.py --system harmonic_chain --n 32 --batch 1 64 1024 16384
@@ -21,7 +23,7 @@ import sys
 import torch
 
 from openflow.plugins.openmm import OpenMMEnergy
-from openflow.plugins.openmm.torch_energy import TorchEnergy
+from openflow.plugins.openmm.forcefield import TorchEnergy
 from openflow.systems import System, build
 
 from openflow.benchmarks.common import add_output_arguments, emit, machine_description, machine_line, parse_arguments, rate, synchronizer
@@ -63,8 +65,8 @@ def benchmark_energy(
         dtype: ``float64`` or ``float32``, for the batched path (OpenMM's Reference is float64).
         seconds: wall time per measurement; max_loop_configs: configurations timed in the loop.
         compile: ``TorchEnergy(compile=True)`` (compiled once in the warm-up call, not timed).
-        cpu_kernels: ``TorchEnergy(cpu_kernels=...)``: the compiled CPU kernels for the standard
-            forces (default) or torch ops throughout.
+        cpu_kernels: ``TorchEnergy(cpu_kernels=...)``: the compiled CPU kernels for every force
+            (default) or torch ops throughout.
         system_kwargs: passed to the system builder (``solvent="implicit"``, ``n=13``, ...).
 
     Returns a flat dict: ``per_config_evals_per_s``, ``batched_evals_per_s``, ``ratio``, the
@@ -81,7 +83,8 @@ def benchmark_energy(
     x_loop = x[: min(batch, max_loop_configs)]
     per_config = rate(lambda: loop.energy_and_forces(x_loop), len(x_loop), seconds)
 
-    batched = TorchEnergy(system, dtype=getattr(torch, dtype), device=device, cpu_kernels=cpu_kernels, compile=compile)
+    batched = TorchEnergy(system, dtype=getattr(torch, dtype), device=device, cpu_kernels=cpu_kernels, compile=compile,
+                          keep_freed_memory=True)  # process-wide, on purpose: comparable numbers
     x_batched = x.to(device=device, dtype=getattr(torch, dtype))
     batched_rate = rate(lambda: batched.energy_and_forces(x_batched), batch, seconds, synchronizer(batched.device))
 

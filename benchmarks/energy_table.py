@@ -2,6 +2,8 @@
 systems, each loop against the batched path of its own precision (Reference platform: double,
 batched float64; CPU or CUDA platform: single, batched float32), on the CPU with the compiled
 kernels and with torch ops (``TorchEnergy(cpu_kernels=False)``), ``--runs`` times in one process.
+Every batched path keeps freed memory in the process (``benchmark_energy``: ``TorchEnergy(...,
+keep_freed_memory=True)``), as the README's numbers were measured.
 
     python benchmarks/energy_table.py --out benchmarks/results/energy_cpu.json
     python benchmarks/energy_table.py --device cuda --platform CUDA --batch 16384

@@ -13,8 +13,8 @@ Each biased run checks the CV force it actually simulated (taken from the Metady
 the running System) against torch with ``export.check_export`` on two frames (start and end of
 the run) and reports the errors; ``speed_vs_bare`` is biased ns/day over bare ns/day on the same
 platform (issue 6 asks for >= 0.8). The model systems (harmonic chain n=32, Coulomb 3D n=13) run
-bare. Steps: ``LangevinMiddleIntegrator`` (1/ps friction) at ``openflow.data.default_timestep``
-(1 fs alanine without constraints, 0.01 ps model systems in reduced units), after 100-iteration
+bare. Steps: ``LangevinMiddleIntegrator`` (1/ps friction) at ``openflow.plugins.openmm.md.default_timestep``
+(1 fs alanine without constraints, 0.01 ps model systems in reduced units), after
 minimisation and 100 warm-up steps; best of ``--repeats`` timings of ``--steps`` steps, the bare
 and biased runs of a system and platform timed in interleaved rounds (fair under changing load).
 
@@ -34,10 +34,12 @@ import torch
 
 from openflow.benchmarks.common import add_output_arguments, emit, machine_description, machine_line, parse_arguments
 from openflow.cv import CVModel
-from openflow.data import default_timestep
-from openflow.features import heavy_atom_distance_features, phi_psi_features
+from openflow.features import Dihedrals, FeatureSet, distance_features
 from openflow.plugins.openmm.export import check_export, to_custom_cv_force, to_tabulated_cv_force
+from openflow.plugins.openmm import platforms
+from openflow.plugins.openmm.md import create_simulation, default_timestep
 from openflow.systems import System, build
+from openflow.systems.alanine_dipeptide import backbone_torsions
 
 SYSTEMS = {
     "alanine_dipeptide": dict(solvent="vacuum"),
@@ -50,8 +52,7 @@ PLATFORMS = ("Reference", "CPU", "CUDA")
 
 def available_platforms() -> list[str]:
     """The platforms of :data:`PLATFORMS` this OpenMM installation has."""
-    names = {openmm.Platform.getPlatform(i).getName() for i in range(openmm.Platform.getNumPlatforms())}
-    return [name for name in PLATFORMS if name in names]
+    return [name for name in PLATFORMS if name in platforms.available_platforms()]
 
 
 def learned_cv(system: System, bias: str, seed: int = 0) -> tuple[CVModel, openmm.Force]:
@@ -64,7 +65,8 @@ def learned_cv(system: System, bias: str, seed: int = 0) -> tuple[CVModel, openm
         raise ValueError(f"bias must be one of {BIASES[1:]}, got {bias!r}")
     if system.name != "alanine_dipeptide":
         raise ValueError(f"learned CV biases are defined for alanine_dipeptide, got {system.name!r}")
-    features = phi_psi_features(system.topology) if bias.startswith("phi_psi") else heavy_atom_distance_features(system.topology)
+    torsions = backbone_torsions(system)
+    features = FeatureSet(Dihedrals(torsions["phi"] + torsions["psi"])) if bias.startswith("phi_psi") else distance_features(system)
     cv = CVModel(features, hidden=(16,), seed=seed).double()
     if bias == "distances_lepton":
         generator = torch.Generator().manual_seed(seed)
@@ -74,11 +76,10 @@ def learned_cv(system: System, bias: str, seed: int = 0) -> tuple[CVModel, openm
     return cv, export(cv, system.system)
 
 
-def _platform(name: str, threads: int | None) -> tuple[openmm.Platform, dict]:
-    properties = {"Threads": str(threads)} if name == "CPU" and threads is not None else {}
+def _platform_properties(name: str, threads: int | None) -> dict:
     if name == "CUDA":
-        properties = {"Precision": "mixed"}
-    return openmm.Platform.getPlatformByName(name), properties
+        return {"Precision": "mixed"}
+    return {"Threads": str(threads)} if name == "CPU" and threads is not None else {}
 
 
 class _Run:
@@ -98,15 +99,11 @@ class _Run:
                                          1.0 * unit.kilojoule_per_mole, frequency)
             np.random.set_state(state)
         self.dt = default_timestep(system)
-        integrator = openmm.LangevinMiddleIntegrator(system.temperature, 1.0 / unit.picosecond, self.dt)
-        integrator.setRandomNumberSeed(seed + 1)
-        chosen, self.properties = _platform(platform, threads)
+        self.properties = _platform_properties(platform, threads)
         start = time.perf_counter()
-        self.simulation = app.Simulation(system.topology, self.omm_system, integrator, chosen, self.properties)
-        self.context_seconds = time.perf_counter() - start
-        self.simulation.context.setPositions(system.positions)
-        self.simulation.minimizeEnergy(maxIterations=100)
-        self.simulation.context.setVelocitiesToTemperature(system.temperature, seed + 1)
+        self.simulation = create_simulation(system, seed + 1, platform, openmm_system=self.omm_system,
+                                            platform_properties=self.properties)
+        self.setup_seconds = time.perf_counter() - start
         self.steps_done, self.times = 0, []
         self.advance(100)
         self.first_frame = self.positions()
@@ -141,7 +138,7 @@ class _Run:
             "s_per_step": s_per_step,
             "steps_per_s": 1.0 / s_per_step,
             "ns_per_day": dt_ps * 1e-3 * 86400.0 / s_per_step,
-            "context_seconds": self.context_seconds,
+            "setup_seconds": self.setup_seconds,
         }
         if self.meta is not None:
             simulated = self.omm_system.getForce(self.omm_system.getNumForces() - 1).getCollectiveVariable(0)  # the CV that ran

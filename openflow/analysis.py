@@ -1,31 +1,25 @@
-"""Ramachandran plots, free-energy profiles, basin populations and transition counts.
+"""Free-energy surfaces and profiles, two-state populations and transitions, slow-mode metrics, plots.
 
-Basins of alanine dipeptide along phi (radians, ``(-pi, pi]``), chosen at the two free-energy
-barriers of phi (near 0 and near 2 rad = 115 deg):
-
-- ``positive``: ``0 < phi < 2.0`` -- alpha_L and C7ax (the phi > 0 basin);
-- ``negative``: everything else -- C7eq, C5/beta and alpha_R (phi < 0), including
-  ``phi > 2.0``, the part of the beta basin that wraps across +-pi.
-
-Transitions are counted with hysteresis: a crossing counts when the trajectory reaches the *core*
-of the other basin, the basin shrunk by ``margin`` (default 0.5 rad) on each side: positive core
-``(0.5, 1.5)``, negative core ``phi < -0.5`` or ``phi > 2.5``. Recrossings of a barrier that do
-not reach the other core are not transitions.
+Nothing here knows a molecule: states are passed in as labels per frame. A *state series* holds
+``+1`` (the frame is in the core of state A), ``-1`` (in the core of state B) or ``0`` (between
+the cores, committed to neither); transitions are counted with that hysteresis: a crossing
+counts when the trajectory reaches the core of the other state. A peptide's phi basins, for
+example, come from ``openflow.systems.alanine_dipeptide.phi_states``.
 
 Weights (metadynamics reweighting, flow importance weights) are per frame, non-negative, any
 normalisation. Free energies are ``-kT ln p`` shifted to a minimum of 0, NaN where no frame falls.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-KJ_PER_MOL_PER_K = 0.00831446261815324  # molar gas constant R, kJ/(mol K)
-POSITIVE_BASIN = (0.0, 2.0)  # rad: alpha_L / C7ax
-CORE_MARGIN = 0.5  # rad
+from openflow.geometry import wrap_angle
+from openflow.io import atomic_path
+from openflow.systems import kT_kjmol
+
 UNITS = ("kT", "kJ/mol")
 
 
@@ -50,17 +44,6 @@ def normalized_weights(weights, n: int) -> np.ndarray:
     return w / w.sum()
 
 
-def effective_sample_size(weights) -> float:
-    """Kish's ``(sum w)^2 / sum w^2`` of weights ``(n,)``."""
-    w = normalized_weights(weights, len(weights))
-    return float(1.0 / np.sum(w * w))
-
-
-def wrap_angle(angle) -> np.ndarray:
-    """Angles in radians mapped to ``[-pi, pi)``."""
-    return (np.asarray(angle, dtype=np.float64) + np.pi) % (2 * np.pi) - np.pi
-
-
 def load_weights(path) -> np.ndarray:
     """Frame weights from ``.npy`` or a text file of one column (``#`` comments allowed): ``(n,)``."""
     path = Path(path)
@@ -75,42 +58,18 @@ def load_weights(path) -> np.ndarray:
     return weights
 
 
-def backbone_angles(traj, top=None) -> tuple[np.ndarray, np.ndarray]:
-    """The first backbone phi and psi of every frame, each ``(T,)`` radians.
-
-    ``traj``: an ``mdtraj.Trajectory`` or a trajectory file mdtraj reads (with ``top``, a PDB).
-    """
-    import mdtraj
-
-    from openflow.features import backbone_torsions
-
-    if not isinstance(traj, mdtraj.Trajectory):
-        if not Path(traj).is_file():
-            raise FileNotFoundError(f"trajectory file not found: {traj}")
-        if top is not None and not Path(top).is_file():
-            raise FileNotFoundError(f"topology file not found: {top}")
-        traj = mdtraj.load(str(traj), top=None if top is None else str(top))
-    torsions = backbone_torsions(traj.topology)
-    if not torsions["phi"] or not torsions["psi"]:
-        raise ValueError("the topology has no backbone phi/psi pair")
-    angles = mdtraj.compute_dihedrals(traj, np.array([torsions["phi"][0], torsions["psi"][0]]), periodic=False)
-    return angles[:, 0].astype(np.float64), angles[:, 1].astype(np.float64)
-
-
-def _phi_psi(traj_or_angles, top=None) -> tuple[np.ndarray, np.ndarray]:
-    """(phi, psi) from a trajectory, a file, a ``(T, 2)`` array or a ``(phi, psi)`` pair."""
-    if isinstance(traj_or_angles, (str, os.PathLike)) or hasattr(traj_or_angles, "xyz"):
-        return backbone_angles(traj_or_angles, top)
-    if isinstance(traj_or_angles, tuple) and len(traj_or_angles) == 2:
-        phi, psi = (_as_1d(a, name) for a, name in zip(traj_or_angles, ("phi", "psi")))
+def _angle_pair(angles) -> tuple[np.ndarray, np.ndarray]:
+    """Two angle series from a ``(T, 2)`` array or a pair of ``(T,)`` arrays (radians)."""
+    if isinstance(angles, tuple) and len(angles) == 2:
+        first, second = (_as_1d(a, name) for a, name in zip(angles, ("first angle", "second angle")))
     else:
-        array = np.asarray(traj_or_angles, dtype=np.float64)
+        array = np.asarray(angles, dtype=np.float64)
         if array.ndim != 2 or array.shape[1] != 2:
-            raise ValueError(f"angles must be (T, 2) (phi, psi) in radians, got shape {array.shape}")
-        phi, psi = _as_1d(array[:, 0], "phi"), _as_1d(array[:, 1], "psi")
-    if phi.shape != psi.shape:
-        raise ValueError(f"phi and psi differ in length ({phi.size} vs {psi.size})")
-    return phi, psi
+            raise ValueError(f"angles must be (T, 2) in radians, got shape {array.shape}")
+        first, second = _as_1d(array[:, 0], "first angle"), _as_1d(array[:, 1], "second angle")
+    if first.shape != second.shape:
+        raise ValueError(f"the two angle series differ in length ({first.size} vs {second.size})")
+    return first, second
 
 
 def _energy_scale(units: str, temperature: float) -> float:
@@ -118,7 +77,7 @@ def _energy_scale(units: str, temperature: float) -> float:
         raise ValueError(f"units must be one of {UNITS}, got {units!r}")
     if not temperature > 0:
         raise ValueError(f"temperature must be positive (K), got {temperature}")
-    return 1.0 if units == "kT" else KJ_PER_MOL_PER_K * float(temperature)
+    return 1.0 if units == "kT" else kT_kjmol(temperature)
 
 
 def _free_energy(histogram: np.ndarray, scale: float) -> np.ndarray:
@@ -163,15 +122,13 @@ class Ramachandran:
         return 0.5 * (self.psi_edges[1:] + self.psi_edges[:-1])
 
 
-def ramachandran(traj_or_angles, top=None, weights=None, bins: int = 60, units: str = "kT",
-                 temperature: float = 300.0) -> Ramachandran:
-    """Free energy over (phi, psi) on ``bins x bins`` cells of ``[-pi, pi)^2``.
+def ramachandran(angles, weights=None, bins: int = 60, units: str = "kT", temperature: float = 300.0) -> Ramachandran:
+    """Free energy over two torsions (e.g. a peptide's phi, psi) on ``bins x bins`` cells of ``[-pi, pi)^2``.
 
-    ``traj_or_angles``: an ``mdtraj.Trajectory``, a trajectory file (``top``: its PDB), a
-    ``(T, 2)`` array or a ``(phi, psi)`` pair of ``(T,)`` arrays in radians. ``weights``: ``(T,)``
-    or None. ``units``: ``"kT"`` or ``"kJ/mol"`` (at ``temperature`` K).
+    ``angles``: a ``(T, 2)`` array or a ``(phi, psi)`` pair of ``(T,)`` arrays in radians.
+    ``weights``: ``(T,)`` or None. ``units``: ``"kT"`` or ``"kJ/mol"`` (at ``temperature`` K).
     """
-    phi, psi = _phi_psi(traj_or_angles, top)
+    phi, psi = _angle_pair(angles)
     w = normalized_weights(weights, phi.size)
     scale = _energy_scale(units, temperature)
     if int(bins) != bins or bins < 2:
@@ -181,52 +138,31 @@ def ramachandran(traj_or_angles, top=None, weights=None, bins: int = 60, units: 
     return Ramachandran(_free_energy(histogram, scale), edges, edges.copy(), units, float(temperature), phi, psi, w)
 
 
-def basin_of(phi, margin: float = 0.0) -> np.ndarray:
-    """Basin label per frame: +1 (positive core), -1 (negative core), 0 (between cores) -> ``(T,)`` int.
+def state_populations(in_state, weights=None) -> dict:
+    """Population of a state and ``delta_f_kT = F(state) - F(rest) = -ln[P(state) / P(rest)]``.
 
-    With ``margin = 0`` every frame is +1 or -1 (the basins partition the circle; see the module).
+    ``in_state``: ``(T,)`` bool, or a state series (the state is ``+1``); ``weights``: ``(T,)`` or
+    None. Returns ``{"state", "rest", "delta_f_kT", "n_frames", "ess_fraction"}`` (``delta_f_kT``
+    is inf while the state is empty, -inf when it holds everything).
     """
-    phi = wrap_angle(phi)
-    lo, hi = POSITIVE_BASIN
-    if not 0 <= margin < (hi - lo) / 2:
-        raise ValueError(f"margin must be in [0, {(hi - lo) / 2}), got {margin}")
-    positive = (phi > lo + margin) & (phi < hi - margin)
-    inside = (phi > lo - margin) & (phi < hi + margin)
-    return np.where(positive, 1, np.where(inside, 0, -1))
-
-
-def basin_populations(phi, psi=None, weights=None) -> dict:
-    """Populations of the phi < 0 and phi > 0 basins and ``delta_f_kT = F(positive) - F(negative)``.
-
-    ``phi``: ``(T,)`` rad; ``psi`` is accepted for symmetry with :func:`ramachandran` and only
-    checked for length. Returns ``{"negative", "positive", "delta_f_kT", "n_frames",
-    "effective_sample_size", "basins"}`` (populations sum to 1; ``delta_f_kT`` is inf when the
-    positive basin is empty).
-    """
-    phi = _as_1d(phi, "phi")
-    if psi is not None and _as_1d(psi, "psi").shape != phi.shape:
-        raise ValueError("phi and psi differ in length")
-    w = normalized_weights(weights, phi.size)
-    label = basin_of(phi)
-    positive, negative = float(w[label == 1].sum()), float(w[label == -1].sum())
+    label = np.asarray(in_state)
+    if label.ndim != 1 or label.size == 0:
+        raise ValueError(f"in_state must be a non-empty 1-D array, got shape {label.shape}")
+    inside = label if label.dtype == bool else label == 1
+    w = normalized_weights(weights, inside.size)
+    state, rest = float(w[inside].sum()), float(w[~inside].sum())
     with np.errstate(divide="ignore"):
-        delta = float(np.log(negative) - np.log(positive)) if negative > 0 else -np.inf
-    return {
-        "negative": negative,
-        "positive": positive,
-        "delta_f_kT": delta,
-        "n_frames": int(phi.size),
-        "effective_sample_size": float(1.0 / np.sum(w * w)),
-        "basins": {
-            "negative": f"C7eq, C5/beta, alpha_R: phi <= {POSITIVE_BASIN[0]} or phi >= {POSITIVE_BASIN[1]} rad",
-            "positive": f"alpha_L, C7ax: {POSITIVE_BASIN[0]} < phi < {POSITIVE_BASIN[1]} rad",
-        },
-    }
+        delta = float(np.log(rest) - np.log(state)) if rest > 0 else -np.inf
+    return {"state": state, "rest": rest, "delta_f_kT": delta, "n_frames": int(inside.size),
+            "ess_fraction": float(1.0 / np.sum(w * w) / w.size)}
 
 
-def transition_frames(phi, margin: float = CORE_MARGIN) -> np.ndarray:
-    """Frame indices ``(k,)`` at which the trajectory enters the core of the other basin (hysteresis)."""
-    label = basin_of(_as_1d(phi, "phi"), margin)
+def transition_frames(states) -> np.ndarray:
+    """Frame indices ``(k,)`` at which a state series ``(T,)`` (+1, -1, 0 between cores) enters the core
+    of the other state."""
+    label = np.asarray(states)
+    if label.ndim != 1:
+        raise ValueError(f"states must be a 1-D series, got shape {label.shape}")
     committed = np.flatnonzero(label != 0)
     if committed.size == 0:
         return committed
@@ -235,19 +171,38 @@ def transition_frames(phi, margin: float = CORE_MARGIN) -> np.ndarray:
     return committed[changes]
 
 
-def count_transitions(phi, margin: float = CORE_MARGIN) -> int:
-    """Number of transitions between the phi < 0 and phi > 0 basins in a time series ``(T,)`` rad."""
-    return int(transition_frames(phi, margin).size)
+def count_transitions(states) -> int:
+    """Number of transitions between the two states of a state series ``(T,)`` (+1, -1, 0 between cores)."""
+    return int(transition_frames(states).size)
 
 
-def plot_ramachandran(surface: Ramachandran, path, title: str | None = None, vmax: float | None = None) -> Path:
-    """Write the surface as a PNG (filled contours, basin boundaries dashed); return the path."""
+def delta_f_convergence(in_state, log_weights, n_points: int = 20) -> tuple[np.ndarray, np.ndarray]:
+    """``F(state) - F(rest)`` (kT) on the frames up to ``n_points`` evenly spaced ends.
+
+    ``in_state``: ``(T,)`` bool (or a state series, the state being +1); ``log_weights``: ``(T,)``.
+    Returns frame counts ``(n,)`` and ΔF ``(n,)`` (inf while the state is unvisited).
+    """
+    label = np.asarray(in_state)
+    inside = label if label.dtype == bool else label == 1
+    log_w = np.asarray(log_weights, dtype=np.float64)
+    if inside.ndim != 1 or inside.shape != log_w.shape:
+        raise ValueError(f"in_state {inside.shape} and log_weights {log_w.shape} must be (T,) alike")
+    ends = np.unique(np.linspace(0, inside.size, n_points + 1)[1:].round().astype(int))
+    ends = ends[ends > 0]
+    with np.errstate(divide="ignore"):
+        cum_in = np.logaddexp.accumulate(np.where(inside, log_w, -np.inf))
+        cum_out = np.logaddexp.accumulate(np.where(inside, -np.inf, log_w))
+    return ends, cum_out[ends - 1] - cum_in[ends - 1]
+
+
+def plot_ramachandran(surface: Ramachandran, path, title: str | None = None, vmax: float | None = None,
+                      boundaries: tuple = ()) -> Path:
+    """Write the surface as a PNG (filled contours; ``boundaries``: first-angle values drawn dashed,
+    e.g. a peptide's phi basin boundaries); return the path."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from openflow.io import atomic_path
 
     path = Path(path)
     f = surface.free_energy
@@ -255,7 +210,7 @@ def plot_ramachandran(surface: Ramachandran, path, title: str | None = None, vma
     fig, ax = plt.subplots(figsize=(5.2, 4.4))
     levels = np.linspace(0.0, max(top, 1e-6), 25)
     mesh = ax.contourf(surface.phi_centers, surface.psi_centers, np.clip(f, 0, top).T, levels=levels, cmap="viridis")
-    for boundary in POSITIVE_BASIN:
+    for boundary in boundaries:
         ax.axvline(boundary, color="w", ls="--", lw=0.8)
     fig.colorbar(mesh, ax=ax, label=f"free energy ({surface.units})")
     ax.set(xlabel=r"$\phi$ (rad)", ylabel=r"$\psi$ (rad)", xlim=(-np.pi, np.pi), ylim=(-np.pi, np.pi),
@@ -265,6 +220,24 @@ def plot_ramachandran(surface: Ramachandran, path, title: str | None = None, vma
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return path
+
+
+def torsion_histogram_kl(reference: tuple, other: tuple, bins: int) -> float:
+    """``KL(reference || other)`` in nats between weighted histograms of two torsions on ``bins x bins``
+    cells of ``[-pi, pi)^2``.
+
+    ``reference``, ``other``: ``(angle1, angle2, weights)`` with ``(T,)`` arrays (rad; weights may be
+    None). A cell where ``reference`` has mass and none of the ``N`` samples of ``other`` falls gets
+    half a sample's share, ``1 / (2N)`` (then ``other`` is renormalised), so the value stays finite;
+    a floor at the smallest non-zero probability instead would let one negligible weight set it.
+    """
+    edges = np.linspace(-np.pi, np.pi, bins + 1)
+    p, q = (np.histogram2d(wrap_angle(a), wrap_angle(b), bins=(edges, edges), weights=w)[0].ravel() for a, b, w in (reference, other))
+    p, q = p / p.sum(), q / q.sum()
+    q = np.where((p > 0) & (q == 0), 0.5 / len(other[0]), q)
+    q = q / q.sum()
+    mask = p > 0
+    return float(np.sum(p[mask] * (np.log(p[mask]) - np.log(q[mask]))))
 
 
 # ----------------------------------------------------------------------------- slow-mode quality metrics
@@ -360,3 +333,25 @@ def basin_separation_auc(scores, labels) -> float:
     """``max(auc, 1 - auc)`` of :func:`roc_auc`: how well a CV of arbitrary sign separates two basins."""
     auc = roc_auc(scores, labels)
     return max(auc, 1.0 - auc)
+
+
+# ----------------------------------------------------------------------------- particle clusters
+
+
+def radii_and_distances(x: np.ndarray, n: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Distances from the origin ``(B, n)`` and pair distances ``(B, n (n - 1) / 2)`` of ``n`` particles
+    in ``dim`` dimensions, from coordinates ``x (B, n * dim)``."""
+    r = np.asarray(x, dtype=np.float64).reshape(len(x), n, dim)
+    i, j = np.triu_indices(n, 1)
+    return np.linalg.norm(r, axis=2), np.linalg.norm(r[:, i] - r[:, j], axis=2)
+
+
+def lindemann_index(x: np.ndarray, n: int, dim: int, n_chains: int = 1) -> float:
+    """Relative pair-distance fluctuation ``mean_{i<j} std(r_ij) / mean(r_ij)`` within each of ``n_chains``
+    runs (``x (B, n * dim)``, chain after chain), averaged over them: about 0.1 or less in a cluster
+    that keeps its shape and labels (a solid), large once particles swap places (a liquid). Within a
+    chain, so that two chains frozen in different labellings of the same crystal do not count as melting."""
+    if n < 2:
+        return 0.0
+    distances = radii_and_distances(x, n, dim)[1].reshape(n_chains, -1, n * (n - 1) // 2)
+    return float((distances.std(axis=1) / distances.mean(axis=1)).mean())

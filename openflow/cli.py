@@ -147,11 +147,14 @@ def info(args):
 SYSTEM_OPTIONS = ("solvent", "forcefield", "constraints", "n", "dim", "boundary")
 
 
-def _simulate_arguments(parser):
+def _system_arguments(parser):
+    """``--system NAME`` with its builder's options, or ``--xml system.xml --pdb structure.pdb``."""
     from openflow.systems import BUILDERS
 
-    system = parser.add_argument_group("system")
-    system.add_argument("--system", required=True, choices=sorted(BUILDERS), help="which system to build")
+    system = parser.add_argument_group("system (a builder by name, or any OpenMM system as files)")
+    system.add_argument("--system", choices=sorted(BUILDERS), help="which system to build")
+    system.add_argument("--xml", help="a serialized openmm.System (openmm.XmlSerializer), with --pdb")
+    system.add_argument("--pdb", help="a PDB of the same atoms: topology and starting positions (with --xml)")
     system.add_argument("--solvent", choices=("vacuum", "implicit"), help="alanine dipeptide: vacuum or OBC2 implicit solvent")
     system.add_argument("--forcefield", help="alanine dipeptide: amber99sbildn (default), amber14, ff96")
     system.add_argument("--constraints", choices=("none", "hbonds"), help="alanine dipeptide: bond constraints (default none)")
@@ -159,9 +162,43 @@ def _simulate_arguments(parser):
     system.add_argument("--dim", type=int, choices=(2, 3), help="Coulomb cluster: 2 or 3 dimensions")
     system.add_argument("--boundary", choices=("fixed-fixed", "fixed-free"), help="harmonic chain: boundary condition")
     heat = system.add_mutually_exclusive_group()
-    heat.add_argument("--temperature", type=float, help="temperature in K")
+    heat.add_argument("--temperature", type=float, help="temperature in K (default 300 K, or the builder's)")
     heat.add_argument("--kT", type=float, help="reduced temperature kT in kJ/mol (model systems: default 1)")
 
+
+def system_from_args(args, command: str):
+    """The system of ``--system NAME`` (with the options given on the command line) or of ``--xml`` +
+    ``--pdb``. An option the chosen builder does not take is a ``UsageError``; ``--temperature`` is in
+    K, ``--kT`` in kJ/mol (both reach the builder's ``temperature``)."""
+    import openmm.unit as unit
+
+    from openflow.systems import BUILDERS, build, from_files
+
+    given = {name: getattr(args, name) for name in SYSTEM_OPTIONS if getattr(args, name) is not None}
+    if (args.xml is None) != (args.pdb is None):
+        raise UsageError(f"openflow {command}: --xml and --pdb go together (a serialized openmm.System and a PDB of its atoms)")
+    if args.xml is not None:
+        if args.system is not None or given or args.kT is not None:
+            raise UsageError(f"openflow {command}: --xml/--pdb take no --system or builder options (only --temperature)")
+        return from_files(args.xml, args.pdb, temperature_K=300.0 if args.temperature is None else args.temperature)
+    if args.system is None:
+        raise UsageError(f"openflow {command}: give --system NAME or --xml system.xml --pdb structure.pdb")
+    if args.temperature is not None:
+        given["temperature"] = args.temperature * unit.kelvin
+    if args.kT is not None:
+        given["temperature"] = args.kT
+    accepted = inspect.signature(BUILDERS[args.system]).parameters
+    foreign = sorted(name for name in given if name not in accepted)
+    if foreign:
+        flags = ", ".join("--temperature/--kT" if name == "temperature" else f"--{name}" for name in foreign)
+        raise UsageError(f"openflow {command}: {flags} {'does' if len(foreign) == 1 else 'do'} not apply to --system {args.system}")
+    if given.get("constraints") == "none":
+        given["constraints"] = None
+    return build(args.system, **given)
+
+
+def _simulate_arguments(parser):
+    _system_arguments(parser)
     run = parser.add_argument_group("run")
     length = run.add_mutually_exclusive_group(required=True)
     length.add_argument("--ns", type=float, help="simulated time in ns (reduced systems: 1 ps is the time unit)")
@@ -173,39 +210,15 @@ def _simulate_arguments(parser):
     run.add_argument("--timestep", type=float, help="time step in ps (default: 1 fs, 2 fs with hbonds, 0.01 ps for model systems)")
     run.add_argument("--friction", type=float, help="Langevin friction in 1/ps (default 1)")
     run.add_argument("--equilibration-steps", type=int, help="unsaved steps after minimisation (default: 10 ps worth)")
+    run.add_argument("--overwrite", action="store_true", help="replace a trajectory already in --out")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def system_from_args(args):
-    """Build ``args.system`` with the system options given on the command line.
-
-    An option the chosen builder does not take is a ``UsageError``; ``--temperature`` is in K,
-    ``--kT`` in kJ/mol (both reach the builder's ``temperature``).
-    """
-    import openmm.unit as unit
-
-    from openflow.systems import BUILDERS, build
-
-    given = {name: getattr(args, name) for name in SYSTEM_OPTIONS if getattr(args, name) is not None}
-    if args.temperature is not None:
-        given["temperature"] = args.temperature * unit.kelvin
-    if args.kT is not None:
-        given["temperature"] = args.kT
-    accepted = inspect.signature(BUILDERS[args.system]).parameters
-    foreign = sorted(name for name in given if name not in accepted)
-    if foreign:
-        flags = ", ".join("--temperature/--kT" if name == "temperature" else f"--{name}" for name in foreign)
-        raise UsageError(f"openflow simulate: {flags} {'does' if len(foreign) == 1 else 'do'} not apply to --system {args.system}")
-    if given.get("constraints") == "none":
-        given["constraints"] = None
-    return build(args.system, **given)
 
 
 @subcommand("simulate", "run Langevin MD of a system; write DCD + PDB + energy log", _simulate_arguments)
 def simulate(args):
-    from openflow.data import simulate as run_simulation
+    from openflow.plugins.openmm.md import simulate as run_simulation
 
-    system = system_from_args(args)
+    system = system_from_args(args, "simulate")
     result = run_simulation(
         system,
         steps=args.steps,
@@ -218,11 +231,11 @@ def simulate(args):
         friction=args.friction,
         equilibration_steps=args.equilibration_steps,
         progress=not args.no_progress,
+        overwrite=args.overwrite,
     )
     print(f"{result.n_frames} frames ({result.steps} steps of {result.timestep_ps:g} ps) on {result.platform}: {result.ns_per_day:.1f} ns/day")
     for label, path in (("trajectory", result.trajectory), ("topology", result.topology), ("energies", result.energies), ("settings", result.metadata)):
         print(f"  {label:10s} {path}")
-
 
 
 # ----------------------------------------------------------------------------- run
@@ -257,17 +270,25 @@ def _rama_arguments(parser):
     parser.add_argument("--out", required=True, help="output folder (rama.png, populations.json)")
 
 
-@subcommand("rama", "Ramachandran plot (PNG) and phi<0 / phi>0 basin populations (JSON) of a trajectory", _rama_arguments)
+@subcommand("rama", "Ramachandran plot (PNG) and phi<0 / phi>0 basin populations (JSON) of a peptide trajectory", _rama_arguments)
 def rama(args):
     from openflow import analysis
+    from openflow.data import load_trajectory
     from openflow.io import write_json
+    from openflow.systems.alanine_dipeptide import PHI_POSITIVE_BASIN, phi_psi, phi_states
 
-    phi, psi = analysis.backbone_angles(args.trajectory, args.top)
+    for path, what in ((args.trajectory, "trajectory"), (args.top, "topology")):
+        if path is not None and not os.path.isfile(path):
+            raise FileNotFoundError(f"{what} file not found: {path}")
+    phi, psi = phi_psi(load_trajectory(args.trajectory, args.top))
     weights = analysis.load_weights(args.weights) if args.weights else None
     surface = analysis.ramachandran((phi, psi), weights=weights, bins=args.bins, units=args.units, temperature=args.temperature)
-    populations = analysis.basin_populations(phi, psi, surface.weights)
+    state = analysis.state_populations(phi_states(phi) == 1, surface.weights)
+    populations = {"negative": state["rest"], "positive": state["state"], "delta_f_kT": state["delta_f_kT"],
+                   "n_frames": state["n_frames"], "ess_fraction": state["ess_fraction"]}
     os.makedirs(args.out, exist_ok=True)
-    plot = analysis.plot_ramachandran(surface, os.path.join(args.out, "rama.png"), title=os.path.basename(args.trajectory))
+    plot = analysis.plot_ramachandran(surface, os.path.join(args.out, "rama.png"), title=os.path.basename(args.trajectory),
+                                      boundaries=PHI_POSITIVE_BASIN)
     report = write_json(os.path.join(args.out, "populations.json"), populations)
     print(f"{phi.size} frames: phi<0 basin {populations['negative']:.4f}, phi>0 basin {populations['positive']:.4f}, "
           f"dF = {populations['delta_f_kT']:.3f} kT")
@@ -278,7 +299,9 @@ def rama(args):
 
 
 def _metad_arguments(parser):
-    parser.add_argument("--cv", required=True, help="'phi-psi' (periodic torsions), or an exported CV force XML file (see --cv-range)")
+    _system_arguments(parser)
+    parser.add_argument("--cv", required=True, help="'phi-psi' (a peptide's first backbone torsions, periodic), or an exported "
+                        "CV force XML file (see --cv-range)")
     parser.add_argument("--cv-range", type=float, nargs=2, metavar=("MIN", "MAX"),
                         help="CV range of an XML CV (the bias is zero outside it; CVModel.bounds() gives a safe one)")
     length = parser.add_mutually_exclusive_group(required=True)
@@ -291,26 +314,32 @@ def _metad_arguments(parser):
     parser.add_argument("--bias-factor", type=float, default=6.0, help="well-tempered bias factor gamma > 1 (default 6)")
     parser.add_argument("--frequency", type=int, default=500, help="steps between Gaussians (default 500)")
     parser.add_argument("--interval", type=int, help="steps between frames and COLVAR rows (default: 1 ps)")
-    parser.add_argument("--solvent", choices=("vacuum", "implicit"), default="vacuum", help="alanine dipeptide solvent (default vacuum)")
     parser.add_argument("--platform", help="OpenMM platform (default: automatic, by measurement)")
     parser.add_argument("--seed", type=int, help="random seed")
     parser.add_argument("--continue-from", help="output folder of an earlier run with the same CV: continue its bias and state")
+    parser.add_argument("--overwrite", action="store_true", help="empty --out of an earlier run (its bias would otherwise be loaded)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-@subcommand("metad", "well-tempered metadynamics of alanine dipeptide on phi/psi or an exported CV", _metad_arguments)
+@subcommand("metad", "well-tempered metadynamics of any system on phi/psi (peptides) or an exported CV", _metad_arguments)
 def metad(args):
     from openflow import analysis
     from openflow.io import write_json
     from openflow.plugins.openmm.export import load_cv_force
-    from openflow.plugins.openmm.metadynamics import learned_bias_variables, phi_psi_bias_variables, run_metadynamics
-    from openflow.systems import alanine_dipeptide
+    from openflow.plugins.openmm.metadynamics import learned_bias_variables, run_metadynamics, torsion_bias_variables
+    from openflow.systems.alanine_dipeptide import PHI_CORE_MARGIN, PHI_POSITIVE_BASIN, backbone_torsions, phi_psi_observables, phi_states
 
-    system = alanine_dipeptide(solvent=args.solvent)
+    system = system_from_args(args, "metad")
+    try:
+        torsions = backbone_torsions(system)
+    except ValueError:
+        torsions = None  # not a peptide: no phi/psi to bias or report
     if args.cv == "phi-psi":
         if args.cv_range:
             raise UsageError("openflow metad: --cv-range does not apply to --cv phi-psi (the range is [-pi, pi])")
-        variables = phi_psi_bias_variables(system, width=args.width or 0.35, grid=args.grid)
+        if torsions is None:
+            raise UsageError("openflow metad: --cv phi-psi needs a peptide (residues with backbone N, CA, C atoms)")
+        variables = torsion_bias_variables([torsions["phi"][0], torsions["psi"][0]], width=args.width or 0.35, grid=args.grid)
     else:
         if not args.cv_range:
             raise UsageError("openflow metad: an XML CV needs --cv-range MIN MAX (the bias is zero outside it)")
@@ -319,22 +348,25 @@ def metad(args):
     result = run_metadynamics(system, variables, steps=args.steps, ns=args.ns, out=args.out, height=args.height,
                               bias_factor=args.bias_factor, frequency=args.frequency, interval=args.interval,
                               platform=args.platform, seed=args.seed, continue_from=args.continue_from,
-                              cv_names=["cv_phi", "cv_psi"] if args.cv == "phi-psi" else None, progress=not args.no_progress)
-    import numpy as np
-
-    from openflow.plugins.openmm.reporters import read_colvar
-
-    weights = np.load(result.files["weights"])
-    colvar = read_colvar(result.files["colvar"])
-    surface = analysis.ramachandran((colvar["phi"], colvar["psi"]), weights=weights)
-    plot = analysis.plot_ramachandran(surface, os.path.join(args.out, "rama.png"), title="metadynamics, reweighted")
-    write_json(os.path.join(args.out, "populations.json"), result.populations)
-    print(f"{result.steps} steps on {result.platform}: {result.ns_per_day:.1f} ns/day, {result.transitions} transitions "
-          f"({result.transitions_per_ns:.1f}/ns), dF(phi>0 - phi<0) = {result.delta_f_kT:.3f} kT (reweighted)")
+                              cv_names=["cv_phi", "cv_psi"] if args.cv == "phi-psi" else None,
+                              observables=phi_psi_observables() if torsions else None, overwrite=args.overwrite,
+                              progress=not args.no_progress)
+    print(f"{result.steps} steps on {result.platform}: {result.ns_per_day:.1f} ns/day, {len(result.time_ps)} frames, "
+          f"ESS of the reweighting weights {result.summary()['weights_ess_fraction']:.3f}")
+    if torsions:
+        phi, psi = result.observables["phi"], result.observables["psi"]
+        state = analysis.state_populations(phi_states(phi) == 1, result.weights)
+        transitions = analysis.count_transitions(phi_states(phi, PHI_CORE_MARGIN))
+        surface = analysis.ramachandran((phi, psi), weights=result.weights)
+        plot = analysis.plot_ramachandran(surface, os.path.join(args.out, "rama.png"), title="metadynamics, reweighted",
+                                          boundaries=PHI_POSITIVE_BASIN)
+        write_json(os.path.join(args.out, "populations.json"), {"negative": state["rest"], "positive": state["state"],
+                                                                "delta_f_kT": state["delta_f_kT"], "transitions": transitions})
+        print(f"  {transitions} phi transitions ({transitions / result.ns:.1f}/ns), "
+              f"dF(phi>0 - phi<0) = {state['delta_f_kT']:.3f} kT (reweighted)")
+        print(f"  {'rama':10s} {plot}")
     for key in ("trajectory", "topology", "colvar", "weights", "fes", "bias_dir", "state"):
         print(f"  {key:10s} {result.files[key]}")
-    print(f"  {'rama':10s} {plot}")
-
 
 
 # ----------------------------------------------------------------------------- bench

@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from openflow.flows.base import Flow
@@ -104,8 +105,12 @@ def _kish_fraction(log_w: torch.Tensor) -> torch.Tensor:
     return torch.exp(2.0 * lse - torch.logsumexp(2.0 * log_w, 0)) / log_w.numel()
 
 
-def effective_sample_size(log_w: torch.Tensor) -> float:
-    """Kish effective sample size as a fraction of ``len(log_w)``, in ``[0, 1]``."""
+def effective_sample_size(log_w) -> float:
+    """Kish effective sample size ``(sum w)^2 / sum w^2`` as a fraction of ``len(log_w)``, in ``[0, 1]``,
+    from log-weights ``(B,)`` (a torch tensor or anything numpy reads; ``-inf`` for zero weights).
+    The package's one ESS: weights ``w`` enter as ``log(w)``."""
+    if not isinstance(log_w, torch.Tensor):
+        log_w = torch.as_tensor(np.asarray(log_w, dtype=np.float64))
     _check_log_w(log_w)
     return float(_kish_fraction(log_w.detach()))
 
@@ -187,6 +192,52 @@ def reweight(values: torch.Tensor, log_w: torch.Tensor) -> ReweightedMean:
     mean = (p * v).sum(0)
     error = torch.sqrt((p ** 2 * (v - mean) ** 2).sum(0))
     return ReweightedMean(mean, error, float(_kish_fraction(log_w)))
+
+
+@dataclass(frozen=True)
+class StateFreeEnergy:
+    """``delta_f``: ``F(state) - F(rest) = -ln[P(state) / P(rest)]`` in kT from weighted samples;
+    ``error``: its standard error (delta method over independent units, see
+    :func:`state_free_energy`); ``ess_state`` / ``ess_rest``: Kish effective sample sizes (counts)
+    of the weights inside the state and outside it; ``n_units``: independent units (samples or blocks)."""
+
+    delta_f: float
+    error: float
+    ess_state: float
+    ess_rest: float
+    n_units: int
+
+
+def state_free_energy(in_state, log_weights=None, n_blocks: int | None = None) -> StateFreeEnergy:
+    """ΔF of a state against the rest from samples ``in_state (T,)`` (bool) with ``log_weights (T,)``
+    (None: equal weights), and its error bar.
+
+    The error is the delta method on the two weight sums ``W_s`` (in the state) and ``W_r`` (the
+    rest) over independent units ``b``: ``var = n/(n-1) sum_b (W_r^b / W_r - W_s^b / W_s)^2``.
+    ``n_blocks=None``: every sample is a unit (independent samples, e.g. importance sampling); the
+    variance is then ``1/ESS_s + 1/ESS_r`` with each side's own Kish ESS, so an estimate resting on
+    few effective samples inside the state says so. ``n_blocks``: contiguous blocks of a time series
+    (correlated frames, e.g. metadynamics) are the units. With no weight in the state (or none
+    outside) ``delta_f`` is +inf (-inf) and ``error`` inf.
+    """
+    inside = np.asarray(in_state)
+    if inside.ndim != 1 or inside.size < 2 or inside.dtype != bool:
+        raise ValueError(f"in_state must be a bool array (T,) with T >= 2, got {inside.dtype} {inside.shape}")
+    log_w = np.zeros(inside.size) if log_weights is None else np.asarray(log_weights, dtype=np.float64)
+    if log_w.shape != inside.shape or np.isnan(log_w).any() or (log_w == np.inf).any():
+        raise ValueError(f"log_weights must be (T,) = {inside.shape} without NaN or +inf, got {log_w.shape}")
+    w = np.exp(log_w - log_w.max())
+    units = inside.size if n_blocks is None else int(n_blocks)
+    if not 2 <= units <= inside.size:
+        raise ValueError(f"n_blocks must be in [2, {inside.size}], got {n_blocks}")
+    state_sums = np.array([part.sum() for part in np.array_split(np.where(inside, w, 0.0), units)])
+    rest_sums = np.array([part.sum() for part in np.array_split(np.where(inside, 0.0, w), units)])
+    total_state, total_rest = state_sums.sum(), rest_sums.sum()
+    ess = [float(a.sum() ** 2 / (a ** 2).sum()) if a.sum() > 0 else 0.0 for a in (w[inside], w[~inside])]
+    if total_state == 0 or total_rest == 0:
+        return StateFreeEnergy(math.inf if total_state == 0 else -math.inf, math.inf, *ess, units)
+    variance = units / (units - 1) * np.sum((rest_sums / total_rest - state_sums / total_state) ** 2)
+    return StateFreeEnergy(float(np.log(total_rest) - np.log(total_state)), float(np.sqrt(variance)), *ess, units)
 
 
 # ---------------------------------------------------------------------------------------------

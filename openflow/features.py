@@ -1,23 +1,26 @@
-"""CV features in torch, each with an exact OpenMM twin: distances, angles, dihedrals (as sin/cos).
+"""CV features in torch: distances, angles, dihedrals (as sin/cos), built from atom tuples.
 
 Every feature layer maps positions ``(B, n_atoms, 3)`` (or flat ``(B, 3 n_atoms)``), nm, to
 ``(B, n_out)`` features, computed without periodic boundary conditions (as OpenMM's bonded custom
-forces do by default), and knows how to write any weighted sum of its features as one OpenMM force
-(:meth:`Feature.openmm_force`): this is what ``plugins/openmm/export.py`` folds the first layer of
-a CV network into.
+forces do by default). Each kind has an exact OpenMM twin (a custom bond, angle or torsion force
+whose per-term weights sum the features), written by ``openflow.plugins.openmm.export``: this is
+what the first layer of a CV network is folded into.
 
-Conventions are OpenMM's: distances in nm, angles in radians in ``[0, pi]``, dihedrals in
-``(-pi, pi]`` with the IUPAC sign (the one of mdtraj and of ``CustomTorsionForce``'s ``theta``).
+Conventions are OpenMM's (``openflow.geometry``): distances in nm, angles in radians in
+``[0, pi]``, dihedrals in ``(-pi, pi]`` with the IUPAC sign (mdtraj's, and ``CustomTorsionForce``'s
+``theta``).
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 
+import mdtraj
 import numpy as np
-import openmm
 import torch
 from torch import nn
+
+from openflow import geometry
 
 
 def as_atom_positions(positions: torch.Tensor) -> torch.Tensor:
@@ -34,9 +37,9 @@ def as_atom_positions(positions: torch.Tensor) -> torch.Tensor:
 class Feature(nn.Module):
     """A set of same-kind features over atom tuples of length ``arity``.
 
-    Subclasses define ``arity``, ``per_tuple`` (features per tuple), ``_compute`` and the OpenMM twin:
-    ``_openmm`` (force class, its add-parameter and add-term methods), ``_openmm_expression`` (the
-    energy of one term, weights as per-term parameters) and ``_parameter_names``.
+    Subclasses define ``arity``, ``per_tuple`` (features per tuple), ``kind``, the guaranteed
+    value range ``value_range`` of each feature and ``compute`` (one position tensor per tuple atom,
+    each ``(B, n_tuples, 3)`` -> ``(B, n_tuples * per_tuple)``).
     """
 
     arity: int
@@ -71,7 +74,7 @@ class Feature(nn.Module):
         xyz = as_atom_positions(positions)
         if xyz.shape[1] <= self.max_atom:
             raise ValueError(f"{type(self).__name__} uses atom {self.max_atom}, positions hold {xyz.shape[1]} atoms")
-        return self._compute(*(xyz[:, self.atoms[:, k]] for k in range(self.arity)))
+        return self.compute(*(xyz[:, self.atoms[:, k]] for k in range(self.arity)))
 
     def names(self) -> list[str]:
         """One readable name per output column."""
@@ -80,81 +83,40 @@ class Feature(nn.Module):
 
     def ranges(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Guaranteed range ``(lo, hi)`` of every column, ``(n_out,)`` float64 (may be infinite)."""
-        lo, hi = self._range
+        lo, hi = self.value_range
         return torch.full((self.n_out,), lo, dtype=torch.float64), torch.full((self.n_out,), hi, dtype=torch.float64)
-
-    def openmm_force(self, weights) -> openmm.Force:
-        """An OpenMM force whose energy is ``sum_i weights[i] * feature_i`` (``weights``: ``(n_out,)``).
-
-        The weights are per-bond/angle/torsion parameters of one Custom*Force; tuples whose
-        weights are all zero are left out.
-        """
-        w = np.asarray(weights, dtype=np.float64).reshape(-1)
-        if w.shape[0] != self.n_out:
-            raise ValueError(f"{type(self).__name__} has {self.n_out} features, got {w.shape[0]} weights")
-        force_class, add_parameter, add_term = self._openmm
-        force = force_class(self._openmm_expression)
-        for name in self._parameter_names:
-            getattr(force, add_parameter)(name)
-        add_term = getattr(force, add_term)
-        for row, params in zip(self.atoms.tolist(), w.reshape(self.n_tuples, self.per_tuple).tolist()):
-            if any(p != 0.0 for p in params):
-                add_term(*row, params)
-        return force
 
 
 class Distances(Feature):
-    """Interatomic distances (nm); OpenMM twin ``CustomBondForce("w*r")``."""
+    """Interatomic distances (nm)."""
 
-    arity, kind, _range = 2, "d", (0.0, math.inf)
-    _openmm = (openmm.CustomBondForce, "addPerBondParameter", "addBond")
-    _openmm_expression, _parameter_names = "w*r", ("w",)
+    arity, kind, value_range = 2, "d", (0.0, math.inf)
 
-    def _compute(self, a, b):
-        return torch.linalg.vector_norm(b - a, dim=-1)
+    def compute(self, a, b):
+        return geometry.distance(a, b)
 
 
 class Angles(Feature):
-    """Bond angles a-b-c at b (radians, ``[0, pi]``); OpenMM twin ``CustomAngleForce("w*theta")``."""
+    """Bond angles a-b-c at b (radians, ``[0, pi]``)."""
 
-    arity, kind, _range = 3, "angle", (0.0, math.pi)
-    _openmm = (openmm.CustomAngleForce, "addPerAngleParameter", "addAngle")
-    _openmm_expression, _parameter_names = "w*theta", ("w",)
+    arity, kind, value_range = 3, "angle", (0.0, math.pi)
 
-    def _compute(self, a, b, c):
-        u, v = a - b, c - b
-        return torch.atan2(torch.linalg.vector_norm(torch.cross(u, v, dim=-1), dim=-1), (u * v).sum(-1))
+    def compute(self, a, b, c):
+        return geometry.angle(a, b, c)
 
 
 class Dihedrals(Feature):
-    """Dihedral angles as ``(sin, cos)`` pairs, columns ``[sin0, cos0, sin1, cos1, ...]``.
+    """Dihedral angles as ``(sin, cos)`` pairs, columns ``[sin0, cos0, sin1, cos1, ...]`` (IUPAC sign)."""
 
-    IUPAC sign convention (mdtraj's and OpenMM's ``theta``). OpenMM twin
-    ``CustomTorsionForce("ws*sin(theta)+wc*cos(theta)")``.
-    """
+    arity, per_tuple, kind, value_range = 4, 2, "dihedral", (-1.0, 1.0)
 
-    arity, per_tuple, kind, _range = 4, 2, "dihedral", (-1.0, 1.0)
-    _openmm = (openmm.CustomTorsionForce, "addPerTorsionParameter", "addTorsion")
-    _openmm_expression = "ws*sin(theta)+wc*cos(theta)"
-    _parameter_names = ("ws", "wc")
-
-    @staticmethod
-    def _sin_cos_parts(a, b, c, d):
-        """``(y, x)`` with ``theta = atan2(y, x)`` and ``y, x`` both scaled by ``|n1||n2|``."""
-        b1, b2, b3 = b - a, c - b, d - c
-        n1, n2 = torch.cross(b1, b2, dim=-1), torch.cross(b2, b3, dim=-1)
-        y = torch.linalg.vector_norm(b2, dim=-1) * (b1 * n2).sum(-1)
-        return y, (n1 * n2).sum(-1)
-
-    def _compute(self, a, b, c, d):
-        y, x = self._sin_cos_parts(a, b, c, d)
-        r = torch.sqrt(x * x + y * y)
-        return torch.stack((y / r, x / r), dim=-1).flatten(-2)
+    def compute(self, a, b, c, d):
+        return torch.stack(geometry.dihedral_sin_cos(a, b, c, d), dim=-1).flatten(-2)
 
     def angles(self, positions: torch.Tensor) -> torch.Tensor:
         """The dihedral angles themselves, ``(B, n_tuples)`` radians in ``(-pi, pi]``."""
         xyz = as_atom_positions(positions)
-        return torch.atan2(*self._sin_cos_parts(*(xyz[:, self.atoms[:, k]] for k in range(4))))
+        return geometry.dihedral(*(xyz[:, self.atoms[:, k]] for k in range(4)))
 
     def names(self) -> list[str]:
         return [f"{f}({name})" for name in super().names() for f in ("sin", "cos")]
@@ -198,63 +160,39 @@ class FeatureSet(nn.Module):
         return torch.cat(lo), torch.cat(hi)
 
 
-# ----------------------------------------------------------------------------- peptide helpers
+# ----------------------------------------------------------------------------- from a topology
 
 
-def _mdtraj_topology(topology):
+def mdtraj_topology(topology):
     """An ``mdtraj.Topology`` from an openflow System, an OpenMM Topology or an mdtraj Topology."""
-    import mdtraj
-    import openmm.app as app
-
     topology = getattr(topology, "mdtraj_topology", topology)
-    if isinstance(topology, app.Topology):
-        return mdtraj.Topology.from_openmm(topology)
     if isinstance(topology, mdtraj.Topology):
         return topology
+    if hasattr(topology, "atoms") and hasattr(topology, "bonds") and hasattr(topology, "getNumAtoms"):
+        return mdtraj.Topology.from_openmm(topology)
     raise TypeError(f"expected an openflow System, an OpenMM or an mdtraj Topology, got {type(topology).__name__}")
 
 
-def backbone_torsions(topology) -> dict[str, list[tuple[int, int, int, int]]]:
-    """Backbone ``phi`` (C_prev-N-CA-C) and ``psi`` (N-CA-C-N_next) atom quadruples of a peptide.
-
-    Alanine dipeptide (Ace-Ala-Nme): one phi and one psi, ``{"phi": [(4, 6, 8, 14)], "psi": [(6, 8, 14, 16)]}``.
-    """
-    top = _mdtraj_topology(topology)
-    residues = list(top.residues)
-
-    def atom(residue, name):
-        found = [a.index for a in residue.atoms if a.name == name]
-        return found[0] if found else None
-
-    out = {"phi": [], "psi": []}
-    for prev, res, nxt in zip([None] + residues[:-1], residues, residues[1:] + [None]):
-        n, ca, c = atom(res, "N"), atom(res, "CA"), atom(res, "C")
-        if None in (n, ca, c):
-            continue
-        c_prev = atom(prev, "C") if prev is not None else None
-        n_next = atom(nxt, "N") if nxt is not None else None
-        if c_prev is not None:
-            out["phi"].append((c_prev, n, ca, c))
-        if n_next is not None:
-            out["psi"].append((n, ca, c, n_next))
-    if not out["phi"] and not out["psi"]:
-        raise ValueError("no backbone phi/psi found (needs residues with N, CA, C atoms)")
-    return out
+def select_atoms(topology, atoms: str = "heavy") -> np.ndarray:
+    """Atom indices ``(k,)`` of an mdtraj selection string (``"heavy"``: every atom that is not hydrogen;
+    ``"all"``); a bad or empty selection is a ValueError."""
+    top = mdtraj_topology(topology)
+    expression = {"heavy": "not element H", "all": "all"}.get(atoms, atoms)
+    try:
+        selected = top.select(expression)
+    except Exception as error:  # mdtraj raises several types for a bad expression
+        raise ValueError(f"bad atom selection {atoms!r}: {error}") from None
+    if len(selected) == 0:
+        raise ValueError(f"atom selection {atoms!r} matches no atom")
+    return selected
 
 
-def heavy_atom_pairs(topology) -> list[tuple[int, int]]:
-    """All pairs ``i < j`` of heavy (non-hydrogen) atoms: 45 for alanine dipeptide (mlcolvar's features)."""
-    top = _mdtraj_topology(topology)
-    heavy = [a.index for a in top.atoms if a.element is None or a.element.symbol != "H"]
-    return [(i, j) for k, i in enumerate(heavy) for j in heavy[k + 1:]]
+def atom_pairs(topology, atoms: str = "heavy") -> list[tuple[int, int]]:
+    """All pairs ``i < j`` of the selected atoms: 45 heavy-atom pairs for alanine dipeptide (mlcolvar's features)."""
+    selected = select_atoms(topology, atoms).tolist()
+    return [(i, j) for k, i in enumerate(selected) for j in selected[k + 1:]]
 
 
-def phi_psi_features(topology) -> FeatureSet:
-    """sin/cos of every backbone phi and psi: 4 features for alanine dipeptide."""
-    torsions = backbone_torsions(topology)
-    return FeatureSet(Dihedrals(torsions["phi"] + torsions["psi"]))
-
-
-def heavy_atom_distance_features(topology) -> FeatureSet:
-    """All heavy-atom pair distances: 45 features for alanine dipeptide."""
-    return FeatureSet(Distances(heavy_atom_pairs(topology)))
+def distance_features(topology, atoms: str = "heavy") -> FeatureSet:
+    """All pair distances of the selected atoms (mdtraj selection, default heavy atoms)."""
+    return FeatureSet(Distances(atom_pairs(topology, atoms)))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 
@@ -93,6 +94,8 @@ def dihedral_and_gradient(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: 
     return phi, [grad_a, f3 * grad_d - (1.0 + f1) * grad_a, f1 * grad_a - (1.0 + f3) * grad_d, grad_d]
 
 
-def wrap_angle(theta: torch.Tensor) -> torch.Tensor:
-    """Angles read modulo ``2 pi`` into ``[-pi, pi)``."""
-    return torch.remainder(theta + math.pi, 2.0 * math.pi) - math.pi
+def wrap_angle(theta):
+    """Angles (a torch tensor, or anything numpy reads: float64 array out) modulo ``2 pi`` into ``[-pi, pi)``."""
+    if not isinstance(theta, torch.Tensor):
+        theta = np.asarray(theta, dtype=np.float64)
+    return (theta + math.pi) % (2.0 * math.pi) - math.pi

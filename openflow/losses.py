@@ -60,6 +60,14 @@ def nll(model, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Te
     return -_weighted_mean(log_q, weights)
 
 
+def mean_nll(model, x: torch.Tensor, weights: torch.Tensor | None = None, chunk: int = 4096) -> float:
+    """Evaluation, without a graph: ``-sum_i w_i log q(x_i) / sum_i w_i`` over ``x (T, d)`` in chunks
+    (``weights (T,)``; None: plain mean)."""
+    with torch.no_grad():
+        log_q = torch.cat([model.log_prob(block) for block in x.split(chunk)])
+    return float(-_weighted_mean(log_q, weights))
+
+
 def soft_cap_energy(u: torch.Tensor, u_high: float | None = None, u_max: float | None = None) -> torch.Tensor:
     """Tame high energies: clamp at ``u_max``, then continue logarithmically above ``u_high``.
 

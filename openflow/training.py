@@ -47,7 +47,7 @@ def set_seed(seed: int) -> None:
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
     """``"auto"``: CUDA when available, else CPU; otherwise the named device (``"cpu"``, ``"cuda:1"``).
 
-    Asking for CUDA without a usable GPU warns and falls back to the CPU.
+    Asking explicitly for CUDA without a usable GPU is a ``ValueError`` (only ``"auto"`` falls back).
     """
     if isinstance(name, str) and name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -57,16 +57,42 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
         raise ValueError(f"unknown device {name!r}: {err}") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            warnings.warn(f"device {name!r} requested but CUDA is not available; using the CPU", stacklevel=2)
-            return torch.device("cpu")
+            raise ValueError(f"device {name!r} requested but torch has no usable CUDA device here; use 'auto' (CUDA when "
+                             "present, else the CPU) or 'cpu'")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
     return device
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Read a checkpoint written by :class:`Trainer` (tensors, numbers and strings only)."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """Read a checkpoint written by :class:`Trainer` (tensors, numbers and strings only).
+
+    An empty, truncated or foreign file is a ``ValueError`` naming it (never a pickle traceback).
+    """
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # torch raises EOFError, RuntimeError, UnpicklingError, OSError, ... for a bad file
+        raise ValueError(f"{path} is not a readable checkpoint ({type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else 'empty'}); "
+                         "delete it to train that stage again") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} is not a Trainer checkpoint; delete it to train that stage again")
+    return state
+
+
+def _say(message: str) -> None:
+    print(f"openflow: {message}", file=sys.stderr)
+
+
+def _differences(saved, wanted, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every leaf where two JSON-like configs differ."""
+    if isinstance(saved, dict) and isinstance(wanted, dict):
+        return [line for key in sorted(set(saved) | set(wanted), key=str)
+                for line in _differences(saved.get(key), wanted.get(key), f"{prefix}{key}.")]
+    if _canonical(saved) != _canonical(wanted):
+        return [f"{prefix.rstrip('.')}: {saved!r} -> {wanted!r}"]
+    return []
 
 
 def _rng_state() -> dict:
@@ -399,6 +425,19 @@ class Trainer:
             raise FileNotFoundError(f"no checkpoint to resume from at {path}")
         return self._restore(load_checkpoint(path), path)
 
+    def _why_not_resume(self, state: dict, steps: int) -> str | None:
+        """Why a loaded checkpoint cannot be continued towards ``steps`` (None when it can)."""
+        config = state.get("config", {})
+        changed = _differences(config.get("run"), self.config)
+        saved = config.get("trainer", {})
+        changed += _differences({k: v for k, v in saved.items() if k != "device"},
+                                {k: v for k, v in self.settings.items() if k != "device"}, "trainer.")
+        if changed:
+            return "it was written with other settings (" + "; ".join(changed[:3]) + (", ..." if len(changed) > 3 else "") + ")"
+        if int(state.get("step", 0)) > steps:
+            return f"it holds {int(state['step'])} steps, more than the {steps} asked for"
+        return None
+
     def _restore(self, state: dict, path: Path) -> "Trainer":
         """Continue from a loaded checkpoint ``state`` (read from ``path``)."""
         missing = [key for key in CHECKPOINT_KEYS if key not in state]
@@ -497,20 +536,22 @@ class Trainer:
         """Train until ``self.step == steps`` (the total, counting steps done before a resume).
 
         ``resume=True`` first loads ``out_dir/checkpoint.pt`` when it exists (else starts fresh),
-        so the same script can be rerun after an interruption; a checkpoint written with another
-        ``config`` is left alone with a warning and training starts fresh (and overwrites it), so a
-        changed run never continues from stale weights. Returns the history: one dict per
+        so the same script can be rerun after an interruption or extended with more ``steps``. A
+        checkpoint written with another ``config`` or other trainer settings, or with more steps
+        than ``steps``, is not resumed: one line on stderr says why, and training starts fresh (and
+        overwrites it), so a changed run never continues from stale weights. ``config`` should
+        therefore describe the run without its length. Returns the history: one dict per
         logged step (``step``, ``loss``, ``grad_norm``, ``lr``, ``skipped``, ``n_skipped``,
         ``step_time_s`` and the loss's own metrics; non-finite values as ``None``).
         """
         _check_positive("steps", steps, integer=True)
         if resume and self.checkpoint_path is not None and self.checkpoint_path.exists():
             state = load_checkpoint(self.checkpoint_path)
-            if _canonical(state.get("config", {}).get("run")) == _canonical(self.config):
+            why = self._why_not_resume(state, steps)
+            if why is None:
                 self._restore(state, self.checkpoint_path)
             else:
-                warnings.warn(f"{self.checkpoint_path} was written by a run with another config: not resuming it, "
-                              "training from the start", stacklevel=2)
+                _say(f"{self.checkpoint_path}: training from the start: {why}")
         elif resume and self.checkpoint_path is None:
             raise ValueError("resume=True needs an out_dir")
         if self.metrics_path is not None:
@@ -537,3 +578,41 @@ class Trainer:
         if self.checkpoint_path is not None and self._saved_step != self.step:
             self.save_checkpoint()
         return self.history
+
+
+def interleaved_holdout(n_frames: int, fraction: float, block: int) -> np.ndarray:
+    """Boolean mask ``(n_frames,)`` of held-out frames: whole blocks of ``block`` consecutive frames,
+    evenly interleaved through the run (so held-out and training frames share the ensemble, which a
+    biased run changes over time, while correlated neighbours rarely straddle the split)."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"validation_fraction must be in (0, 1), got {fraction}")
+    index = np.arange(n_frames) // block
+    mask = (index * fraction) % 1.0 >= 1.0 - fraction - 1e-12
+    if not 0 < mask.sum() < n_frames:
+        raise ValueError(f"{n_frames} frames in blocks of {block} leave no held-out or no training frame: lower validation_block")
+    return mask
+
+
+def fit_with_early_stopping(trainer: Trainer, validate: Callable[[], float], max_steps: int, eval_every: int,
+                            patience: int) -> tuple[float, int]:
+    """Train until ``max_steps`` or until ``patience`` evaluations in a row did not improve.
+
+    Every ``eval_every`` steps the model is put in eval mode and ``validate()`` (e.g. a held-out NLL,
+    lower is better) is measured; the best parameters are kept and restored at the end. Returns the
+    best value and the step it was reached at. Raises ``RuntimeError`` when it was never finite.
+    """
+    model = trainer.model
+    best, best_state, best_step, waited = float("inf"), None, 0, 0
+    while trainer.step < max_steps and waited < patience:
+        trainer.fit(min(trainer.step + eval_every, max_steps))
+        model.eval()
+        value = validate()
+        if value < best:
+            best, best_step, waited = value, trainer.step, 0
+            best_state = {k: v.clone() for k, v in model.state_dict().items()}
+        else:
+            waited += 1
+    if best_state is None:
+        raise RuntimeError(f"the validation loss was never finite in {trainer.step} training steps")
+    model.load_state_dict(best_state)
+    return best, best_step

@@ -18,7 +18,12 @@ import openmm.unit as unit
 import torch
 
 INACTIVE_FORCE_GROUP = 31
-MOLAR_GAS_CONSTANT = unit.MOLAR_GAS_CONSTANT_R.value_in_unit(unit.kilojoule_per_mole / unit.kelvin)
+MOLAR_GAS_CONSTANT = unit.MOLAR_GAS_CONSTANT_R.value_in_unit(unit.kilojoule_per_mole / unit.kelvin)  # kJ/(mol K), OpenMM's value
+
+
+def kT_kjmol(temperature_K: float) -> float:
+    """Thermal energy ``R T`` in kJ/mol of a temperature in K (the package's one gas constant)."""
+    return MOLAR_GAS_CONSTANT * float(temperature_K)
 
 
 def kelvin(temperature) -> unit.Quantity:
@@ -78,7 +83,7 @@ class System:
     @property
     def kT(self) -> unit.Quantity:
         """Thermal energy as a Quantity in kJ/mol."""
-        return (unit.MOLAR_GAS_CONSTANT_R * self.temperature).in_units_of(unit.kilojoule_per_mole)
+        return kT_kjmol(self.temperature.value_in_unit(unit.kelvin)) * unit.kilojoule_per_mole
 
     @property
     def kT_kjmol(self) -> float:

@@ -10,7 +10,7 @@ import numpy as np
 import openmm
 import openmm.unit as unit
 
-from .base import System, kelvin, point_particle_topology, tether_inactive
+from .base import System, kT_kjmol, kelvin, point_particle_topology, tether_inactive
 
 
 def _spread_points(n: int, dim: int, radius: float) -> np.ndarray:
@@ -49,8 +49,8 @@ def coulomb_cluster(n: int = 6, dim: int = 2, temperature=1.0, mass: float = 1.0
     for _ in range(n):
         system.addParticle(mass)
 
-    # All pairs as bonds: for the small n of interest this is ~60x faster per evaluation on the
-    # Reference platform than a CustomNonbondedForce, and in 2D it lets the distance ignore z.
+    # All pairs as bonds: for small n faster per evaluation on the Reference platform than a
+    # CustomNonbondedForce, and in 2D it lets the distance ignore z.
     if dim == 3:
         pairs = openmm.CustomBondForce("1/r")
         trap = openmm.CustomExternalForce("x^2+y^2+z^2")
@@ -72,7 +72,7 @@ def coulomb_cluster(n: int = 6, dim: int = 2, temperature=1.0, mass: float = 1.0
     active[:, :dim] = True
     positions = _spread_points(n, dim, radius=max(1.0, (n / 2.0) ** (1.0 / 3.0)))
     T = kelvin(temperature)
-    kT = (unit.MOLAR_GAS_CONSTANT_R * T).value_in_unit(unit.kilojoule_per_mole)
+    kT = kT_kjmol(T.value_in_unit(unit.kelvin))
     tether_inactive(system, active, positions, k=10.0 * kT)
     return System(
         name="coulomb_cluster",

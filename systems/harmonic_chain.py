@@ -11,7 +11,7 @@ import numpy as np
 import openmm
 import openmm.unit as unit
 
-from .base import System, kelvin, point_particle_topology, tether_inactive
+from .base import System, kT_kjmol, kelvin, point_particle_topology, tether_inactive
 
 BOUNDARIES = ("fixed-fixed", "fixed-free")
 
@@ -95,7 +95,7 @@ def harmonic_chain(
     active[:, 0] = True
     positions = np.zeros((n, 3))
     T = kelvin(temperature)
-    kT = (unit.MOLAR_GAS_CONSTANT_R * T).value_in_unit(unit.kilojoule_per_mole)
+    kT = kT_kjmol(T.value_in_unit(unit.kelvin))
     tether_inactive(system, active, positions, k=10.0 * kT)
     return HarmonicChain(
         name="harmonic_chain",

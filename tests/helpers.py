@@ -1,5 +1,9 @@
-"""Helpers shared by the flow tests."""
+"""Helpers shared by the tests."""
+from pathlib import Path
+
 import torch
+
+WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"  # the YAML files, wherever pytest is started
 
 
 def randomize_(module: torch.nn.Module, seed: int, scale: float) -> torch.nn.Module:

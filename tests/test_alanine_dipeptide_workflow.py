@@ -6,13 +6,19 @@ import numpy as np
 import pytest
 import torch
 
+from openflow import nct
+from openflow.analysis import torsion_histogram_kl as ramachandran_kl
+from openflow.estimators import state_free_energy
+from openflow.flows.generators import internal_coordinate_generator, marginal_generator
+from openflow.flows.internal import zmatrix_from_topology
+from openflow.training import interleaved_holdout as held_out
+from openflow.plugins.openmm.reporters import read_colvar
+from openflow.systems.alanine_dipeptide import phi_states
 from openflow.workflows import run as run_workflow
-from openflow.workflows.alanine_dipeptide import (block_delta_f, bootstrap_delta_f, build_generator, heavy_positions, held_out,
-                                                  kinetically_slowest, latent_interpolation, principal_frame, project, ramachandran_kl, split_segments,
-                                                  torus_marginal)
-from openflow.workflows.quickstart import train_nct
+from openflow.workflows.alanine_dipeptide import heavy_positions, kinetically_slowest
+from helpers import WORKFLOWS
 
-WORKFLOW = "workflows/alanine_dipeptide.yaml"
+WORKFLOW = WORKFLOWS / "alanine_dipeptide.yaml"
 
 
 def test_ramachandran_kl_equals_the_discrete_formula():
@@ -42,12 +48,12 @@ def test_ramachandran_kl_equals_the_discrete_formula():
 
 def test_basin_free_energy_with_and_without_weights():
     phi = np.tile([1.0, -1.0, -2.0, -2.5], 250)  # a quarter in the phi > 0 basin
-    value, error = block_delta_f(phi, None, 10)
-    assert value == pytest.approx(math.log(3)) and error == pytest.approx(0.0, abs=1e-12)
+    result = state_free_energy(phi > 0, None, n_blocks=10)
+    assert result.delta_f == pytest.approx(math.log(3)) and result.error == pytest.approx(0.0, abs=1e-12)  # identical blocks
     weights = np.where(phi > 0, 2.0, 1.0)
-    assert block_delta_f(phi, weights / weights.sum(), 10)[0] == pytest.approx(math.log(3 / 2))
-    flow_value, flow_error = bootstrap_delta_f(phi, torch.log(torch.as_tensor(weights)), 50, seed=0)
-    assert flow_value == pytest.approx(math.log(3 / 2)) and 0 < flow_error < 0.2
+    assert state_free_energy(phi > 0, np.log(weights), n_blocks=10).delta_f == pytest.approx(math.log(3 / 2))
+    flow = state_free_energy(phi > 0, np.log(weights))  # independent samples: 1/ESS inside + 1/ESS outside
+    assert flow.delta_f == pytest.approx(math.log(3 / 2)) and flow.error == pytest.approx(math.sqrt(1000 / 999 * (1 / 250 + 1 / 750)))
 
 
 def test_held_out_blocks_are_interleaved():
@@ -64,13 +70,13 @@ def test_held_out_blocks_are_interleaved():
 
 def test_split_segments_follows_the_labels():
     values = np.arange(10).reshape(5, 2)
-    pieces = split_segments(values, np.array([0, 0, 1, 1, 1]))
+    pieces = nct.split_segments(values, np.array([0, 0, 1, 1, 1]))
     assert [p.tolist() for p in pieces] == [[[0, 1], [2, 3]], [[4, 5], [6, 7], [8, 9]]]
 
 
 @pytest.fixture(scope="module")
 def alanine_frames():
-    from openflow.data import simulate
+    from openflow.plugins.openmm.md import simulate
     from openflow.systems import alanine_dipeptide
 
     import tempfile
@@ -110,15 +116,14 @@ def test_latent_interpolation_moves_one_mode_exactly(alanine_frames):
     principal frame and the NCT are inverted exactly (up to float32 of the model)."""
     reference = alanine_frames.atom_slice(alanine_frames.topology.select("not element H"))[0]
     heavy, topology = heavy_positions(alanine_frames, reference)
-    frame = principal_frame(heavy, [a.element.mass for a in topology.atoms], 2.494)
-    p = torch.randn(frame["q"].shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    config = {"seed": 0, "nct": {"layers": 2, "hidden": [16], "steps": 30, "batch": 64, "lr": 2e-3}}
-    model, _ = train_nct(p, frame["q"], frame["variances"], config, None, False)
-    positions = latent_interpolation(model, frame, mode=1, n_frames=7)
-    assert torch.allclose(project(frame, frame["q"] @ frame["axes"].T / frame["sqrt_mass"] + frame["mean"]), frame["q"], atol=1e-10)
+    frame = nct.principal_frame(heavy, [a.element.mass for a in topology.atoms], 2.494)
+    p, q = nct.phase_space(frame, heavy, torch.Generator().manual_seed(0))
+    model, _ = nct.train_nct(p, q, frame.variances, {"layers": 2, "hidden": [16], "steps": 30, "batch": 64, "lr": 2e-3}, 0, None, False)
+    positions = nct.latent_interpolation(model, frame, q, mode=1, n_frames=7)
+    assert torch.allclose(frame.project(frame.positions(q)), q, atol=1e-10)
     with torch.no_grad():
-        latent = model.transform.encode_positions(project(frame, positions).float()).double()
-        data_latent = model.transform.encode_positions(frame["q"].float()).double()
+        latent = model.transform.encode_positions(frame.project(positions).float()).double()
+        data_latent = model.transform.encode_positions(q.float()).double()
     index = int(model.slow_modes()[0][1])
     lo, hi = torch.quantile(data_latent[:, index], torch.tensor([0.02, 0.98], dtype=torch.float64))
     assert torch.allclose(latent[:, index], torch.linspace(float(lo), float(hi), 7, dtype=torch.float64), atol=2e-3 * float(hi - lo))
@@ -130,11 +135,16 @@ def test_generator_factorises_into_a_torus_marginal_and_a_conditional(alanine_fr
     """With ``bg.marginal`` the generator's density is ``q(phi, psi) q(rest | phi, psi)``: its torus part
     sees mdtraj's phi/psi, and changing only the torus parameters changes ``log q(x)`` by exactly the
     change of ``log q(phi, psi)``."""
-    settings = {"coupling": "spline", "layers": 2, "hidden": [16], "bins": 4,
-                "marginal": {"layers": 2, "hidden": [8], "bins": 4}}
+    marginal = {"layers": 2, "hidden": [8], "bins": 4}
     x = torch.as_tensor(alanine_frames.xyz.reshape(len(alanine_frames), -1), dtype=torch.float64)
-    model = build_generator(alanine_frames.topology, x, settings, seed=0).double()
-    generator, columns = torus_marginal(model)
+    zmatrix = zmatrix_from_topology(alanine_frames.topology)
+    phi_psi_columns = [zmatrix.torsion_index(f(alanine_frames[:1])[0][0]) for f in (mdtraj.compute_phi, mdtraj.compute_psi)]
+
+    def build(marginal, coupling="spline"):
+        return internal_coordinate_generator(zmatrix, x, coupling, 2, [16], 4, phi_psi_columns, marginal, seed=0)
+
+    model = build(marginal).double()
+    generator, columns = marginal_generator(model)
     for parameter in model.parameters():
         parameter.data.normal_(0.0, 0.1)
     internal = model.flow.layers[-1]
@@ -149,9 +159,9 @@ def test_generator_factorises_into_a_torus_marginal_and_a_conditional(alanine_fr
         changed = generator.log_prob(angles)
         assert (changed - before).abs().min() > 1e-3
         assert torch.allclose(model.log_prob(x[:50]) - changed, conditional, atol=1e-8)
-    assert torus_marginal(build_generator(alanine_frames.topology, x, {**settings, "marginal": None}, seed=0)) is None
+    assert marginal_generator(build(None)) is None
     with pytest.raises(ValueError, match="affine"):
-        build_generator(alanine_frames.topology, x, {**settings, "coupling": "affine"}, seed=0)
+        build(marginal, coupling="affine")
 
 
 def test_tiny_run_end_to_end(tmp_path):
@@ -161,9 +171,15 @@ def test_tiny_run_end_to_end(tmp_path):
                         "marginal": {"mle_steps": 20, "eval_every": 10, "hidden": [8]}}}
     metrics = run_workflow(WORKFLOW, tmp_path, overrides)
     assert metrics["vacuum_metad_frames"] == 200 and metrics["vacuum_tempering_frames"] == 200
-    assert 0 <= metrics["vacuum_bg_ess_fraction"] <= 1 and 0 <= metrics["vacuum_bg_nonfinite_fraction"] <= 1
-    assert np.isfinite(metrics["vacuum_bg_nll_validation"]) and metrics["vacuum_bg_rama_kl_reweighted"] >= 0
-    assert np.isfinite(metrics["vacuum_bg_marginal_nll_validation_mle"])
+    assert metrics["vacuum_bg_samples"] == 400 and (400 * metrics["vacuum_bg_nonfinite_fraction"]).is_integer()
+    assert np.isfinite(metrics["vacuum_bg_nll_validation"]) and np.isfinite(metrics["vacuum_bg_marginal_nll_validation_mle"])
+    colvar = read_colvar(tmp_path / "vacuum" / "metadynamics" / "COLVAR")  # the MD reference, recomputed from the files
+    weights = np.load(tmp_path / "vacuum" / "metadynamics" / "weights.npy")
+    md = state_free_energy(phi_states(colvar["phi"]) == 1, np.log(weights), n_blocks=10)
+    assert metrics["vacuum_md_delta_f_kT"] == pytest.approx(md.delta_f) and metrics["vacuum_md_delta_f_error_kT"] == pytest.approx(md.error)
+    assert metrics["vacuum_bg_delta_f_deviation_kT"] == pytest.approx(metrics["vacuum_bg_delta_f_kT"] - md.delta_f)
+    halves = [(colvar["phi"][h], colvar["psi"][h], weights[h]) for h in np.array_split(np.arange(weights.size), 2)]
+    assert metrics["vacuum_md_rama_kl_halves"] == pytest.approx(ramachandran_kl(*halves, 24))
     for key in ("mi_nct1_psi_nats", "mi_nct4_phi_nats", "vamp2_tica_lag0.5ps", "its_pca_1_lag0.1ps_ps", "auc_nct4", "interpolation_q1_phi_span_rad",
                 "auc_nct_kinetic", "mi_nct_kinetic_phi_nats", "nct_kinetic_weight_q4", "auc_tica_kinetic", "tica_kinetic_timescale_ps"):
         assert f"vacuum_{key}" in metrics

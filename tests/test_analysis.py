@@ -1,5 +1,6 @@
-"""Ramachandran analysis: free energies, basin populations, transition counting (synthetic data with
-exact answers) and `openflow rama` on a short real trajectory."""
+"""Analysis: torsion free-energy surfaces, two-state populations and transition counting (synthetic data
+with exact answers; the phi basins of alanine dipeptide as the states) and `openflow rama` on a short
+real trajectory."""
 import json
 
 import mdtraj
@@ -8,10 +9,11 @@ import pytest
 
 from openflow import analysis
 from openflow.cli import main
-from openflow.data import simulate
-from openflow.systems import alanine_dipeptide
+from openflow.plugins.openmm.md import simulate
+from openflow.systems import MOLAR_GAS_CONSTANT, alanine_dipeptide
+from openflow.systems.alanine_dipeptide import PHI_CORE_MARGIN, phi_states
 
-R = analysis.KJ_PER_MOL_PER_K
+R = MOLAR_GAS_CONSTANT
 
 
 def test_transition_counting_on_synthetic_phi():
@@ -22,32 +24,33 @@ def test_transition_counting_on_synthetic_phi():
                     2.0, 3.0,                        # 2: negative core across +-pi (frame 10)
                     -3.1, 2.2, 1.4,                  # 3: positive core again (frame 13)
                     -0.6])                           # 4: negative core (frame 14)
-    assert analysis.transition_frames(phi).tolist() == [4, 10, 13, 14]
-    assert analysis.count_transitions(phi) == 4
-    assert analysis.count_transitions(phi, margin=0.0) == 8  # without hysteresis every sign change counts
-    assert analysis.count_transitions(np.full(10, 0.1)) == 0  # never in a core
+    assert analysis.transition_frames(phi_states(phi, PHI_CORE_MARGIN)).tolist() == [4, 10, 13, 14]
+    assert analysis.count_transitions(phi_states(phi, PHI_CORE_MARGIN)) == 4
+    assert analysis.count_transitions(phi_states(phi, margin=0.0)) == 8  # without hysteresis every sign change counts
+    assert analysis.count_transitions(phi_states(np.full(10, 0.1), PHI_CORE_MARGIN)) == 0  # never in a core
 
 
-def test_basin_populations_weighted_exact():
+def test_state_populations_weighted_exact():
     phi = np.array([-1.5, 1.0, 2.5, -0.1, 0.3])
     weights = np.array([1.0, 2.0, 3.0, 4.0, 5.0])   # positive: 1.0 and 0.3 -> 7/15
-    result = analysis.basin_populations(phi, weights=weights)
-    assert result["positive"] == pytest.approx(7 / 15, abs=1e-15)
-    assert result["negative"] + result["positive"] == pytest.approx(1.0, abs=1e-15)
+    result = analysis.state_populations(phi_states(phi) == 1, weights=weights)
+    assert result["state"] == pytest.approx(7 / 15, abs=1e-15)
+    assert result["rest"] + result["state"] == pytest.approx(1.0, abs=1e-15)
     assert result["delta_f_kT"] == pytest.approx(np.log(8 / 7), abs=1e-14)
-    assert result["effective_sample_size"] == pytest.approx(15**2 / np.sum(weights**2), rel=1e-14)
+    assert result["ess_fraction"] == pytest.approx(15**2 / np.sum(weights**2) / 5, rel=1e-14)
+    assert analysis.state_populations(phi_states(phi), weights=weights) == result  # a state series: the state is +1
     # a uniform density on the circle: the positive basin holds 2.0 / (2 pi) of it
     uniform = np.linspace(-np.pi, np.pi, 200_001)[:-1]
-    assert analysis.basin_populations(uniform)["positive"] == pytest.approx(2.0 / (2 * np.pi), abs=1e-5)
+    assert analysis.state_populations(phi_states(uniform) == 1)["state"] == pytest.approx(2.0 / (2 * np.pi), abs=1e-5)
     # Boltzmann weights of U(phi) = -cos(phi - 1) kT on a fine grid against the integral of exp(cos)
     w = np.exp(np.cos(uniform - 1.0))
     grid = np.linspace(0.0, 2.0, 400_001)
     exact = np.trapezoid(np.exp(np.cos(grid - 1.0)), grid) / (2 * np.pi * np.i0(1.0))
-    assert analysis.basin_populations(uniform, weights=w)["positive"] == pytest.approx(exact, abs=1e-5)
+    assert analysis.state_populations(phi_states(uniform) == 1, weights=w)["state"] == pytest.approx(exact, abs=1e-5)
     with pytest.raises(ValueError, match="weights"):
-        analysis.basin_populations(phi, weights=-weights)
+        analysis.state_populations(phi_states(phi) == 1, weights=-weights)
     with pytest.raises(ValueError, match="frames"):
-        analysis.basin_populations(phi, weights=weights[:3])
+        analysis.state_populations(phi_states(phi) == 1, weights=weights[:3])
 
 
 def test_ramachandran_free_energy_difference_and_units():
@@ -88,7 +91,7 @@ def test_rama_command_on_a_short_trajectory(tmp_path):
     assert populations["negative"] + populations["positive"] == pytest.approx(1.0, abs=1e-12)
     assert populations["n_frames"] == 20
     phi = mdtraj.compute_phi(mdtraj.load(str(md.trajectory), top=str(md.topology)))[1][:, 0]
-    assert populations["positive"] == pytest.approx(weights[analysis.basin_of(phi) == 1].sum() / weights.sum(), abs=1e-12)
+    assert populations["positive"] == pytest.approx(weights[phi_states(phi) == 1].sum() / weights.sum(), abs=1e-12)
     np.save(tmp_path / "bad.npy", np.ones(3))
     assert main(["rama", str(md.trajectory), "--top", str(md.topology), "--weights", str(tmp_path / "bad.npy"),
                  "--out", str(tmp_path / "bad")]) == 2

@@ -118,4 +118,4 @@ def test_bench_energy_prints_one_json_object_with_both_rates(capsys):
     assert status == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     result = json.loads(lines[-1])
-    assert result["per_config_evals_per_s"] > 0 and result["batched_evals_per_s"] > 0
+    assert result["batched_evals_per_s"] / result["per_config_evals_per_s"] == pytest.approx(result["ratio"], rel=1e-9)

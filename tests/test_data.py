@@ -1,4 +1,4 @@
-"""Trajectories: simulate (every system), load into torch, mdshare with its offline fallback."""
+"""Trajectories: the MD driver (every system), loading into torch, mdshare offline and online."""
 import functools
 import http.server
 import json
@@ -12,7 +12,8 @@ import openmm.unit as unit
 import pytest
 import torch
 
-from openflow.data import SimulationResult, alanine_dipeptide_data, fetch_mdshare, kabsch, load, simulate
+from openflow.data import fetch_mdshare, kabsch, load
+from openflow.plugins.openmm.md import SimulationResult, default_timestep, simulate
 from openflow.systems import build, harmonic_chain
 
 STEPS, INTERVAL = 300, 30
@@ -77,7 +78,6 @@ def test_alanine_dipeptide_output_has_backbone_dihedrals(runs, key):
 
 
 def test_default_timesteps_follow_constraints():
-    from openflow.data import default_timestep
     from openflow.systems import alanine_dipeptide
 
     def femtoseconds(system):
@@ -128,11 +128,11 @@ class _Interrupt:
         raise KeyboardInterrupt
 
 
-def test_interrupted_run_leaves_no_complete_looking_file(tmp_path):
+def test_interrupted_run_leaves_no_complete_looking_file_and_no_part_file(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         run_short(harmonic_chain(n=4), tmp_path, reporters=[_Interrupt(at=90)])
     assert not list(tmp_path.glob("*.dcd")) and not list(tmp_path.glob("*.csv")) and not list(tmp_path.glob("*.json"))
-    assert (tmp_path / "trajectory.dcd.part").exists()
+    assert not list(tmp_path.glob("*.part"))
 
 
 @pytest.mark.parametrize(
@@ -274,33 +274,6 @@ def test_fetch_mdshare_downloads_and_checks_md5(file_server, tmp_path, capsys):
     assert "md5" in capsys.readouterr().err
     assert sorted(p.name for p in local.iterdir()) == ["notes.txt"]
     assert fetch_mdshare("notes.txt", local, url=_closed_port_url()) == path  # cached: no network
-
-
-def test_alanine_dipeptide_data_reads_local_mdshare_files(tmp_path):
-    generator = np.random.default_rng(0)
-    positions = [generator.normal(size=(5 + i, 30)).astype(np.float32) for i in range(3)]
-    dihedrals = [generator.uniform(-np.pi, np.pi, size=(5 + i, 2)).astype(np.float32) for i in range(3)]
-    np.savez(tmp_path / "alanine-dipeptide-3x250ns-heavy-atom-positions.npz", *positions)
-    np.savez(tmp_path / "alanine-dipeptide-3x250ns-backbone-dihedrals.npz", *dihedrals)
-    (tmp_path / "alanine-dipeptide-nowater.pdb").write_text("END\n")
-    data = alanine_dipeptide_data(tmp_path, url=_closed_port_url())
-    assert data.source == "mdshare" and data.frame_ps == 1.0
-    for got, want in zip(data.positions + data.dihedrals, positions + dihedrals):
-        np.testing.assert_array_equal(got.numpy(), want)
-
-
-def test_alanine_dipeptide_data_falls_back_to_openmm_offline(tmp_path, capsys):
-    start = time.perf_counter()
-    data = alanine_dipeptide_data(tmp_path, url=_closed_port_url(), steps=200, interval=20, seed=3, platform="Reference", progress=False)
-    assert time.perf_counter() - start < 30
-    assert data.source == "openmm" and data.frame_ps == pytest.approx(0.02)
-    assert len(data.positions) == len(data.dihedrals) == 1
-    assert data.positions[0].shape == (10, 30) and data.dihedrals[0].shape == (10, 2)
-    assert (data.dihedrals[0].abs() <= np.pi).all()
-    heavy = load(tmp_path / "openmm" / "trajectory.dcd", data.pdb, selection="heavy")
-    assert torch.equal(data.positions[0], heavy)
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 2 and "not reachable" in lines[0] and "simulating" in lines[1]
 
 
 def test_reuse_returns_a_finished_run_with_the_same_settings_only(tmp_path):

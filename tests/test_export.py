@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from openflow.cv import CVModel, fit_cv, r2_score
-from openflow.data import simulate
-from openflow.features import Angles, Dihedrals, Distances, FeatureSet, backbone_torsions, heavy_atom_pairs
+from openflow.plugins.openmm.md import simulate
+from openflow.features import Angles, Dihedrals, Distances, FeatureSet, atom_pairs
+from openflow.systems.alanine_dipeptide import backbone_torsions
 from openflow.plugins.openmm.export import (MAX_CVS, ExportMismatchError, check_export, export_cv, load_cv_force,
                                             openmm_cv_values_and_forces, save_cv_force, to_custom_cv_force,
                                             to_tabulated_cv_force)
@@ -36,9 +37,9 @@ def frames(ala, tmp_path_factory) -> torch.Tensor:
 def _features(ala, kind: str) -> FeatureSet:
     torsions = backbone_torsions(ala)
     return FeatureSet({
-        "distances": lambda: [Distances(heavy_atom_pairs(ala))],
+        "distances": lambda: [Distances(atom_pairs(ala))],
         "dihedrals": lambda: [Dihedrals(torsions["phi"] + torsions["psi"])],
-        "mixed": lambda: [Distances(heavy_atom_pairs(ala)[:12]), Angles([(4, 6, 8), (6, 8, 14)]), Dihedrals(torsions["phi"])],
+        "mixed": lambda: [Distances(atom_pairs(ala)[:12]), Angles([(4, 6, 8), (6, 8, 14)]), Dihedrals(torsions["phi"])],
     }[kind]())
 
 

@@ -1,4 +1,5 @@
-"""Feature layers against mdtraj and against their OpenMM twins on real alanine dipeptide MD frames."""
+"""Feature layers against mdtraj and against their OpenMM twins (``export.feature_force``) on real
+alanine dipeptide MD frames."""
 import mdtraj
 import numpy as np
 import openmm
@@ -6,10 +7,11 @@ import openmm.unit as unit
 import pytest
 import torch
 
-from openflow.data import simulate
-from openflow.features import (Angles, Dihedrals, Distances, FeatureSet, backbone_torsions, heavy_atom_distance_features,
-                               heavy_atom_pairs, phi_psi_features)
+from openflow.plugins.openmm.md import simulate
+from openflow.features import Angles, Dihedrals, Distances, FeatureSet, atom_pairs, distance_features, select_atoms
+from openflow.plugins.openmm.export import feature_force
 from openflow.systems import alanine_dipeptide
+from openflow.systems.alanine_dipeptide import backbone_torsions
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +40,16 @@ def test_alanine_dipeptide_helpers_match_mdtraj(ala, trajectory):
     assert torsions["phi"] == [tuple(int(i) for i in row) for row in phi_atoms]
     assert torsions["psi"] == [tuple(int(i) for i in row) for row in psi_atoms]
     assert backbone_torsions(ala.topology) == torsions == backbone_torsions(trajectory.topology)
-    pairs = heavy_atom_pairs(ala)
+    pairs = atom_pairs(ala)
     heavy = {a.index for a in trajectory.topology.atoms if a.element.symbol != "H"}
     assert len(heavy) == 10 and len(pairs) == 45 == len(set(pairs))
     assert all(i < j and i in heavy and j in heavy for i, j in pairs)
-    assert heavy_atom_distance_features(ala).n_out == 45 and phi_psi_features(ala).n_out == 4
+    assert distance_features(ala).n_out == 45 and set(select_atoms(ala.topology, "heavy")) == heavy
+    assert atom_pairs(trajectory.topology, "resname ALA and (name N or name CA)") == [(6, 8)]
+    with pytest.raises(ValueError, match="matches no atom"):
+        select_atoms(ala, "element Xe")
+    with pytest.raises(ValueError, match="bad atom selection"):
+        select_atoms(ala, "name and or")
 
 
 def test_features_match_mdtraj(ala, trajectory):
@@ -56,7 +63,7 @@ def test_features_match_mdtraj(ala, trajectory):
     sin_cos = dihedrals(x).numpy().reshape(len(x), 2, 2)
     np.testing.assert_allclose(sin_cos[..., 0], np.sin(reference), atol=2e-5)
     np.testing.assert_allclose(sin_cos[..., 1], np.cos(reference), atol=2e-5)
-    pairs = heavy_atom_pairs(ala)
+    pairs = atom_pairs(ala)
     np.testing.assert_allclose(Distances(pairs)(x).numpy(), mdtraj.compute_distances(trajectory, pairs), rtol=1e-5)
     triplets = [(4, 6, 8), (6, 8, 14), (8, 14, 16), (1, 4, 5)]
     np.testing.assert_allclose(Angles(triplets)(x).numpy(), mdtraj.compute_angles(trajectory, triplets), atol=2e-5)
@@ -79,10 +86,10 @@ def _openmm_energies_and_forces(force: openmm.Force, xyz: np.ndarray):
 
 @pytest.mark.parametrize("kind", ["distances", "angles", "dihedrals"])
 def test_openmm_twin_equals_weighted_feature_sum(ala, trajectory, kind):
-    """OpenMM energy of ``openmm_force(w)`` = ``w . features`` and its forces = ``-grad``, random weights."""
+    """OpenMM energy of ``feature_force(feature, w)`` = ``w . features`` and its forces = ``-grad``, random weights."""
     torsions = backbone_torsions(ala)
     feature = {
-        "distances": lambda: Distances(heavy_atom_pairs(ala)),
+        "distances": lambda: Distances(atom_pairs(ala)),
         "angles": lambda: Angles([(4, 6, 8), (6, 8, 14), (8, 14, 16), (6, 8, 10)]),
         "dihedrals": lambda: Dihedrals(torsions["phi"] + torsions["psi"] + [(1, 4, 6, 8)]),
     }[kind]()
@@ -90,7 +97,7 @@ def test_openmm_twin_equals_weighted_feature_sum(ala, trajectory, kind):
     x = _positions(trajectory).requires_grad_(True)
     energy = feature(x) @ weights
     (gradient,) = torch.autograd.grad(energy.sum(), x)
-    omm_energy, omm_forces = _openmm_energies_and_forces(feature.openmm_force(weights.numpy()), trajectory.xyz.astype(np.float64))
+    omm_energy, omm_forces = _openmm_energies_and_forces(feature_force(feature, weights.numpy()), trajectory.xyz.astype(np.float64))
     np.testing.assert_allclose(omm_energy, energy.detach().numpy(), rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(omm_forces, -gradient.numpy(), rtol=1e-8, atol=1e-8)
 
@@ -134,6 +141,6 @@ def test_bad_input_raises_clear_errors():
     with pytest.raises(TypeError, match="torch.Tensor"):
         Distances([(0, 1)])(np.zeros((2, 22, 3)))
     with pytest.raises(ValueError, match="3 weights"):
-        Distances([(0, 1), (1, 2)]).openmm_force([1.0, 2.0, 3.0])
+        feature_force(Distances([(0, 1), (1, 2)]), [1.0, 2.0, 3.0])
     with pytest.raises(TypeError, match="Feature layers"):
         FeatureSet([])

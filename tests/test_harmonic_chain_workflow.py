@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from openflow.workflows import load_config, merge, parse_overrides, run
+from helpers import WORKFLOWS
 
 SMALL = {
     "system": {"n": 4},
@@ -21,7 +22,7 @@ SMALL = {
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("chain")
-    return out, run("workflows/harmonic_chain.yaml", out, SMALL)
+    return out, run(WORKFLOWS / "harmonic_chain.yaml", out, SMALL)
 
 
 def test_variational_route_recovers_the_exact_spectrum_and_free_energy(small_run):
@@ -55,18 +56,26 @@ def test_outputs_are_written_and_a_rerun_resumes_from_checkpoints(small_run):
         assert (out / name).exists(), name
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     assert resolved["system"]["n"] == 4 and resolved["system"]["k"] == 1.0
-    again = run("workflows/harmonic_chain.yaml", out, SMALL)  # nothing left to train
+    again = run(WORKFLOWS / "harmonic_chain.yaml", out, SMALL)  # nothing left to train
     assert again["fixed_free_variational_omega_max_rel_error"] == pytest.approx(metrics["fixed_free_variational_omega_max_rel_error"])
+    # more variational steps: that stage continues from its checkpoint, the likelihood stage is untouched
+    mle_checkpoint = (out / "fixed_free/mle/checkpoint.pt").stat().st_mtime_ns
+    steps = SMALL["variational"]["steps"]
+    longer = run(WORKFLOWS / "harmonic_chain.yaml", out, {**SMALL, "variational": {**SMALL["variational"], "steps": steps + 5}})
+    assert longer["fixed_free_variational_train_steps"] == steps + 5
+    lines = (out / "fixed_free/variational/metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, steps + 6))
+    assert (out / "fixed_free/mle/checkpoint.pt").stat().st_mtime_ns == mle_checkpoint
 
 
 def test_settings_are_checked():
-    kind, settings = load_config("workflows/harmonic_chain.yaml")
+    kind, settings = load_config(WORKFLOWS / "harmonic_chain.yaml")
     assert kind == "harmonic_chain"
     with pytest.raises(ValueError, match="unknown setting 'mle.stepz'"):
         merge({"mle": {"steps": 1}}, parse_overrides(["mle.stepz=3"]))
     with pytest.raises(ValueError):
         parse_overrides(["no_equals_sign"])
     with pytest.raises(FileNotFoundError):
-        load_config("workflows/missing.yaml")
+        load_config(WORKFLOWS / "missing.yaml")
     assert parse_overrides(["a.b=[1, 2]", "c=0.5"]) == {"a": {"b": [1, 2]}, "c": 0.5}
-    assert np.isfinite(settings["md"]["steps"])
+    assert settings["md"]["steps"] == 400_000 and settings["boundaries"] == ["fixed-fixed", "fixed-free"]  # the file, not defaults

@@ -7,13 +7,13 @@ import openmm.app as app
 import pytest
 import torch
 
-from openflow.data import load, simulate
+from openflow.data import load
+from openflow.plugins.openmm.md import simulate
 from openflow.flows.base import BoltzmannGenerator, SequentialFlow
 from openflow.flows.coupling import real_nvp
 from openflow.flows.internal import (
     InternalCoordinates,
     InternalCoordinatesFlow,
-    alanine_dipeptide_zmatrix,
     largest_gap_centre,
     zmatrix_from_topology,
 )
@@ -39,7 +39,7 @@ def md(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def zmatrix():
-    return alanine_dipeptide_zmatrix()
+    return zmatrix_from_topology(alanine_dipeptide().topology)
 
 
 def circular_difference(a, b):
@@ -202,7 +202,7 @@ def test_torsion_cut_lies_in_the_widest_gap():
     assert abs(circular_difference(cut[0], torch.tensor(1.5))) > 2.5
     assert abs(cut[1]) < 0.5
     assert min(abs(circular_difference(cut[2], torch.tensor(mode))) for mode in (-2.0, 1.0)) > 1.2
-    flow = InternalCoordinatesFlow(alanine_dipeptide_zmatrix())
+    flow = InternalCoordinatesFlow(zmatrix_from_topology(alanine_dipeptide().topology))
     with pytest.raises(ValueError, match="at least 2"):
         flow.fit(torch.zeros(1, 66))
 

@@ -12,8 +12,11 @@ from openflow.plugins.openmm.export import VALUE_TOLERANCE, check_export, load_c
 from openflow.plugins.openmm.reporters import read_colvar
 from openflow.systems import alanine_dipeptide
 from openflow.workflows import run
-from openflow.workflows.quickstart import (DEFAULTS, NCT_DTYPE, cv_model, fit_and_export, slowest_mode, slowest_modes,
-                                          train_nct)
+from openflow import analysis, estimators, nct
+from openflow.systems.alanine_dipeptide import PHI_CORE_MARGIN, phi_states
+from openflow.workflows.quickstart import DEFAULTS, cv_model, fit_and_export
+
+from helpers import WORKFLOWS
 
 TINY = {
     "data": {"ns": 0.02, "interval": 100, "platform": "Reference"},  # 200 frames
@@ -28,7 +31,7 @@ TINY = {
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("quickstart")
-    return out, run("workflows/quickstart.yaml", out, TINY)
+    return out, run(WORKFLOWS / "quickstart.yaml", out, TINY)
 
 
 def _trained_cv(out):
@@ -50,7 +53,7 @@ def test_every_file_is_written(tiny_run):
     assert saved["nct_steps"] == 4
     assert saved["nct_omega_1_per_ps"] <= saved["nct_omega_2_per_ps"] <= saved["nct_omega_4_per_ps"]
     assert saved["cv_features"] == "torsions" and saved["cv_export_method"] == "table"
-    assert saved["metad_speed_relative_to_bare_md"] > 0
+    assert saved["metad_speed_relative_to_bare_md"] == pytest.approx(saved["bare_md_us_per_step"] / saved["metad_biased_us_per_step"])
     assert all(saved[f"time_{stage}_s"] > 0 for stage in ("simulate", "train_nct", "fit_export_cv", "metadynamics", "plot"))
 
 
@@ -79,7 +82,9 @@ def test_metadynamics_biased_both_exported_outputs(tiny_run):
     for k in range(2):  # each axis spans the CV's guaranteed range
         axis = bias[f"axis_{k}"]
         assert axis[0] == pytest.approx(metrics[f"cv_lo_q{k + 1}"]) and axis[-1] == pytest.approx(metrics[f"cv_hi_q{k + 1}"])
-    assert metrics["metad_transitions"] >= 0 and np.isfinite(metrics["metad_effective_sample_size"])
+    weights = np.load(out / "metadynamics/weights.npy")
+    assert metrics["metad_transitions"] == analysis.count_transitions(phi_states(colvar["phi"], PHI_CORE_MARGIN))
+    assert metrics["metad_ess_fraction"] == pytest.approx(estimators.effective_sample_size(np.log(weights)), rel=1e-9)
 
 
 def test_distance_features_export_through_lepton(tiny_run, tmp_path):
@@ -105,20 +110,20 @@ def test_slowest_modes_are_the_smallest_frequency_latent_positions(tmp_path):
     generator = torch.Generator().manual_seed(0)
     q = torch.randn(64, 24, generator=generator, dtype=torch.float64) * torch.linspace(1.0, 0.1, 24, dtype=torch.float64)
     p = torch.randn(64, 24, generator=generator, dtype=torch.float64)
-    config = {"seed": 0, "nct": dict(DEFAULTS["nct"], steps=2, batch=32, hidden=[8], layers=2)}
-    model, _ = train_nct(p, q, q.var(0), config, tmp_path, progress=False)
-    modes = slowest_modes(model, q, 3)
+    settings = dict(DEFAULTS["nct"], steps=2, batch=32, hidden=[8], layers=2)
+    model, _ = nct.train_nct(p, q, q.var(0), settings, 0, tmp_path, progress=False)
+    modes = nct.latent_modes(model, q, 3)
     assert modes.shape == (64, 3) and modes.dtype == torch.float64
-    assert torch.equal(modes[:, 0], slowest_mode(model, q))
+    assert torch.equal(modes[:, 0], nct.latent_modes(model, q, 1)[:, 0])
     order = torch.argsort(model.prior.omega.detach())[:3]  # the three smallest learned frequencies
     with torch.no_grad():
-        latent = model.transform.encode_positions(q.to(NCT_DTYPE))
+        latent = model.transform.encode_positions(q.to(nct.NCT_DTYPE))
     torch.testing.assert_close(modes, latent[:, order].double())
 
 
 def test_bad_settings_are_value_errors(tmp_path):
     with pytest.raises(ValueError, match="temperature_K"):
-        run("workflows/quickstart.yaml", tmp_path, {"data": {"temperature_K": -5.0}, "progress": False})
+        run(WORKFLOWS / "quickstart.yaml", tmp_path, {"data": {"temperature_K": -5.0}, "progress": False})
     config = {"seed": 0, "cv": dict(DEFAULTS["cv"], features="cartesian")}
     with pytest.raises(ValueError, match="cv.features"):
         cv_model(alanine_dipeptide(), config)

@@ -6,7 +6,7 @@ import openmm.unit as unit
 import pytest
 
 from openflow.systems import harmonic_chain
-from openflow.tempering import _update_round_trips, geometric_temperatures, simulate_tempering
+from openflow.plugins.openmm.tempering import geometric_temperatures, simulate_tempering, update_round_trips
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +56,10 @@ def test_reuse_returns_the_finished_run(chain_run):
 def test_round_trips_count_bottom_top_bottom():
     last_end = np.full(3, -1)
     walker_at = np.array([0, 1, 2])
-    assert _update_round_trips(walker_at, last_end) == 0  # walker 2 starts on top: no trip yet
-    assert _update_round_trips(np.array([2, 1, 0]), last_end) == 0  # walker 0 reached the top from the bottom
-    assert _update_round_trips(np.array([0, 1, 2]), last_end) == 1  # and came back
-    assert _update_round_trips(np.array([0, 1, 2]), last_end) == 0
+    assert update_round_trips(walker_at, last_end) == 0  # walker 2 starts on top: no trip yet
+    assert update_round_trips(np.array([2, 1, 0]), last_end) == 0  # walker 0 reached the top from the bottom
+    assert update_round_trips(np.array([0, 1, 2]), last_end) == 1  # and came back
+    assert update_round_trips(np.array([0, 1, 2]), last_end) == 0
 
 
 def test_bad_input_is_refused(tmp_path):

@@ -18,16 +18,17 @@ import openmm.unit as unit
 import pytest
 import torch
 
-import openflow.plugins.openmm.cpu_kernels as cpu_kernels_module
-import openflow.plugins.openmm.torch_energy as torch_energy_module
+import openflow.plugins.openmm.forcefield.energy as energy_module
+import openflow.plugins.openmm.forcefield.parallel as parallel_module
 
 from openflow.plugins.openmm import OpenMMEnergy
 from openflow.plugins.openmm.bridge import linear_log_cap
-from openflow.plugins.openmm.lepton import LeptonExpression
-from openflow.plugins.openmm.torch_energy import (
+from openflow.plugins.openmm.forcefield import (
+    LeptonExpression,
     TorchEnergy,
     TorchEnergyFallbackWarning,
     batched_energy,
+    torch_on_one_thread,
 )
 from openflow.systems import INACTIVE_FORCE_GROUP, System, alanine_dipeptide, coulomb_cluster, harmonic_chain
 from openflow.systems.base import kelvin, point_particle_topology
@@ -285,7 +286,7 @@ def test_untranslatable_force_falls_back_loudly():
 
 
 def test_auto_picks_the_measured_faster_path_and_ignores_the_tether_group():
-    torch_energy_module._measured_faster.clear()
+    energy_module._measured_faster.clear()
     tether = centroid_force()
     tether.setForceGroup(INACTIVE_FORCE_GROUP)  # not part of the energy: must not block translation
     system = with_extra_force(build("cluster-3d-13"), tether)
@@ -293,7 +294,7 @@ def test_auto_picks_the_measured_faster_path_and_ignores_the_tether_group():
         warnings.simplefilter("error")
         energy = batched_energy(system)
     # "auto" keeps whichever path it measured faster on this machine, and says which it measured.
-    (faster,) = torch_energy_module._measured_faster.values()
+    (faster,) = energy_module._measured_faster.values()
     assert isinstance(energy, TorchEnergy if faster else OpenMMEnergy)
     assert isinstance(batched_energy(system, energy="torch"), TorchEnergy)
     assert isinstance(batched_energy(system, energy="openmm"), OpenMMEnergy)
@@ -543,7 +544,7 @@ def test_torsion_kernel_every_periodicity_and_phase_matches_openmm():
 def _child_energy(energy, x, queue):
     torch.set_num_threads(1)  # as DataLoader workers do: torch's OpenMP pool does not survive a fork
     u, f = energy.energy_and_forces(x)
-    pool_works = list(cpu_kernels_module._pool(2).map(abs, [-1, -2])) == [1, 2]  # the child's own pool
+    pool_works = list(parallel_module._pool(2).map(abs, [-1, -2])) == [1, 2]  # the child's own pool
     queue.put((pool_works, u.numpy(), f.numpy()))  # numpy: torch tensors would go through shared memory
 
 
@@ -575,9 +576,9 @@ def test_torch_runs_on_one_thread_only_around_the_kernels():
     TorchEnergy(system).energy_and_forces(real_configurations(system))
     assert torch.get_num_threads() == threads
     with pytest.raises(RuntimeError, match="inside"):
-        with cpu_kernels_module.torch_on_one_thread():
+        with torch_on_one_thread():
             assert torch.get_num_threads() == 1
-            with cpu_kernels_module.torch_on_one_thread():
+            with torch_on_one_thread():
                 assert torch.get_num_threads() == 1
             assert torch.get_num_threads() == 1
             raise RuntimeError("inside")
@@ -613,7 +614,7 @@ def test_generated_kernels_are_cached_on_disk_and_work_without_a_cache(tmp_path,
     assert len(modules) == 1 and list((tmp_path / "kernels" / "__pycache__").glob("*.nbi"))
     child = (
         "import sys, torch; sys.path.insert(0, 'tests'); from test_torch_energy import _trap_system; "
-        "from openflow.plugins.openmm.torch_energy import TorchEnergy; s = _trap_system(sys.argv[1]); "
+        "from openflow.plugins.openmm.forcefield import TorchEnergy; s = _trap_system(sys.argv[1]); "
         "print(repr(TorchEnergy(s).energy_and_forces(s.from_positions(s.positions)[None])[0].item()))"
     )
     result = subprocess.run([sys.executable, "-c", child, text], capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent)

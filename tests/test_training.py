@@ -121,14 +121,16 @@ def test_resumed_run_reproduces_the_uninterrupted_one_exactly(tmp_path, kind):
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == after_resumed
 
 
-def test_resume_ignores_a_checkpoint_of_another_config(tmp_path):
-    """A rerun with changed settings must not continue from the old run's weights."""
+def test_resume_ignores_a_checkpoint_of_another_config(tmp_path, capsys):
+    """A rerun with changed settings must not continue from the old run's weights, and says why in one line."""
     settings = dict(lr=3e-3, seed=11, checkpoint_every=5, device="cpu", progress=False)
     make_run("tensor", tmp_path, model_seed=1, config={"layers": 2}, **settings).fit(10)
     changed = make_run("tensor", tmp_path, model_seed=2, config={"layers": 3}, **settings)
     start = [p.detach().clone() for p in changed.model.parameters()]
-    with pytest.warns(UserWarning, match="another config"):
-        history = changed.fit(3, resume=True)
+    capsys.readouterr()
+    history = changed.fit(3, resume=True)
+    message = capsys.readouterr().err.strip().splitlines()
+    assert len(message) == 1 and "training from the start" in message[0] and "layers: 2 -> 3" in message[0]
     assert changed.step == 3 and [r["step"] for r in history] == [1, 2, 3]
     assert any(not torch.equal(p, q) for p, q in zip(changed.model.parameters(), start))
     assert load_checkpoint(tmp_path / "checkpoint.pt")["config"]["run"] == {"layers": 3}
@@ -294,8 +296,8 @@ def test_set_seed_and_resolve_device():
     with pytest.raises(ValueError, match="device"):
         resolve_device("warp-drive")
     if not torch.cuda.is_available():
-        with pytest.warns(UserWarning, match="CUDA is not available"):
-            assert resolve_device("cuda") == torch.device("cpu")
+        with pytest.raises(ValueError, match="no usable CUDA"):
+            resolve_device("cuda")
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
@@ -323,3 +325,31 @@ def test_lbfgs_reaches_the_exact_maximum_likelihood_of_a_full_batch(tmp_path):
     torch.testing.assert_close(model.mean.detach(), data.mean(0), rtol=0, atol=1e-8)
     torch.testing.assert_close(model.log_std.exp().detach(), data.std(0, unbiased=False), rtol=0, atol=1e-8)
     assert (tmp_path / "checkpoint.pt").exists()
+
+
+def test_more_steps_continue_the_checkpoint_and_fewer_start_afresh(tmp_path, capsys):
+    """Extending a finished run continues from its checkpoint (steps 11-15 only); asking for fewer steps
+    than the checkpoint holds, or other trainer settings, retrains with a one-line reason."""
+    settings = dict(lr=3e-3, seed=11, checkpoint_every=5, device="cpu", progress=False)
+    make_run("tensor", tmp_path, model_seed=1, config={"layers": 2}, **settings).fit(10)
+    longer = make_run("tensor", tmp_path, model_seed=2, config={"layers": 2}, **settings)
+    history = longer.fit(15, resume=True)
+    assert [r["step"] for r in history] == list(range(1, 16)) and longer.step == 15
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == list(range(1, 16))
+    capsys.readouterr()
+    shorter = make_run("tensor", tmp_path, model_seed=2, config={"layers": 2}, **settings)
+    assert [r["step"] for r in shorter.fit(4, resume=True)] == [1, 2, 3, 4]
+    assert "holds 15 steps, more than the 4 asked for" in capsys.readouterr().err
+    faster = make_run("tensor", tmp_path, model_seed=2, config={"layers": 2}, **dict(settings, lr=1e-2))
+    faster.fit(6, resume=True)
+    assert "trainer.lr: 0.003 -> 0.01" in capsys.readouterr().err and faster.step == 6
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage, not a checkpoint", None])
+def test_a_broken_checkpoint_is_one_clear_error(tmp_path, content):
+    settings = dict(lr=3e-3, seed=11, checkpoint_every=5, device="cpu", progress=False)
+    make_run("tensor", tmp_path, model_seed=1, config={"layers": 2}, **settings).fit(5)
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(content if content is not None else path.read_bytes()[:200])  # None: truncated
+    with pytest.raises(ValueError, match=r"checkpoint.pt is not a readable checkpoint .*delete it"):
+        make_run("tensor", tmp_path, model_seed=1, config={"layers": 2}, **settings).fit(10, resume=True)

@@ -19,16 +19,13 @@ import torch
 from torch import nn
 
 from .base import Flow, SequentialFlow
-from .coupling import MaskedCoupling, _masks, check_batch, mlp
-from .spline import _check_bins_and_bound, rational_quadratic_spline
+from openflow.geometry import wrap_angle
+
+from .coupling import MaskedCoupling, check_batch, coupling_masks, mlp
+from .spline import check_bins_and_bound, rational_quadratic_spline
 
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 _TINY = 1e-15  # keeps Phi^-1 finite at the ends of the circle (float64)
-
-
-def wrap_angle(theta: torch.Tensor) -> torch.Tensor:
-    """Angles read modulo ``2 pi`` into ``[-pi, pi)``."""
-    return torch.remainder(theta + math.pi, 2.0 * math.pi) - math.pi
 
 
 class GaussianToCircle(Flow):
@@ -71,7 +68,7 @@ class CircularSplineCoupling(MaskedCoupling):
         activation: str | Callable[[], nn.Module] = "silu",
         bins: int = 8,
     ):
-        _check_bins_and_bound(bins, math.pi)
+        check_bins_and_bound(bins, math.pi)
         super().__init__(mask, circular=range(len(mask)))
         self.bins = int(bins)
         self.conditioner = mlp(self.n_features, self.n_trans * (3 * self.bins + 1), hidden, activation, zero_last=True)
@@ -105,5 +102,5 @@ def circular_flow(
         raise ValueError(f"n_layers must be >= 1, got {n_layers}")
     return SequentialFlow(
         GaussianToCircle(dim),
-        *(CircularSplineCoupling(m, hidden, activation, bins) for m in _masks(int(dim), int(n_layers), "alternate")),
+        *(CircularSplineCoupling(m, hidden, activation, bins) for m in coupling_masks(int(dim), int(n_layers), "alternate")),
     )

@@ -232,7 +232,7 @@ class ActNorm(Flow):
         return (x - self.shift) * torch.exp(-self.log_scale), (-self.log_scale.sum()).expand(x.shape[0])
 
 
-def _masks(dim: int, n_layers: int, mask: str | torch.Tensor | Sequence, conditioning: Sequence[int] = ()) -> torch.Tensor:
+def coupling_masks(dim: int, n_layers: int, mask: str | torch.Tensor | Sequence, conditioning: Sequence[int] = ()) -> torch.Tensor:
     """The ``(n_layers, dim)`` boolean masks of a coupling stack; the ``conditioning`` dimensions are
     1 (never transformed) in every layer."""
     masks = _alternating_masks(dim, n_layers, mask).bool().clone()
@@ -281,7 +281,7 @@ def real_nvp(
     if int(n_layers) < 1:
         raise ValueError(f"n_layers must be >= 1, got {n_layers}")
     layers: list[Flow] = []
-    for layer_mask in _masks(int(dim), int(n_layers), mask):
+    for layer_mask in coupling_masks(int(dim), int(n_layers), mask):
         layers.append(AffineCoupling(layer_mask, hidden, activation, scale_init))
         if actnorm:
             layers.append(ActNorm(dim))

@@ -1,7 +1,7 @@
 """Internal coordinates (bonds, angles, torsions) of a molecule, and the flow layer that maps them
 to Cartesian positions: the last layer of a Boltzmann generator over molecular configurations.
 
-    zmatrix = alanine_dipeptide_zmatrix()                  # or zmatrix_from_topology(topology)
+    zmatrix = zmatrix_from_topology(topology)              # an OpenMM or mdtraj topology
     ic = InternalCoordinatesFlow(zmatrix).fit(x_train)     # x: (B, 3 n_atoms) nm, xyz interleaved
     bg = BoltzmannGenerator(StandardNormal(ic.dim), SequentialFlow(real_nvp(ic.dim), ic))
 
@@ -52,8 +52,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from openflow.geometry import angle, dihedral, distance, wrap_angle
+
 from .base import Flow
-from .circular import wrap_angle
 from .coupling import check_batch
 
 TWO_PI = 2.0 * math.pi
@@ -240,49 +241,17 @@ def zmatrix_from_topology(topology, anchors: tuple[int, int, int] | None = None)
     return ZMatrix(anchors=anchors, rows=np.asarray(rows, dtype=np.int64), atom_names=names)
 
 
-def alanine_dipeptide_zmatrix() -> ZMatrix:
-    """The Z-matrix of openflow's alanine dipeptide (22 atoms, the order of its shipped PDB).
-
-    Anchors ALA2-CA, ALA2-N, ACE1-C; phi and psi are proper torsions of rows
-    ``(ALA2-C, ALA2-CA, ALA2-N, ACE1-C)`` and ``(NME3-N, ALA2-C, ALA2-CA, ALA2-N)``.
-    """
-    import openmm.app as app
-
-    from openflow.systems.alanine_dipeptide import pdb_path
-
-    return zmatrix_from_topology(app.PDBFile(pdb_path()).topology)
-
-
-# ----------------------------------------------------------------------------- geometry
+# ----------------------------------------------------------------------------- placement
 
 
 def _unit(v: torch.Tensor) -> torch.Tensor:
     return v / torch.linalg.vector_norm(v, dim=-1, keepdim=True)
 
 
-def bond_lengths(xi: torch.Tensor, xj: torch.Tensor) -> torch.Tensor:
-    """``|x_i - x_j|`` over the last axis of ``(..., 3)`` tensors."""
-    return torch.linalg.vector_norm(xi - xj, dim=-1)
-
-
-def bond_angles(xi: torch.Tensor, xj: torch.Tensor, xk: torch.Tensor) -> torch.Tensor:
-    """Angle ``i-j-k`` at ``j`` in rad, in ``[0, pi]`` (atan2 form: accurate near 0 and pi)."""
-    u, v = xi - xj, xk - xj
-    return torch.atan2(torch.linalg.vector_norm(torch.cross(u, v, dim=-1), dim=-1), (u * v).sum(-1))
-
-
-def dihedrals(xi: torch.Tensor, xj: torch.Tensor, xk: torch.Tensor, xl: torch.Tensor) -> torch.Tensor:
-    """IUPAC dihedral ``i-j-k-l`` in rad, in ``[-pi, pi]`` (the same for ``l-k-j-i``)."""
-    axis = _unit(xk - xj)
-    a, c = xi - xj, xl - xk
-    a = a - (a * axis).sum(-1, keepdim=True) * axis
-    c = c - (c * axis).sum(-1, keepdim=True) * axis
-    return torch.atan2((torch.cross(a, c, dim=-1) * axis).sum(-1), (a * c).sum(-1))
-
-
 def place_atoms(xj, xk, xl, bond, angle, torsion) -> torch.Tensor:
     """Positions ``(..., 3)`` of atoms at ``bond`` from ``xj``, angle ``i-j-k`` and dihedral
-    ``i-j-k-l`` (natural extension reference frame), the inverse of the three functions above."""
+    ``i-j-k-l`` (natural extension reference frame), the inverse of ``openflow.geometry``'s
+    ``distance``, ``angle`` and ``dihedral``."""
     axis = _unit(xj - xk)
     normal = _unit(torch.cross(xk - xl, axis, dim=-1))
     in_plane = torch.cross(normal, axis, dim=-1)
@@ -326,9 +295,9 @@ class InternalCoordinates(torch.nn.Module):
         pos = self._positions(x)
         a0, a1, a2 = (pos[:, a] for a in self.anchors)
         i, j, k, l = (pos[:, self.rows[:, c]] for c in range(4))
-        bonds = torch.cat([torch.stack([bond_lengths(a1, a0), bond_lengths(a2, a1)], 1), bond_lengths(i, j)], 1)
-        angles = torch.cat([bond_angles(a2, a1, a0).unsqueeze(1), bond_angles(i, j, k)], 1)
-        return bonds, angles, dihedrals(i, j, k, l)
+        bonds = torch.cat([torch.stack([distance(a1, a0), distance(a2, a1)], 1), distance(i, j)], 1)
+        angles = torch.cat([angle(a2, a1, a0).unsqueeze(1), angle(i, j, k)], 1)
+        return bonds, angles, dihedral(i, j, k, l)
 
     def to_cartesian(self, bonds: torch.Tensor, angles: torch.Tensor, torsions: torch.Tensor) -> torch.Tensor:
         """Internal coordinates -> ``x (B, 3 n)`` nm in the canonical frame (``a0`` at the origin,

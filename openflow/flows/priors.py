@@ -1,4 +1,4 @@
-"""Latent densities: a standard normal over ``z (B, d)`` and the harmonic prior over phase space.
+"""Latent densities: standard and isotropic normals over ``z (B, d)`` and the harmonic prior over phase space.
 
 Both follow the device and dtype of the module (``.to(device)``, ``.double()``).
 """
@@ -35,6 +35,30 @@ class StandardNormal(nn.Module):
         """Normalised log-density of ``z (B, d)``, shape ``(B,)``."""
         check_batch(z, self.dim, "z")
         return -0.5 * z.pow(2).sum(dim=1) - 0.5 * self.dim * _LOG_2PI
+
+
+class IsotropicNormal(nn.Module):
+    """Isotropic Gaussian ``N(0, std^2 I_d)`` over ``z (B, d)`` (e.g. a harmonic trap's Boltzmann density,
+    ``std = sqrt(kT / 2k)`` for the energy ``k |x|^2``); ``scale`` is ``std`` as a buffer that follows
+    ``.to()``/``.double()``."""
+
+    def __init__(self, dim: int, std: float):
+        super().__init__()
+        if int(dim) < 1:
+            raise ValueError(f"dim must be >= 1, got {dim}")
+        if not (math.isfinite(std) and std > 0):
+            raise ValueError(f"std must be positive and finite, got {std}")
+        self.dim, self.std = int(dim), float(std)
+        self.register_buffer("scale", torch.tensor(self.std))
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` independent draws, shape ``(n, d)``."""
+        return self.scale * torch.randn(int(n), self.dim, generator=generator, dtype=self.scale.dtype, device=self.scale.device)
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """Normalised log-density of ``z (B, d)``, shape ``(B,)``."""
+        check_batch(z, self.dim, "z")
+        return -0.5 * (z / self.std).pow(2).sum(1) - self.dim * math.log(self.std * math.sqrt(2 * math.pi))
 
 
 class LatentHarmonicPrior(nn.Module):

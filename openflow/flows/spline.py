@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .base import SequentialFlow
-from .coupling import MaskedCoupling, _masks, mlp
+from .coupling import MaskedCoupling, coupling_masks, mlp
 
 MIN_BIN_WIDTH = 1e-3
 MIN_BIN_HEIGHT = 1e-3
@@ -38,7 +38,7 @@ def _knots(unnormalized: torch.Tensor, minimum: float, bound: float) -> tuple[to
     return knots[..., 1:] - knots[..., :-1], knots
 
 
-def _check_bins_and_bound(bins, bound) -> None:
+def check_bins_and_bound(bins, bound) -> None:
     if int(bins) != bins or not 2 <= bins < 1.0 / MIN_BIN_WIDTH:
         raise ValueError(f"bins must be an integer in [2, {int(1 / MIN_BIN_WIDTH) - 1}], got {bins}")
     if not float(bound) > 0:
@@ -149,7 +149,7 @@ class SplineCoupling(MaskedCoupling):
         bound: float = 5.0,
         circular: Sequence[int] = (),
     ):
-        _check_bins_and_bound(bins, bound)
+        check_bins_and_bound(bins, bound)
         super().__init__(mask, circular)
         self._refuse_transformed_angles()
         self.bins = int(bins)
@@ -188,5 +188,5 @@ def spline_flow(
         raise ValueError(f"n_layers must be >= 1, got {n_layers}")
     return SequentialFlow(
         *(SplineCoupling(m, hidden, activation, bins, bound, circular)
-          for m in _masks(int(dim), int(n_layers), mask, conditioning=circular))
+          for m in coupling_masks(int(dim), int(n_layers), mask, conditioning=circular))
     )

@@ -31,17 +31,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-import openmm
-import openmm.unit as unit
 import torch
-from torch import nn
 
 from openflow import estimators
+from openflow.analysis import lindemann_index, radii_and_distances
 from openflow.flows.base import BoltzmannGenerator
 from openflow.flows.cnf import PairMongeAmpereFlow, PairPotential
+from openflow.flows.priors import IsotropicNormal
 from openflow.losses import flow_matching, reverse_kl
-from openflow.plugins.openmm import alchemical
-from openflow.plugins.openmm.torch_energy import batched_energy
+from openflow.plugins.openmm import alchemical, batched_energy
+from openflow.plugins.openmm.md import minimized_energies
 from openflow.systems import coulomb_cluster
 from openflow.training import Trainer
 
@@ -63,24 +62,6 @@ DEFAULTS = {
 VARIANTS = ("rkl", "fm")
 
 
-class TrapNormal(nn.Module):
-    """The ``lambda = 0`` Boltzmann density ``exp(-|x|^2 / kT) / (pi kT)^(d/2)``: isotropic normal,
-    standard deviation ``sqrt(kT / 2)``, on ``(B, d)``."""
-
-    def __init__(self, dim: int, kT: float):
-        super().__init__()
-        if not kT > 0:
-            raise ValueError(f"kT must be positive, got {kT}")
-        self.dim, self.std = int(dim), math.sqrt(kT / 2.0)
-        self.register_buffer("scale", torch.tensor(self.std))  # follows .double() / .to()
-
-    def sample(self, n: int) -> torch.Tensor:
-        return self.scale * torch.randn(n, self.dim, dtype=self.scale.dtype, device=self.scale.device)
-
-    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        return -0.5 * (z / self.std).pow(2).sum(1) - self.dim * math.log(self.std * math.sqrt(2 * math.pi))
-
-
 def _tag(cluster: dict) -> str:
     return f"{cluster['dim']}d_n{cluster['n']}_T{float(cluster['temperature'])}"
 
@@ -88,15 +69,19 @@ def _tag(cluster: dict) -> str:
 def _check_cluster(cluster) -> dict:
     if not isinstance(cluster, dict) or set(cluster) != {"n", "dim", "temperature"}:
         raise ValueError(f"each cluster is a mapping with exactly n, dim, temperature; got {cluster!r}")
+    n, dim, kT = cluster["n"], cluster["dim"], cluster["temperature"]
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1 or dim not in (2, 3) \
+            or isinstance(kT, bool) or not isinstance(kT, (int, float)) or not kT > 0:
+        raise ValueError(f"a cluster needs n a positive integer, dim 2 or 3 and temperature (kT) > 0; got {cluster!r}")
     return cluster
 
 
-def _model(dim: int, kT: float, n: int, spatial_dim: int, cfg: dict) -> BoltzmannGenerator:
+def build_flow(dim: int, kT: float, n: int, spatial_dim: int, cfg: dict) -> BoltzmannGenerator:
     potential = PairPotential(n, spatial_dim, n_basis=cfg["n_basis"], r_max=cfg["r_max"],
                               softening=cfg["softening"], hidden=cfg["hidden"],
                               time_embedding=cfg["time_embedding"])
     flow = PairMongeAmpereFlow(potential, method="rk4", options={"step_size": 1.0 / cfg["rk4_steps"]})
-    return BoltzmannGenerator(TrapNormal(dim, kT), flow)
+    return BoltzmannGenerator(IsotropicNormal(dim, math.sqrt(kT / 2.0)), flow)  # the lambda = 0 trap's Boltzmann density
 
 
 def _solver_gap(model, z: torch.Tensor) -> float:
@@ -117,7 +102,7 @@ def _check_reverse_kl(cfg: dict) -> None:
                          f"{cfg['check_every']}, {cfg['solver_tolerance']}")
 
 
-def _train_reverse_kl(model, energy, cfg: dict, seed: int, out: Path) -> dict:
+def train_reverse_kl(model, energy, cfg: dict, seed: int, out: Path) -> dict:
     """Reverse KL in chunks of ``check_every`` steps. After each chunk the solver gap
     (:func:`_solver_gap`, 256 fixed latent draws) is measured; once it exceeds
     ``solver_tolerance`` (kT) the flow has begun to exploit the log-det error of its coarse grid
@@ -195,25 +180,6 @@ def _evaluate(model, energy, cfg: dict, seed: int) -> tuple[dict, torch.Tensor, 
     return metrics, x, log_w
 
 
-def _radii_and_distances(x: np.ndarray, n: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-sample radii ``(B, n)`` and pair distances ``(B, n (n - 1) / 2)``."""
-    r = x.reshape(len(x), n, dim)
-    i, j = np.triu_indices(n, 1)
-    return np.linalg.norm(r, axis=2), np.linalg.norm(r[:, i] - r[:, j], axis=2)
-
-
-def _lindemann(md: np.ndarray, n: int, dim: int, n_chains: int) -> float:
-    """Relative pair-distance fluctuation ``mean_{i<j} std(r_ij) / mean(r_ij)`` within each MD
-    chain, averaged over the chains (``md`` is chain after chain): about 0.1 or less in a
-    cluster that keeps its shape and labels (near-crystalline), large once particles swap places
-    (liquid-like). Within a chain, so that two chains frozen in different labellings of the same
-    crystal do not count as melting."""
-    if n < 2:
-        return 0.0
-    distances = _radii_and_distances(md, n, dim)[1].reshape(n_chains, -1, n * (n - 1) // 2)
-    return float((distances.std(axis=1) / distances.mean(axis=1)).mean())
-
-
 def _histograms(md: np.ndarray, flows: dict, n: int, dim: int, title: str, path: Path) -> dict:
     """Radial density and pair-distance histograms, MD vs reweighted flow samples; returns the
     total-variation distance of each flow histogram from MD."""
@@ -222,7 +188,7 @@ def _histograms(md: np.ndarray, flows: dict, n: int, dim: int, title: str, path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    md_r, md_d = _radii_and_distances(md, n, dim)
+    md_r, md_d = radii_and_distances(md, n, dim)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     tv = {}
     for ax, k, label in ((axes[0], 0, "distance from trap centre |r_i| (nm)"),
@@ -232,7 +198,7 @@ def _histograms(md: np.ndarray, flows: dict, n: int, dim: int, title: str, path:
         h_md, _ = np.histogram(reference.ravel(), bins=bins, density=True)
         ax.stairs(h_md, bins, label="OpenMM MD", color="k", linewidth=2)
         for name, (x, log_w) in flows.items():
-            values = _radii_and_distances(x, n, dim)[k]
+            values = radii_and_distances(x, n, dim)[k]
             w = np.exp(log_w - log_w.max())
             w = np.repeat(w / w.sum(), values.shape[1])
             h, _ = np.histogram(values.ravel(), bins=bins, weights=w, density=True)
@@ -246,20 +212,6 @@ def _histograms(md: np.ndarray, flows: dict, n: int, dim: int, title: str, path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return tv
-
-
-def _minimise(system, starts: np.ndarray, tolerance: float) -> np.ndarray:
-    """OpenMM local minimisation from each start ``(m, d)``: energies ``(m,)`` kJ/mol (tethers
-    excluded)."""
-    context = openmm.Context(system.system, openmm.VerletIntegrator(0.001),
-                             openmm.Platform.getPlatformByName("Reference"))
-    energies = []
-    for positions in system.to_positions(starts):
-        context.setPositions(positions)
-        openmm.LocalEnergyMinimizer.minimize(context, tolerance, 10000)
-        state = context.getState(getEnergy=True, groups=system.energy_groups())
-        energies.append(state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole))
-    return np.array(energies)
 
 
 def _run_cluster(cluster: dict, config: dict, out: Path) -> dict:
@@ -293,7 +245,7 @@ def _run_cluster(cluster: dict, config: dict, out: Path) -> dict:
         "reference_md_frames": int(samples.coupling_energy.size),
         "reference_decorrelated_frames": int(mbar.per_state.sum()),
         "reference_nonfinite": samples.n_nonfinite,
-        "lindemann_md": _lindemann(samples.positions, n, dim, int(ref["n_chains"])),
+        "lindemann_md": lindemann_index(samples.positions, n, dim, int(ref["n_chains"])),
     })
     times["reference"] = time.perf_counter() - start
 
@@ -304,9 +256,9 @@ def _run_cluster(cluster: dict, config: dict, out: Path) -> dict:
     for variant in VARIANTS:
         start = time.perf_counter()
         torch.manual_seed(seed)
-        model = _model(system.dim, kT, n, dim, config["flow"])
+        model = build_flow(system.dim, kT, n, dim, config["flow"])
         if variant == "rkl":
-            metrics.update(_train_reverse_kl(model, energy, config["reverse_kl"], seed, folder / variant))
+            metrics.update(train_reverse_kl(model, energy, config["reverse_kl"], seed, folder / variant))
         else:
             _train_flow_matching(model, md, config["flow_matching"], seed, folder / variant)
         times[variant] = time.perf_counter() - start
@@ -342,13 +294,23 @@ def _run_cluster(cluster: dict, config: dict, out: Path) -> dict:
     lowest = x_best[np.argsort(u_best)[: gs["n_quench"]]]
     rng = np.random.default_rng(seed)
     random_starts = rng.normal(0.0, max(1.0, n ** (1.0 / dim) / 2), size=(gs["n_starts"], system.dim))
-    quench = _minimise(system, lowest, gs["tolerance_kjmol_nm"]).min()
-    multistart = _minimise(system, random_starts, gs["tolerance_kjmol_nm"]).min()
+    quench = minimized_energies(system, lowest, gs["tolerance_kjmol_nm"]).min()
+    multistart = minimized_energies(system, random_starts, gs["tolerance_kjmol_nm"]).min()
     metrics["ground_state_energy_per_particle_flow_quench_kjmol"] = quench / n
     metrics["ground_state_energy_per_particle_multistart_kjmol"] = multistart / n
     times["ground_state"] = time.perf_counter() - start
     metrics.update({f"wall_time_{key}_s": value for key, value in times.items()})
     return {f"{tag}_{key}": value for key, value in metrics.items()}
+
+
+def check(config: dict) -> None:
+    """The workflow's own rules (types and signs are checked by the runner)."""
+    clusters = [_check_cluster(c) for c in config["clusters"]]
+    if not clusters:
+        raise ValueError("clusters is empty: name at least one {n, dim, temperature}")
+    if config["energy"] not in ("auto", "torch", "openmm"):
+        raise ValueError(f"energy must be auto, torch or openmm, got {config['energy']!r}")
+    _check_reverse_kl(config["reverse_kl"])
 
 
 def run(config: dict, out) -> dict:

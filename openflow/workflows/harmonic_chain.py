@@ -26,12 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from openflow.data import load, simulate
+from openflow.data import load
 from openflow.estimators import free_energy, log_weights
 from openflow.flows.linear import LinearExp
 from openflow.flows.priors import LatentHarmonicPrior, moment_matched_normal
 from openflow.flows.symplectic import NeuralCanonicalTransformation, PointTransformation
 from openflow.plugins.openmm.bridge import OpenMMEnergy
+from openflow.plugins.openmm.md import simulate
 from openflow.systems import harmonic_chain
 from openflow.training import Trainer
 
@@ -48,6 +49,13 @@ DEFAULTS = {
     "progress": None,
 }
 DTYPE = torch.float64
+
+
+def check(config: dict) -> None:
+    """The workflow's own rules (types and signs are checked by the runner)."""
+    unknown = [b for b in config["boundaries"] if b not in ("fixed-fixed", "fixed-free")]
+    if unknown or not config["boundaries"]:
+        raise ValueError(f"boundaries must be a non-empty list of 'fixed-fixed' and 'fixed-free', got {config['boundaries']!r}")
 
 
 def build_model(dim: int, omega_init: float, rotation_init_std: float, generator: torch.Generator) -> NeuralCanonicalTransformation:
@@ -77,9 +85,16 @@ def hamiltonian(system, energy: OpenMMEnergy):
     return lambda p, q: 0.5 * p.pow(2).sum(1) + energy(q * to_nm)
 
 
+def stage_config(config: dict, route: str) -> dict:
+    """What a training stage depends on, without its length (more steps continue its checkpoint)."""
+    return {"system": config["system"], "md": config["md"], "model": config["model"], "route": route,
+            **{key: value for key, value in config[route].items() if key != "steps"}}
+
+
 def train_mle(model, p, q, config: dict, out: Path) -> dict:
     trainer = Trainer(model, lambda m, _: m.nll(p, q), optimizer="lbfgs", lr=config["mle"]["lr"], device="cpu",
-                      seed=config["seed"], out_dir=out, checkpoint_every=50, progress=config["progress"], config=config)
+                      seed=config["seed"], out_dir=out, checkpoint_every=50, progress=config["progress"],
+                      config=stage_config(config, "mle"))
     history = trainer.fit(config["mle"]["steps"], resume=(out / "checkpoint.pt").exists())
     return {"train_steps": trainer.step, "skipped_steps": trainer.n_skipped, "final_loss": history[-1]["loss"] if history else math.nan}
 
@@ -94,7 +109,8 @@ def train_variational(model, H, config: dict, out: Path, generator: torch.Genera
         return (H(p, q) + m.prior.log_prob(P, Q)).mean()
 
     trainer = Trainer(model, free_energy_bound, optimizer="lbfgs", lr=config["variational"]["lr"], device="cpu",
-                      seed=config["seed"], out_dir=out, checkpoint_every=50, progress=config["progress"], config=config)
+                      seed=config["seed"], out_dir=out, checkpoint_every=50, progress=config["progress"],
+                      config=stage_config(config, "variational"))
     history = trainer.fit(config["variational"]["steps"], resume=(out / "checkpoint.pt").exists())
     return {"train_steps": trainer.step, "skipped_steps": trainer.n_skipped, "final_loss": history[-1]["loss"] if history else math.nan}
 

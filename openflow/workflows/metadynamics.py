@@ -4,25 +4,21 @@ learned CV, all of the same length.
 1. **Unbiased** Langevin MD (``run_metadynamics(system, [])``: the same files and analysis).
 2. **phi/psi**: periodic torsion CVs, ``openmm.app.Metadynamics`` on a 2-D grid.
 3. **Learned CV** (``cv.source``): ``nct`` (default), the slowest mode of a neural canonical
-   transformation, learned without any phi/psi information by the quickstart's steps 1-3
-   (:func:`openflow.workflows.quickstart.learn_slow_cvs`: hot MD, NCT on the heavy-atom phase space, a
-   CV over sin/cos(phi, psi) fitted to ``learn.cv.modes`` slowest modes, exported as a checked
-   periodic table); ``xml``, exported CV force XML files (``cv.xml`` with ``cv.range``, 1-3 of
-   them, e.g. the quickstart's ``cv_q1.xml`` and ``cv_q2.xml`` with the ranges from its
-   ``metrics.json``: one non-periodic bias axis each); or ``stand_in``: a small ``CVModel`` (45
-   heavy-atom distances or sin/cos(phi, psi) -> tanh MLP) regressed on ``cos(phi - 1 rad)``, a
-   smooth function of phi that is 1 in the alpha_L/C7ax basin, about -0.8 in C7eq/C5, and takes
-   the same value (~0.54) at both phi barriers (0 and 2 rad), trained on the phi/psi metadynamics
-   frames: a CV known to be good, for testing the machinery, not one learned without phi.
-   Exported with ``export_cv(method="auto")`` (checked against torch), bounds from ``CVModel.bounds()``.
+   transformation learned without any phi/psi information (``learn``: hot MD, the NCT on the
+   heavy atoms, a CV over ``learn.cv.features`` fitted to ``learn.cv.modes`` slowest modes,
+   exported and checked); ``xml``, exported CV force XML files (``cv.xml`` with ``cv.range``, 1-3
+   of them, e.g. the quickstart's ``cv_q1.xml`` and ``cv_q2.xml`` with the ranges from its
+   ``metrics.json``); or ``stand_in``: a small ``CVModel`` (45 heavy-atom distances or
+   sin/cos(phi, psi) -> tanh MLP) regressed on ``cos(phi - 1 rad)``, a smooth function of phi
+   that is 1 in the alpha_L/C7ax basin: a CV known to be good, for testing the machinery, not one
+   learned without phi.
 
 Metrics (flat, per run prefix ``unbiased_``, ``phipsi_``, ``learned_``): transitions between the
-phi < 0 and phi > 0 basins and per ns (hysteresis cores, ``openflow.analysis``), ΔF(positive -
-negative) in kT from the c(t)-reweighted frames, its value at half time and its drift over the
-second half (convergence), ns/day; for phi/psi also ΔF straight from the final bias
-(``phipsi_delta_f_from_bias_kT``: the sum_hills FES integrated over each phi basin); the cost of
-one MD step with each bias relative to bare MD (``step_costs``: same integrator, no reporters).
-Plots: reweighted Ramachandran per run (``rama_<run>.png``) and ΔF(t) (``delta_f.png``).
+phi basins and per ns, ΔF(positive - negative) in kT from the c(t)-reweighted frames, its value at
+half time and its drift over the second half, ns/day; for phi/psi also ΔF straight from the final
+bias (``phipsi_delta_f_from_bias_kT``); the cost of one MD step with each bias relative to bare
+MD (``step_costs``). Plots: reweighted Ramachandran per run (``rama_<run>.png``) and ΔF(t)
+(``delta_f.png``).
 """
 from __future__ import annotations
 
@@ -30,17 +26,21 @@ from pathlib import Path
 
 import mdtraj
 import numpy as np
+import openmm.unit as unit
 import torch
 
+from openflow.data import load_trajectory
 from openflow import analysis
 from openflow.cv import CVModel, fit_cv
-from openflow.features import heavy_atom_distance_features, phi_psi_features
+from openflow.features import Dihedrals, FeatureSet, distance_features
+from openflow.io import atomic_path
+from openflow.plugins.openmm import learned_cv
 from openflow.plugins.openmm.export import export_cv, load_cv_force, save_cv_force
-from openflow.plugins.openmm.metadynamics import (basin_delta_f_from_fes, learned_bias_variables, phi_psi_bias_variables,
-                                                  run_metadynamics, step_costs)
-from openflow.plugins.openmm.reporters import read_colvar
-from openflow.systems import alanine_dipeptide
-from openflow.workflows import quickstart
+from openflow.plugins.openmm.md import simulate
+from openflow.plugins.openmm.metadynamics import (fes_state_delta_f, learned_bias_variables, run_metadynamics, step_costs,
+                                                  torsion_bias_variables)
+from openflow.systems.alanine_dipeptide import (PHI_CORE_MARGIN, PHI_POSITIVE_BASIN, alanine_dipeptide, backbone_torsions,
+                                                phi_psi, phi_psi_observables, phi_states)
 
 DEFAULTS = {
     "seed": 0,
@@ -52,25 +52,55 @@ DEFAULTS = {
     # "stand_in" (an MLP regressed on cos(phi - target_center)) or "xml" (cv.xml + cv.range)
     "cv": {"source": "nct", "xml": None, "range": None, "features": "distances", "hidden": [8], "epochs": 100,
            "target_center": 1.0, "width": 0.05, "grid": None, "table_points": 257},
-    # cv.source nct: the quickstart's steps 1-3 (hot MD, NCT, CV over sin/cos(phi, psi) fitted to the
-    # slowest mode(s), exported as a checked table); Gaussian width width_std CV standard deviations
-    "learn": {"data": dict(quickstart.DEFAULTS["data"]), "nct": dict(quickstart.DEFAULTS["nct"]),
-              "cv": dict(quickstart.DEFAULTS["cv"], modes=1), "width_std": 0.25, "grid": 40},
+    # cv.source nct: hot MD, the NCT, a CV fitted to the slowest mode(s), exported and checked;
+    # Gaussian width width_std CV standard deviations
+    "learn": {"data": {"ns": 1.0, "interval": 200, "temperature_K": 600.0, "platform": None},
+              "nct": {"layers": 4, "hidden": [32], "steps": 1000, "batch": 256, "lr": 2e-3},
+              "cv": {"modes": 1, "features": "torsions", "hidden": [16], "epochs": 60, "export_frames": 100, "table_points": 129},
+              "width_std": 0.25, "grid": 40},
     "speed": {"steps": 5000, "repeats": 5},
     "progress": None,
 }
 
 
+SIGNED = ("cv.target_center",)  # rad
+FREE = ("cv.width",)  # one width, or one per CV
+
+
+def check(config: dict) -> None:
+    """The workflow's own rules (types and signs are checked by the runner)."""
+    settings = config["cv"]
+    if settings["source"] not in ("nct", "stand_in", "xml"):
+        raise ValueError(f"cv.source must be 'nct', 'stand_in' or 'xml', got {settings['source']!r}")
+    if settings["source"] == "xml" and not settings["xml"]:
+        raise ValueError("cv.source xml needs cv.xml: 1-3 exported CV force XML files (and cv.range, one [min, max] each)")
+    widths = settings["width"] if isinstance(settings["width"], list) else [settings["width"]]
+    if not widths or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 for w in widths):
+        raise ValueError(f"cv.width must be a positive number or a list of them (one per CV), got {settings['width']!r}")
+    for features in (settings["features"], config["learn"]["cv"]["features"]):
+        if features not in ("torsions", "phi_psi", "distances"):
+            raise ValueError(f"cv.features and learn.cv.features must be 'distances' or 'torsions', got {features!r}")
+    if not config["metad"]["bias_factor"] > 1:
+        raise ValueError(f"metad.bias_factor must be > 1 (well-tempered), got {config['metad']['bias_factor']}")
+
+
+def features_of(system, name: str) -> FeatureSet:
+    """``torsions`` (sin/cos of the backbone phi and psi) or ``distances`` (heavy-atom pairs)."""
+    if name not in ("torsions", "phi_psi", "distances"):
+        raise ValueError(f"features must be 'distances' or 'torsions', got {name!r}")
+    if name == "distances":
+        return distance_features(system)
+    torsions = backbone_torsions(system)
+    return FeatureSet(Dihedrals(torsions["phi"] + torsions["psi"]))
+
+
 def stand_in_cv(system, frames: mdtraj.Trajectory, config: dict, out: Path):
     """Fit and export the stand-in CV on ``frames``; return (force, (lo, hi), metrics)."""
     settings = config["cv"]
-    if settings["features"] not in ("distances", "phi_psi"):
-        raise ValueError(f"cv.features must be 'distances' or 'phi_psi', got {settings['features']!r}")
-    features = heavy_atom_distance_features(system) if settings["features"] == "distances" else phi_psi_features(system)
     torch.manual_seed(config["seed"])
-    cv = CVModel(features, hidden=settings["hidden"], seed=config["seed"]).double()
+    cv = CVModel(features_of(system, settings["features"]), hidden=settings["hidden"], seed=config["seed"]).double()
     positions = torch.as_tensor(frames.xyz, dtype=torch.float64)
-    phi = torch.as_tensor(mdtraj.compute_phi(frames)[1][:, 0], dtype=torch.float64)
+    phi = torch.as_tensor(phi_psi(frames)[0], dtype=torch.float64)
     fit = fit_cv(cv, positions, torch.cos(phi - settings["target_center"]), epochs=settings["epochs"], seed=config["seed"])
     force, report = export_cv(cv, positions[::5], method="auto", points=settings["table_points"])
     save_cv_force(force, out / "learned_cv.xml")
@@ -79,6 +109,22 @@ def stand_in_cv(system, frames: mdtraj.Trajectory, config: dict, out: Path):
     metrics = {"learned_cv_r2_validation": fit.r2_validation[0], "learned_cv_export_method": report["method"],
                "learned_cv_export_max_value_error": report["max_value_error"], "learned_cv_lo": lo, "learned_cv_hi": hi}
     return force, (lo, hi), metrics
+
+
+def nct_cv(config: dict, out: Path, progress: bool) -> tuple[list, list, list, dict]:
+    """The slowest NCT mode(s) of hot MD as checked CV forces: forces, ranges, stds, metrics."""
+    learn, seed = config["learn"], config["seed"]
+    data = learn["data"]
+    hot = alanine_dipeptide(**config["system"], temperature=float(data["temperature_K"]) * unit.kelvin)
+    md = simulate(hot, ns=data["ns"], interval=data["interval"], out=out / "md", seed=seed, platform=data["platform"],
+                  progress=progress, reuse=True)
+    slow = learned_cv.slow_modes_of_trajectory(hot, md.trajectory, md.topology, int(learn["cv"]["modes"]), learn["nct"], seed,
+                                               out / "nct", progress)
+    settings = learn["cv"]
+    cv = CVModel(features_of(hot, settings["features"]), hidden=settings["hidden"], n_out=int(settings["modes"]), seed=seed).double()
+    exported = learned_cv.fit_and_export(cv, load_trajectory(str(md.trajectory), str(md.topology)), slow.modes,
+                                         settings["epochs"], seed, out, settings["export_frames"], settings["table_points"])
+    return exported.forces, exported.ranges, exported.stds, dict(exported.metrics, **slow.metrics)
 
 
 def xml_cvs(xml, ranges) -> tuple[list, list[tuple[float, float]]]:
@@ -94,57 +140,61 @@ def xml_cvs(xml, ranges) -> tuple[list, list[tuple[float, float]]]:
 
 
 def convergence(result) -> dict:
-    """Final ΔF, ΔF at half time, and the largest deviation from the final value over the second half (kT)."""
-    times, values = (np.array(v) for v in zip(*result.delta_f_kT_t))
+    """Final ΔF, ΔF at half time, the largest deviation from the final value over the second half (kT),
+    and ΔF(t) as ``(time ps, ΔF)`` pairs."""
+    phi = result.observables["phi"]
+    ends, values = analysis.delta_f_convergence(phi_states(phi) == 1, result.log_weights)
+    times = result.time_ps[ends - 1]
     second_half = values[times >= times[-1] / 2]
     finite = np.isfinite(second_half).all()
     return {"delta_f_kT": values[-1], "delta_f_half_time_kT": values[np.searchsorted(times, times[-1] / 2)],
-            "delta_f_drift_second_half_kT": float(np.abs(second_half - values[-1]).max()) if finite else np.inf}
+            "delta_f_drift_second_half_kT": float(np.abs(second_half - values[-1]).max()) if finite else np.inf,
+            "delta_f_kT_t": list(zip(times.tolist(), values.tolist()))}
 
 
-def plot_delta_f(results: dict, path: Path) -> None:
+def plot_delta_f(curves: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for name, result in results.items():
-        times, values = zip(*result.delta_f_kT_t)
+    for name, curve in curves.items():
+        times, values = zip(*curve)
         ax.plot(np.array(times) / 1000.0, values, "o-", ms=3, label=name)
     ax.set(xlabel="time (ns)", ylabel=r"$\Delta F$ ($\phi>0$ minus $\phi<0$, kT)", title="convergence (c(t) reweighting)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
 
 
 def run(config: dict, out: Path) -> dict:
-    source = config["cv"]["source"]
-    if source not in ("nct", "stand_in", "xml"):
-        raise ValueError(f"cv.source must be 'nct', 'stand_in' or 'xml', got {source!r}")
-    if source == "xml" and not config["cv"]["xml"]:
-        raise ValueError("cv.source xml needs cv.xml: 1-3 exported CV force XML files (and cv.range, one [min, max] each)")
     system = alanine_dipeptide(**config["system"])
     md, metad = config["md"], config["metad"]
+    progress = config["progress"] is not False
     common = dict(ns=md["ns"], interval=md["interval"], platform=md["platform"], seed=config["seed"],
-                  equilibration_steps=md["equilibration_steps"], progress=config["progress"] is not False,
-                  height=metad["height"], bias_factor=metad["bias_factor"], frequency=metad["frequency"])
+                  equilibration_steps=md["equilibration_steps"], progress=progress, height=metad["height"],
+                  bias_factor=metad["bias_factor"], frequency=metad["frequency"], observables=phi_psi_observables(),
+                  reuse=True, overwrite=True)
     results, metrics = {}, {}
     results["unbiased"] = run_metadynamics(system, [], out=out / "unbiased", **common)
-    phipsi = phi_psi_bias_variables(system, width=config["phipsi"]["width"], grid=config["phipsi"]["grid"])
+    torsions = backbone_torsions(system)
+    phipsi = torsion_bias_variables([torsions["phi"][0], torsions["psi"][0]], width=config["phipsi"]["width"],
+                                    grid=config["phipsi"]["grid"])
     results["phipsi"] = run_metadynamics(system, phipsi, out=out / "phipsi", cv_names=["cv_phi", "cv_psi"], **common)
 
     settings, widths, grid = config["cv"], config["cv"]["width"], config["cv"]["grid"]
     if settings["source"] == "xml" or settings["xml"]:
         forces, cv_ranges = xml_cvs(settings["xml"], settings["range"])
     elif settings["source"] == "nct":
-        learn = dict(config["learn"], seed=config["seed"])
-        forces, cv_ranges, stds = quickstart.learn_slow_cvs(learn, out / "learn", common["progress"], metrics, {})
-        widths, grid = [learn["width_std"] * std for std in stds], learn["grid"]
+        forces, cv_ranges, stds, learned_metrics = nct_cv(config, out / "learn", progress)
+        metrics.update(learned_metrics)
+        widths, grid = [config["learn"]["width_std"] * std for std in stds], config["learn"]["grid"]
     else:  # stand_in
         files = results["phipsi"].files
-        frames = mdtraj.load(str(files["trajectory"]), top=str(files["topology"]))
+        frames = load_trajectory(str(files["trajectory"]), str(files["topology"]))
         force, cv_range, cv_metrics = stand_in_cv(system, frames, config, out)
         forces, cv_ranges = [force], [cv_range]
         metrics.update(cv_metrics)
@@ -152,16 +202,23 @@ def run(config: dict, out: Path) -> dict:
     names = ["cv"] if len(forces) == 1 else [f"cv{k + 1}" for k in range(len(forces))]
     results["learned"] = run_metadynamics(system, learned, out=out / "learned", cv_names=names, **common)
 
+    curves = {}
     for name, result in results.items():
-        summary = result.summary()
-        metrics.update({f"{name}_{key}": summary[key] for key in ("transitions", "transitions_per_ns", "ns_per_day", "population_positive")})
-        metrics.update({f"{name}_{key}": value for key, value in convergence(result).items()})
-        colvar = read_colvar(result.files["colvar"])
-        surface = analysis.ramachandran((colvar["phi"], colvar["psi"]), weights=np.load(result.files["weights"]), bins=36)
-        analysis.plot_ramachandran(surface, out / f"rama_{name}.png", title=f"{name} (reweighted)", vmax=12.0)
-    plot_delta_f({name: results[name] for name in ("phipsi", "learned")}, out / "delta_f.png")
+        phi, psi = result.observables["phi"], result.observables["psi"]
+        transitions = analysis.count_transitions(phi_states(phi, PHI_CORE_MARGIN))
+        converged = convergence(result)
+        curves[name] = converged.pop("delta_f_kT_t")
+        metrics.update({f"{name}_transitions": transitions, f"{name}_transitions_per_ns": transitions / result.ns,
+                        f"{name}_ns_per_day": result.ns_per_day,
+                        f"{name}_population_positive": analysis.state_populations(phi_states(phi) == 1, result.weights)["state"]})
+        metrics.update({f"{name}_{key}": value for key, value in converged.items()})
+        surface = analysis.ramachandran((phi, psi), weights=result.weights, bins=36)
+        analysis.plot_ramachandran(surface, out / f"rama_{name}.png", title=f"{name} (reweighted)", vmax=12.0,
+                                   boundaries=PHI_POSITIVE_BASIN)
+    plot_delta_f({name: curves[name] for name in ("phipsi", "learned")}, out / "delta_f.png")
     fes = np.load(results["phipsi"].files["fes"])
-    metrics["phipsi_delta_f_from_bias_kT"] = basin_delta_f_from_fes(fes["free_energy_kjmol"], fes["axis_0"], system.kT_kjmol)
+    metrics["phipsi_delta_f_from_bias_kT"] = fes_state_delta_f(fes["free_energy_kjmol"], phi_states(fes["axis_0"]) == 1,
+                                                                 system.kT_kjmol, periodic=True)
 
     for name, variables in (("phipsi", phipsi), ("learned", learned)):
         cost = step_costs(system, variables, steps=config["speed"]["steps"], repeats=config["speed"]["repeats"],

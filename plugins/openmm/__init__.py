@@ -2,7 +2,7 @@
 from .bridge import OpenMMEnergy
 from .export import check_export, export_cv, load_cv_force, save_cv_force, to_custom_cv_force, to_tabulated_cv_force
 from .platforms import available_platforms, select_platform
-from .torch_energy import TorchEnergy, TorchEnergyFallbackWarning, batched_energy
+from .forcefield import TorchEnergy, TorchEnergyFallbackWarning, batched_energy
 
 __all__ = [
     "OpenMMEnergy", "TorchEnergy", "TorchEnergyFallbackWarning", "available_platforms", "batched_energy",

@@ -18,7 +18,9 @@ import numpy as np
 import openmm
 import openmm.unit as unit
 
-from openflow.systems.base import INACTIVE_FORCE_GROUP, System
+from openflow.systems import INACTIVE_FORCE_GROUP, System
+
+from .md import create_simulation
 
 LAMBDA_PARAMETER = "lambda_coupling"
 COUPLED_FORCE_GROUP = 30
@@ -101,7 +103,7 @@ def sample_coupling(system: System, force_index: int, lambdas, n_samples: int, i
 
 
 def _chain_seed(seed: int, chain: int) -> int:
-    """A positive 31-bit OpenMM seed, distinct for every (seed, chain) (0 means random there)."""
+    """A seed distinct for every (seed, chain)."""
     return int(np.random.SeedSequence([int(seed), int(chain)]).generate_state(1)[0] % (2 ** 31 - 2)) + 1
 
 
@@ -121,13 +123,9 @@ def _sample_chain(system: System, force_index: int, lambdas, n_samples: int, int
     if not (timestep > 0 and friction > 0):
         raise ValueError(f"timestep and friction must be positive, got {timestep}, {friction}")
     kT = system.kT_kjmol
-    integrator = openmm.LangevinMiddleIntegrator(system.temperature, friction / unit.picosecond,
-                                                 timestep * unit.picosecond)
-    integrator.setRandomNumberSeed(seed)
-    context = openmm.Context(coupled_system(system, force_index), integrator,
-                             openmm.Platform.getPlatformByName(platform))
-    context.setPositions(system.positions)
-    context.setVelocitiesToTemperature(system.temperature, seed)
+    simulation = create_simulation(system, seed, platform, timestep, friction, openmm_system=coupled_system(system, force_index),
+                                   minimize=False)
+    context, integrator = simulation.context, simulation.integrator
     energies = np.empty((lambdas.size, int(n_samples)))
     frames = np.empty((int(n_samples), system.n_atoms, 3))
     last = lambdas.size - 1
@@ -142,7 +140,7 @@ def _sample_chain(system: System, force_index: int, lambdas, n_samples: int, int
             energies[k, n] = state.getEnergyParameterDerivatives()[LAMBDA_PARAMETER] / kT
             if k == last:
                 frames[n] = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
-    del context, integrator
+    del simulation, context, integrator
     return energies, system.from_positions(frames).numpy()
 
 

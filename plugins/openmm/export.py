@@ -9,12 +9,8 @@ at most :data:`MAX_CVS` CVs. For CVs over at most three dihedrals
 :func:`to_tabulated_cv_force` offers periodic spline tables instead; :func:`export_cv` picks
 and checks a representation in one call.
 
-Measured (OpenMM 8.6.1, alanine dipeptide in vacuum, Reference platform, busy 2-core box):
-Context creation 0.02-0.03 s for 45 distances -> 16 tanh -> 1 and for sin/cos(phi, psi) -> 16 -> 1,
-0.1 s for 45-32-1, 6 s for 45-16-16-1; a 129x129 table 0.02 s. Per 1 fs MD step: bare 33 us,
-with the 16-CV Lepton force ~100 us (each CV is a separate inner evaluation), with the table ~40 us.
-Writing the whole network as one CustomCompoundBondForce (distance()/dihedral() inside the
-expression) is exact too but took 140 s to compile for 45-16-1: not used.
+What each representation costs (Context creation, MD step) is measured in the README ("What a
+CV export costs").
 
 Lepton evaluates unknown names silently as 0, so every export must pass :func:`check_export`:
 values and forces from OpenMM against torch on real frames.
@@ -33,7 +29,7 @@ import openmm.unit as unit
 import torch
 
 from openflow.cv import CVModel
-from openflow.features import Dihedrals
+from openflow.features import Angles, Dihedrals, Distances, Feature
 
 MAX_CVS = 32
 VALUE_TOLERANCE = 1e-4
@@ -56,6 +52,36 @@ def _linear(bias: float, weights, names) -> str:
     """``bias + w_0*name_0 + ...`` as Lepton text, zero weights left out."""
     terms = [_number(bias)] + [f"{_number(w)}*{name}" for w, name in zip(weights, names) if w != 0.0]
     return "+".join(terms)
+
+
+# feature kind -> (force class, energy of one term, per-term parameter names, add-parameter, add-term method)
+FEATURE_FORCES = {
+    Distances: (openmm.CustomBondForce, "w*r", ("w",), "addPerBondParameter", "addBond"),
+    Angles: (openmm.CustomAngleForce, "w*theta", ("w",), "addPerAngleParameter", "addAngle"),
+    Dihedrals: (openmm.CustomTorsionForce, "ws*sin(theta)+wc*cos(theta)", ("ws", "wc"), "addPerTorsionParameter", "addTorsion"),
+}
+
+
+def feature_force(feature: Feature, weights) -> openmm.Force:
+    """The OpenMM twin of a feature layer: a force whose energy is ``sum_i weights[i] * feature_i``.
+
+    ``weights``: ``(n_out,)``. The weights are per-bond/angle/torsion parameters of one Custom*Force;
+    tuples whose weights are all zero are left out.
+    """
+    if type(feature) not in FEATURE_FORCES:
+        raise TypeError(f"no OpenMM twin for a {type(feature).__name__} feature layer")
+    w = np.asarray(weights, dtype=np.float64).reshape(-1)
+    if w.shape[0] != feature.n_out:
+        raise ValueError(f"{type(feature).__name__} has {feature.n_out} features, got {w.shape[0]} weights")
+    force_class, expression, parameters, add_parameter, add_term = FEATURE_FORCES[type(feature)]
+    force = force_class(expression)
+    for name in parameters:
+        getattr(force, add_parameter)(name)
+    add = getattr(force, add_term)
+    for row, params in zip(feature.atoms.tolist(), w.reshape(feature.n_tuples, feature.per_tuple).tolist()):
+        if any(p != 0.0 for p in params):
+            add(*row, params)
+    return force
 
 
 def _check_model(cv, output: int) -> None:
@@ -99,9 +125,8 @@ def to_custom_cv_force(cv: CVModel, system=None, output: int = 0) -> openmm.Cust
     :data:`MAX_CVS` (a ValueError otherwise). ``system`` (optional) is only checked for atom indices.
     Features are computed without periodic boundary conditions (molecules must be whole).
 
-    Context creation compiles the expression and its derivatives: one hidden layer is cheap
-    (measured 0.03 s for 45-16-1, 0.1 s for 45-32-1), deeper networks are not (45-16-16-1 5-6 s,
-    45-16-16-8-1 40 s on a busy 2-core box), so a warning is given for more than one hidden layer.
+    Context creation compiles the expression and its derivatives: one hidden layer is cheap, deeper
+    networks take seconds to minutes (README), so a warning is given for more than one hidden layer.
     """
     _check_model(cv, output)
     _check_system(cv, system)
@@ -137,7 +162,7 @@ def to_custom_cv_force(cv: CVModel, system=None, output: int = 0) -> openmm.Cust
     force = openmm.CustomCVForce(expression)
     for j in range(w.shape[0]):
         for k, (feature, columns) in enumerate(blocks):
-            force.addCollectiveVariable(cv_names[j][k], feature.openmm_force(w[j, columns]))
+            force.addCollectiveVariable(cv_names[j][k], feature_force(feature, w[j, columns]))
     force.setName("openflow CV")
     return force
 

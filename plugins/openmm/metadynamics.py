@@ -1,48 +1,52 @@
-"""Well-tempered metadynamics with ``openmm.app.Metadynamics`` on learned or phi/psi CVs.
+"""Well-tempered metadynamics with ``openmm.app.Metadynamics`` on any ``BiasVariable``s.
 
 :func:`run_metadynamics` runs Langevin dynamics of an ``openflow.systems.System`` with a bias on
-1-3 ``BiasVariable``s (:func:`phi_psi_bias_variables`, :func:`learned_bias_variables`) and writes
-into ``out``:
+1-3 ``BiasVariable``s (:func:`torsion_bias_variables`, :func:`learned_bias_variables`, or the
+caller's own) and writes into ``out``:
 
 - ``trajectory.dcd`` + ``topology.pdb``: the biased trajectory (one frame per ``interval`` steps);
-- ``COLVAR``: PLUMED-style ``#! FIELDS time cv1 ... bias phi psi`` (ps, CV units, kJ/mol, rad),
-  one row per frame (:class:`~openflow.plugins.openmm.reporters.ColvarReporter`);
-- ``weights.npy``: a reweighting weight per frame (see below), for ``openflow rama --weights``;
+- ``COLVAR``: PLUMED-style ``#! FIELDS time cv1 ... bias [observables]`` (ps, CV units, kJ/mol),
+  one row per frame (:class:`~openflow.plugins.openmm.reporters.ColvarReporter`); the
+  ``observables`` the caller passes (functions of the saved trajectory) are added as columns;
+- ``weights.npy``: a reweighting weight per frame (see below), for unbiased averages (normalised;
+  ``log_weights.npy``: their logarithms with an arbitrary offset);
 - ``bias.npz``: the final bias ``V(s)`` (kJ/mol) on OpenMM's grid (``axes``: one array per CV,
   grid point ``i`` at ``linspace(min, max, gridWidth)[i]``; the array is indexed ``[s1, s2, ...]``),
   ``fes.npz``: the sum_hills-like free energy ``F(s) = -(gamma / (gamma - 1)) V(s)`` (min 0);
 - ``bias/``: OpenMM's own bias files (``saveFrequency``/``biasDir``), the state to continue from;
   ``state.xml``: positions, velocities and time at the end; ``metadynamics.json``: settings + results.
 
+Nothing is assumed about the system: the driver returns arrays (time, CV values, bias, log-weights
+and the observables) and the caller interprets them (e.g. phi/psi basins for a peptide).
+
 **Continuing a run**: ``run_metadynamics(..., continue_from=PREVIOUS_OUT, out=NEW_OUT)`` copies
 ``PREVIOUS_OUT/bias/*.npy`` into ``NEW_OUT/bias/`` before the ``Metadynamics`` object is built (it
-loads every bias file of another process from ``biasDir`` and adds it to its own), and starts from
+loads every bias file in ``biasDir`` and adds it to its own), and starts from
 ``PREVIOUS_OUT/state.xml``. The CVs, their ranges and grids must be the same (checked against
-``metadynamics.json``). The same works by hand: ``Metadynamics(..., saveFrequency=f, biasDir=DIR)``
-with the old files in ``DIR``.
+``metadynamics.json``). A bias is only ever continued that way: a folder that already holds bias
+files is refused unless ``overwrite=True`` (then it is emptied first) or the finished run in it has
+exactly these settings and ``reuse=True`` (then it is returned as it is).
 
 **Reweighting** (weights in ``weights.npy``): Tiwary & Parrinello's time-dependent constant,
 ``w_i = exp(beta (V(s_i, t_i) - c(t_i)))`` with ``c(t) = kT ln[ sum_s exp(gamma/(gamma-1) V(s,t)/kT)
 / sum_s exp(V(s,t)/((gamma-1) kT)) ]`` computed from the bias grid after each frame. Unlike the
 simpler final-bias reweighting it uses every frame with the bias it was sampled under.
-``delta_f_kT_t`` (ΔF between the phi basins, :mod:`openflow.analysis`) is this reweighted estimate
-on the frames up to each time, so its drift shows convergence.
 
-Measured facts this module designs around (DESIGN.md): 1-3 CVs, all periodic or none, bias factor
-> 1, the bias is zero outside ``[min, max]`` (ranges of learned CVs come from ``CVModel.bounds()``),
-the Simulation must be built after the Metadynamics object, and a CV force cannot be used by two
-Metadynamics objects: every run here works on clones of the forces and of the ``openmm.System``.
+``openmm.app.Metadynamics`` takes 1-3 CVs, all periodic or none, bias factor > 1; the bias is zero
+outside ``[min, max]`` (ranges of learned CVs come from ``CVModel.bounds()``); the Simulation must
+be built after the Metadynamics object; a CV force cannot be used by two Metadynamics objects:
+every run here works on clones of the forces and of the ``openmm.System``.
 """
 from __future__ import annotations
 
 import json
-import random
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Mapping, Sequence
 
+import mdtraj
 import numpy as np
 import openmm
 import openmm.app as app
@@ -50,40 +54,44 @@ import openmm.unit as unit
 from scipy.special import logsumexp
 from tqdm.auto import tqdm
 
-from openflow import analysis
-from openflow.features import backbone_torsions
-from openflow.io import write_json
+from openflow.data import load_trajectory
+from openflow.cv import CVModel
+from openflow.features import Dihedrals
+from openflow.io import plain_json, write_json
 
-from .reporters import ColvarReporter, read_colvar
+from .export import to_custom_cv_force, to_tabulated_cv_force
+from .md import (DEFAULT_FRICTION_PER_PS, FRAME_EVERY_PS, create_simulation, default_timestep, draw_seed, finished_run,
+                 platform_name, positions_nm, positive_integer, positive_number, steps_from)
+from .reporters import ColvarReporter, add_colvar_columns, read_colvar
 
-DEFAULT_TORSION_WIDTH = 0.35  # rad, Gaussian standard deviation on phi/psi
+DEFAULT_TORSION_WIDTH = 0.35  # rad, Gaussian standard deviation on a torsion
 OUTPUTS = dict(trajectory="trajectory.dcd", topology="topology.pdb", colvar="COLVAR", weights="weights.npy",
-               bias="bias.npz", fes="fes.npz", state="state.xml", settings="metadynamics.json", bias_dir="bias")
+               log_weights="log_weights.npy", bias="bias.npz", fes="fes.npz", state="state.xml", settings="metadynamics.json",
+               bias_dir="bias")
+Observable = Callable[[mdtraj.Trajectory], np.ndarray]
 
 
 # ----------------------------------------------------------------------------- bias variables
 
 
-def _torsion_force(quad) -> openmm.CustomTorsionForce:
-    force = openmm.CustomTorsionForce("theta")
-    force.addTorsion(*[int(i) for i in quad], [])
-    return force
-
-
-def phi_psi_bias_variables(system, which: Sequence[str] = ("phi", "psi"), width: float = DEFAULT_TORSION_WIDTH,
+def torsion_bias_variables(quadruples: Sequence[Sequence[int]], width: float = DEFAULT_TORSION_WIDTH,
                            grid: int | None = None) -> list[app.BiasVariable]:
-    """Periodic ``BiasVariable``s on the first backbone phi and/or psi, range ``[-pi, pi]``.
+    """Periodic ``BiasVariable``s on torsions (1-3 atom quadruples), range ``[-pi, pi]``.
 
     ``width``: Gaussian standard deviation in rad; ``grid``: points per axis (OpenMM's default
     ``ceil(5 * 2 pi / width)`` when None).
     """
-    torsions = backbone_torsions(getattr(system, "topology", system))
-    unknown = [name for name in which if name not in ("phi", "psi")]
-    if unknown or not which:
-        raise ValueError(f"which must name 'phi' and/or 'psi', got {list(which)}")
+    quadruples = [tuple(int(i) for i in quad) for quad in quadruples]
+    if not 1 <= len(quadruples) <= 3 or any(len(quad) != 4 for quad in quadruples):
+        raise ValueError(f"give 1-3 torsions as atom quadruples, got {quadruples}")
     if not width > 0:
         raise ValueError(f"width must be positive (rad), got {width}")
-    return [app.BiasVariable(_torsion_force(torsions[name][0]), -np.pi, np.pi, float(width), True, grid) for name in which]
+    variables = []
+    for quad in quadruples:
+        force = openmm.CustomTorsionForce("theta")
+        force.addTorsion(*quad, [])
+        variables.append(app.BiasVariable(force, -np.pi, np.pi, float(width), True, grid))
+    return variables
 
 
 def learned_bias_variables(cvs, width: float | Sequence[float], grid: int | Sequence[int] | None = None,
@@ -98,11 +106,6 @@ def learned_bias_variables(cvs, width: float | Sequence[float], grid: int | Sequ
     The bias is zero outside ``[min, max]``: a range narrower than the CV can reach leaves it unbiased there.
     CV models are exported without a check: for a checked force use ``export_cv(cv, frames)`` and pass the force.
     """
-    from openflow.cv import CVModel
-    from openflow.features import Dihedrals
-
-    from .export import to_custom_cv_force, to_tabulated_cv_force
-
     cvs = list(cvs) if isinstance(cvs, (list, tuple)) else [cvs]
     if not 1 <= len(cvs) <= 3:
         raise ValueError(f"openmm.app.Metadynamics takes 1 to 3 CVs, got {len(cvs)}")
@@ -135,12 +138,14 @@ def learned_bias_variables(cvs, width: float | Sequence[float], grid: int | Sequ
     return variables
 
 
-def _clone_variable(v: app.BiasVariable) -> app.BiasVariable:
+def clone_variable(v: app.BiasVariable) -> app.BiasVariable:
     """A BiasVariable on a copy of its force (a force can serve only one Metadynamics object)."""
     return app.BiasVariable(openmm.XmlSerializer.clone(v.force), v.minValue, v.maxValue, v.biasWidth, v.periodic, v.gridWidth)
 
 
-def _check_variables(variables) -> None:
+def check_variables(variables) -> None:
+    """The limits of ``openmm.app.Metadynamics``: 1-3 BiasVariables, all periodic or none, a grid small
+    enough to update at every deposit."""
     if not 1 <= len(variables) <= 3:
         raise ValueError(f"openmm.app.Metadynamics takes 1 to 3 CVs, got {len(variables)}")
     if not all(isinstance(v, app.BiasVariable) for v in variables):
@@ -194,35 +199,22 @@ def reweighting_constant(bias: np.ndarray, bias_factor: float, kT: float, period
     return float(kT * (logsumexp(gamma / (gamma - 1.0) * beta_v) - logsumexp(beta_v / (gamma - 1.0))))
 
 
-def basin_delta_f_from_fes(free_energy: np.ndarray, phi_axis: np.ndarray, kT: float, periodic: bool = True) -> float:
-    """ΔF (kT, phi > 0 basin minus phi < 0 basin) from a free energy ``F[phi, ...]`` (kJ/mol) on a CV grid
-    whose first axis is phi (rad, ``phi_axis``): integrates ``exp(-F/kT)`` over each basin. Periodic
-    grids repeat their first point at the end: it is counted once."""
+def fes_state_delta_f(free_energy: np.ndarray, in_state: np.ndarray, kT: float, periodic: bool) -> float:
+    """ΔF (kT) of a state against the rest, ``-ln [P(state) / P(rest)]``, from a free energy ``F``
+    (kJ/mol) on a CV grid: integrates ``exp(-F/kT)`` over the grid points where ``in_state`` (a bool
+    array of ``F``'s shape, or of its first axis) is true and over the others. Periodic grids repeat
+    their first point at the end: it is counted once."""
     f = np.asarray(free_energy, dtype=np.float64)
-    if f.shape[0] != phi_axis.size:
-        raise ValueError(f"the free energy has {f.shape[0]} points along phi, the axis {phi_axis.size}")
+    mask = np.asarray(in_state, dtype=bool)
+    if mask.ndim == 1 and f.ndim > 1:
+        mask = np.broadcast_to(mask.reshape(-1, *[1] * (f.ndim - 1)), f.shape)
+    if mask.shape != f.shape:
+        raise ValueError(f"in_state has shape {mask.shape}, the free energy {f.shape}")
     if periodic:
-        f, phi_axis = f[tuple(slice(0, -1) for _ in range(f.ndim))], phi_axis[:-1]
-    log_p = logsumexp((-f / kT).reshape(f.shape[0], -1), axis=1)
-    positive = analysis.basin_of(phi_axis) == 1
-    return float(logsumexp(log_p[~positive]) - logsumexp(log_p[positive]))
-
-
-def delta_f_convergence(phi, log_weights, n_points: int = 20) -> tuple[np.ndarray, np.ndarray]:
-    """ΔF (kT, positive minus negative basin) on the frames up to ``n_points`` evenly spaced ends.
-
-    ``phi``: ``(T,)`` rad; ``log_weights``: ``(T,)``. Returns frame counts ``(n,)`` and ΔF ``(n,)``
-    (inf while the positive basin is unvisited).
-    """
-    phi = np.asarray(phi, dtype=np.float64)
-    log_w = np.asarray(log_weights, dtype=np.float64)
-    ends = np.unique(np.linspace(0, phi.size, n_points + 1)[1:].round().astype(int))
-    ends = ends[ends > 0]
-    positive = analysis.basin_of(phi) == 1
-    with np.errstate(divide="ignore"):
-        cum_pos = np.logaddexp.accumulate(np.where(positive, log_w, -np.inf))
-        cum_neg = np.logaddexp.accumulate(np.where(positive, -np.inf, log_w))
-    return ends, cum_neg[ends - 1] - cum_pos[ends - 1]
+        inner = tuple(slice(0, -1) for _ in range(f.ndim))
+        f, mask = f[inner], mask[inner]
+    log_p = -f / kT
+    return float(logsumexp(log_p[~mask]) - logsumexp(log_p[mask]))
 
 
 # ----------------------------------------------------------------------------- running
@@ -230,7 +222,12 @@ def delta_f_convergence(phi, log_weights, n_points: int = 20) -> tuple[np.ndarra
 
 @dataclass
 class MetadynamicsResult:
-    """What :func:`run_metadynamics` wrote and measured (times in ps, speeds in ns/day)."""
+    """What :func:`run_metadynamics` wrote and measured.
+
+    ``time_ps (T,)``, ``cvs (T, k)`` (CV units), ``bias_kjmol (T,)``: one row per frame, as in COLVAR;
+    ``log_weights (T,)``: the c(t) reweighting log-weights (any offset); ``observables``: ``{name:
+    (T,)}`` as passed in; speeds in ns/day.
+    """
 
     out: Path
     files: dict
@@ -239,19 +236,29 @@ class MetadynamicsResult:
     wall_time_s: float
     ns_per_day: float
     platform: str
-    transitions: int
-    transitions_per_ns: float
-    populations: dict
-    delta_f_kT: float
-    delta_f_kT_t: list = field(default_factory=list)  # [(time ps, ΔF kT), ...]
+    time_ps: np.ndarray
+    cvs: np.ndarray
+    bias_kjmol: np.ndarray
+    log_weights: np.ndarray
+    observables: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
+
+    @property
+    def weights(self) -> np.ndarray:
+        """Normalised reweighting weights ``(T,)``."""
+        w = np.exp(self.log_weights - self.log_weights.max())
+        return w / w.sum()
+
+    @property
+    def ns(self) -> float:
+        return self.steps * self.timestep_ps / 1000.0
 
     def summary(self) -> dict:
         """Flat JSON-friendly metrics."""
-        return dict(steps=self.steps, timestep_ps=self.timestep_ps, wall_time_s=self.wall_time_s, ns_per_day=self.ns_per_day,
-                    platform=self.platform, transitions=self.transitions, transitions_per_ns=self.transitions_per_ns,
-                    population_positive=self.populations["positive"], delta_f_kT=self.delta_f_kT,
-                    effective_sample_size=self.populations["effective_sample_size"])
+        w = self.weights
+        return dict(steps=self.steps, ns=self.ns, timestep_ps=self.timestep_ps, wall_time_s=self.wall_time_s,
+                    ns_per_day=self.ns_per_day, platform=self.platform, frames=int(self.time_ps.size),
+                    weights_ess_fraction=float(1.0 / np.sum(w * w) / w.size))
 
 
 def _fresh_bias_id(create):
@@ -274,7 +281,7 @@ def _prepare_continuation(continue_from: Path, bias_dir: Path, signature: list[d
     for path in (settings, state, continue_from / OUTPUTS["bias_dir"]):
         if not path.exists():
             raise FileNotFoundError(f"cannot continue from {continue_from}: {path.name} is missing")
-    previous = json.loads(settings.read_text()).get("variables")
+    previous = json.loads(settings.read_text()).get("settings", {}).get("variables")
     if previous != signature:
         raise ValueError(f"cannot continue from {continue_from}: its CVs {previous} differ from these {signature}")
     for file in (continue_from / OUTPUTS["bias_dir"]).glob("bias_*.npy"):
@@ -282,110 +289,144 @@ def _prepare_continuation(continue_from: Path, bias_dir: Path, signature: list[d
     return state
 
 
+def _clear_earlier_run(out: Path, files: dict, overwrite: bool) -> None:
+    """Refuse (or, with ``overwrite``, empty) a folder that holds an earlier run's bias or outputs."""
+    earlier = sorted(files["bias_dir"].glob("bias_*.npy")) if files["bias_dir"].is_dir() else []
+    outputs = [path for key, path in files.items() if key != "bias_dir" and path.exists()]
+    if not (earlier or outputs):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out} holds an earlier metadynamics run ({len(earlier)} bias files): OpenMM would start from "
+                              "its bias. Continue it with continue_from (--continue-from), or overwrite it (--overwrite)")
+    for path in earlier + outputs:
+        path.unlink()
+
+
+def _load_finished(out: Path, record: dict, observables: Mapping[str, Observable]) -> MetadynamicsResult | None:
+    """The finished run recorded in ``out`` as a result (None if it lacks one of the observables)."""
+    data = read_colvar(out / OUTPUTS["colvar"])
+    if any(name not in data for name in observables):
+        return None
+    names, results = record["settings"]["cv_names"], record["results"]
+    return MetadynamicsResult(
+        out=out, files={key: out / name for key, name in OUTPUTS.items()}, steps=results["steps"],
+        timestep_ps=results["timestep_ps"], wall_time_s=results["wall_time_s"], ns_per_day=results["ns_per_day"],
+        platform=results["platform"], time_ps=data["time"], cvs=np.stack([data[n] for n in names], 1) if names else np.empty((data["time"].size, 0)),
+        bias_kjmol=data["bias"], log_weights=np.load(out / OUTPUTS["log_weights"]),
+        observables={name: data[name] for name in observables}, settings=record["settings"])
+
+
 def run_metadynamics(system, variables, steps: int | None = None, ns: float | None = None, out="metadynamics",
                      height: float = 1.0, bias_factor: float = 6.0, frequency: int = 500, interval: int | None = None,
                      platform: str | None = None, seed: int | None = None, timestep=None, friction=None,
                      equilibration_steps: int = 1000, continue_from=None, cv_names: Sequence[str] | None = None,
-                     progress: bool = True) -> MetadynamicsResult:
+                     observables: Mapping[str, Observable] | None = None, reporters: Sequence = (),
+                     reuse: bool = False, overwrite: bool = False, progress: bool = True) -> MetadynamicsResult:
     """Well-tempered metadynamics (or, with ``variables=[]``, plain MD written the same way).
 
     Args:
-        system: an ``openflow.systems.System`` with a peptide backbone (phi/psi are reported).
-        variables: 1-3 ``openmm.app.BiasVariable`` (cloned: they can be reused), ``"phi-psi"``,
-            or ``[]`` for unbiased MD.
+        system: an ``openflow.systems.System``.
+        variables: 1-3 ``openmm.app.BiasVariable`` (cloned: they can be reused), or ``[]`` for unbiased MD.
         steps / ns: run length, exactly one.
         height: initial Gaussian height, kJ/mol; bias_factor: gamma > 1 (CV temperature T*gamma);
         frequency: steps between Gaussians; interval: steps between frames/COLVAR rows (default 1 ps).
         platform: OpenMM platform name or None/"auto"; seed: velocities and Langevin noise.
-        timestep / friction: ps and 1/ps (defaults: ``openflow.data.default_timestep``, 1/ps).
+        timestep / friction: ps and 1/ps (defaults: ``md.default_timestep``, 1/ps).
         equilibration_steps: unbiased steps after minimisation, not written (fresh runs only).
         continue_from: the ``out`` folder of a previous run with the same CVs (see the module).
         cv_names: COLVAR names of the CVs (default ``cv1, cv2, ...``).
+        observables: ``{name: f(mdtraj.Trajectory) -> (T,) array}`` evaluated on the saved frames
+            (e.g. torsions of a peptide), added to COLVAR and to the result.
+        reporters: the caller's further OpenMM reporters.
+        reuse: return the finished run in ``out`` when it has exactly these settings (needs a seed).
+        overwrite: empty ``out`` of an earlier run's bias and outputs instead of refusing it.
     Returns a :class:`MetadynamicsResult`; the files are listed in the module docstring.
     """
-    from openflow.data import DEFAULT_FRICTION_PER_PS, FRAME_EVERY_PS, _openmm_seeds, _positive, _steps_from, default_timestep
-
-    from .platforms import select_platform
-
-    if isinstance(variables, str):
-        if variables != "phi-psi":
-            raise ValueError(f"variables must be BiasVariables, [] or 'phi-psi', got {variables!r}")
-        variables = phi_psi_bias_variables(system)
-    variables = [_clone_variable(v) for v in variables]
+    variables = [clone_variable(v) for v in variables]
     biased = bool(variables)
     if biased:
-        _check_variables(variables)
+        check_variables(variables)
         if not bias_factor > 1:
             raise ValueError(f"bias_factor must be > 1, got {bias_factor}")
         if not height > 0:
             raise ValueError(f"height must be positive (kJ/mol), got {height}")
-    if int(frequency) != frequency or frequency < 1:
-        raise ValueError(f"frequency must be a positive integer, got {frequency}")
-    dt_ps = _positive(default_timestep(system) if timestep is None else timestep, unit.picosecond, "timestep")
-    gamma_ps = _positive(DEFAULT_FRICTION_PER_PS if friction is None else friction, unit.picosecond**-1, "friction")
-    n_steps = _steps_from(steps, ns, dt_ps)
-    interval = max(1, round(FRAME_EVERY_PS / dt_ps)) if interval is None else interval
-    if int(interval) != interval or not 1 <= interval <= n_steps:
+    frequency = positive_integer(frequency, "frequency")
+    dt_ps = positive_number(default_timestep(system) if timestep is None else timestep, unit.picosecond, "timestep")
+    gamma_ps = positive_number(DEFAULT_FRICTION_PER_PS if friction is None else friction, unit.picosecond**-1, "friction")
+    n_steps = steps_from(steps, ns, dt_ps)
+    interval = max(1, round(FRAME_EVERY_PS / dt_ps)) if interval is None else positive_integer(interval, "interval")
+    if interval > n_steps:
         raise ValueError(f"interval must be an integer in [1, {n_steps}] steps, got {interval}")
-    interval = int(interval)
-    seed = random.SystemRandom().randrange(2**31) if seed is None else seed
-    noise_seed, velocity_seed = _openmm_seeds(seed)
-    torsions = backbone_torsions(system.topology)
-    torsions = {name: torsions[name][0] for name in ("phi", "psi")}
-
+    names = list(cv_names) if cv_names is not None else [f"cv{i + 1}" for i in range(len(variables))]
+    if len(names) != len(variables):
+        raise ValueError(f"{len(names)} cv_names for {len(variables)} CVs")
+    observables = dict(observables or {})
     out = Path(out)
     files = {key: out / name for key, name in OUTPUTS.items()}
-    files["bias_dir"].mkdir(parents=True, exist_ok=True)
     signature = variable_signature(variables)
-    start_state = None
+    settings = dict(system=system.name, parameters=system.parameters, variables=signature, cv_names=names,
+                    height_kjmol=height, bias_factor=bias_factor, frequency=frequency, interval=interval, steps=n_steps,
+                    seed=seed, timestep_ps=dt_ps, friction_per_ps=gamma_ps, equilibration_steps=int(equilibration_steps),
+                    temperature_K=system.temperature.value_in_unit(unit.kelvin),
+                    continue_from=str(continue_from) if continue_from else None)
     if continue_from is not None:
         if not biased:
             raise ValueError("continue_from needs a biased run")
         if Path(continue_from).resolve() == out.resolve():
             raise ValueError(f"write a continued run into a new folder, not into {continue_from} itself")
-        start_state = _prepare_continuation(Path(continue_from), files["bias_dir"], signature)
+    if reuse and seed is not None:
+        record = finished_run(out, OUTPUTS["settings"], settings, [OUTPUTS[k] for k in ("trajectory", "colvar", "weights")])
+        if record is not None and (result := _load_finished(out, record, observables)) is not None:
+            return result
+    _clear_earlier_run(out, files, overwrite)
+    existed = out.exists()
+    try:
+        return _run(system, variables, out, files, settings, continue_from, platform, observables, reporters, progress)
+    except BaseException:  # a failed or interrupted run leaves no outputs that look like a run
+        for key, path in files.items():
+            if key == "bias_dir":
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        if not existed:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
-    chosen = select_platform(platform, system.system, system.positions, task="md")
+
+def _run(system, variables, out: Path, files: dict, settings: dict, continue_from, platform, observables: dict, reporters,
+         progress: bool) -> MetadynamicsResult:
+    """The run of :func:`run_metadynamics` once its settings are checked."""
+    biased, names, signature = bool(variables), settings["cv_names"], settings["variables"]
+    interval, n_steps, dt_ps, seed = settings["interval"], settings["steps"], settings["timestep_ps"], settings["seed"]
+    bias_factor, frequency = settings["bias_factor"], settings["frequency"]
+    files["bias_dir"].mkdir(parents=True, exist_ok=True)
+    start_state = None if continue_from is None else _prepare_continuation(Path(continue_from), files["bias_dir"], signature)
+    settings["seed"] = seed = draw_seed(seed)
+
     omm_system = openmm.XmlSerializer.clone(system.system)
     meta, bias_group = None, None
     if biased:
         meta = _fresh_bias_id(lambda: app.Metadynamics(omm_system, variables, system.temperature, float(bias_factor),
-                                                        float(height) * unit.kilojoule_per_mole, int(frequency),
-                                                        saveFrequency=int(frequency), biasDir=str(files["bias_dir"])))
+                                                        float(settings["height_kjmol"]) * unit.kilojoule_per_mole, frequency,
+                                                        saveFrequency=frequency, biasDir=str(files["bias_dir"])))
         bias_group = omm_system.getForce(omm_system.getNumForces() - 1).getForceGroup()
-    integrator = openmm.LangevinMiddleIntegrator(system.temperature, gamma_ps / unit.picosecond, dt_ps * unit.picosecond)
-    integrator.setRandomNumberSeed(noise_seed)
-    simulation = app.Simulation(system.topology, omm_system, integrator, chosen)  # after Metadynamics: it adds a force
-    if start_state is not None:
-        simulation.loadState(str(start_state))
-    else:
-        simulation.context.setPositions(system.positions)
-        simulation.minimizeEnergy()
-        simulation.context.setVelocitiesToTemperature(system.temperature, velocity_seed)
-        simulation.step(int(equilibration_steps))  # the bias is still zero: plain MD
-        simulation.currentStep = 0
-        simulation.context.setTime(0.0)
+    simulation = create_simulation(system, seed, platform, dt_ps, settings["friction_per_ps"], openmm_system=omm_system,
+                                   state=start_state, equilibration_steps=settings["equilibration_steps"])  # the bias is still zero
     with open(files["topology"], "w") as handle:
-        app.PDBFile.writeFile(system.topology, simulation.context.getState(getPositions=True).getPositions(), handle)
-
-    names = list(cv_names) if cv_names is not None else [f"cv{i + 1}" for i in range(len(variables))]
-    if len(names) != len(variables):
-        raise ValueError(f"{len(names)} cv_names for {len(variables)} CVs")
+        app.PDBFile.writeFile(system.topology, positions_nm(simulation) * unit.nanometer, handle)
     colvar = ColvarReporter(files["colvar"], interval, meta.getCollectiveVariables if biased else None,
-                            names if biased else None, bias_group, torsions)
-    simulation.reporters.extend([app.DCDReporter(str(files["trajectory"]), interval), colvar])
-    kT = (unit.MOLAR_GAS_CONSTANT_R * system.temperature).value_in_unit(unit.kilojoule_per_mole)
+                            names if biased else None, bias_group)
+    simulation.reporters.extend([app.DCDReporter(str(files["trajectory"]), interval), colvar, *reporters])
+    kT = system.kT_kjmol
     periodic = biased and variables[0].periodic
     constants = []
+
     start = time.perf_counter()
     with tqdm(total=n_steps, unit="step", desc="metadynamics" if biased else "MD", disable=not progress) as bar:
         remaining = n_steps
         while remaining > 0:  # chunks end where the reporters write a row, so c(t) matches each row
             chunk = min(interval - simulation.currentStep % interval, remaining)
-            if biased:
-                meta.step(simulation, chunk)
-            else:
-                simulation.step(chunk)
+            meta.step(simulation, chunk) if biased else simulation.step(chunk)
             if simulation.currentStep % interval == 0:
                 constants.append(reweighting_constant(bias_grid(meta), bias_factor, kT, periodic) if biased else 0.0)
             remaining -= chunk
@@ -396,32 +437,28 @@ def run_metadynamics(system, variables, steps: int | None = None, ns: float | No
     simulation.saveState(str(files["state"]))
 
     data = read_colvar(files["colvar"])
-    phi = data["phi"]
-    if len(constants) != phi.size:
-        raise RuntimeError(f"{phi.size} COLVAR rows but {len(constants)} reweighting constants")
+    if len(constants) != data["time"].size:
+        raise RuntimeError(f"{data['time'].size} COLVAR rows but {len(constants)} reweighting constants")
+    values = {}
+    if observables:
+        frames = load_trajectory(str(files["trajectory"]), str(files["topology"]))
+        values = {name: np.asarray(function(frames), dtype=np.float64).reshape(-1) for name, function in observables.items()}
+        add_colvar_columns(files["colvar"], values)
     log_w = (data["bias"] - np.asarray(constants)) / kT
-    weights = np.exp(log_w - log_w.max())
-    np.save(files["weights"], weights / weights.sum())
+    np.save(files["log_weights"], log_w)
+    result = MetadynamicsResult(
+        out=out, files=files, steps=n_steps, timestep_ps=dt_ps, wall_time_s=wall,
+        ns_per_day=n_steps * dt_ps / 1000.0 / (wall / 86400.0), platform=platform_name(simulation), time_ps=data["time"],
+        cvs=np.stack([data[n] for n in names], 1) if biased else np.empty((data["time"].size, 0)),
+        bias_kjmol=data["bias"], log_weights=log_w, observables=values, settings=settings)
+    np.save(files["weights"], result.weights)
     if biased:
         bias = bias_grid(meta)
         axes = {f"axis_{i}": a for i, a in enumerate(grid_axes(variables))}
         np.savez(files["bias"], bias_kjmol=bias, names=np.array(names), **axes)
         np.savez(files["fes"], free_energy_kjmol=fes_from_bias(bias, bias_factor), names=np.array(names), **axes)
-    populations = analysis.basin_populations(phi, weights=weights)
-    transitions = analysis.count_transitions(phi)
-    ends, delta_t = delta_f_convergence(phi, log_w)
-    time_ps = data["time"]
-    settings = dict(variables=signature, cv_names=names, height_kjmol=height, bias_factor=bias_factor, frequency=frequency,
-                    interval=interval, seed=seed, platform=chosen.getName(), timestep_ps=dt_ps, friction_per_ps=gamma_ps,
-                    temperature_K=system.temperature.value_in_unit(unit.kelvin), continue_from=str(continue_from) if continue_from else None,
-                    reweighting="Tiwary-Parrinello c(t): w = exp((V(s,t) - c(t))/kT)")
-    simulated_ns = n_steps * dt_ps / 1000.0
-    result = MetadynamicsResult(
-        out=out, files=files, steps=n_steps, timestep_ps=dt_ps, wall_time_s=wall,
-        ns_per_day=simulated_ns / (wall / 86400.0), platform=chosen.getName(), transitions=transitions,
-        transitions_per_ns=transitions / simulated_ns, populations=populations, delta_f_kT=populations["delta_f_kT"],
-        delta_f_kT_t=[(float(time_ps[e - 1]), float(d)) for e, d in zip(ends, delta_t)], settings=settings)
-    write_json(files["settings"], dict(settings, results=result.summary(), delta_f_kT_t=result.delta_f_kT_t))
+    write_json(files["settings"], dict(settings=plain_json(settings), results=result.summary(),
+                                       reweighting="Tiwary-Parrinello c(t): w = exp((V(s,t) - c(t))/kT)"))
     return result
 
 
@@ -436,23 +473,14 @@ def step_costs(system, variables, steps: int = 2000, platform: str | None = None
     ``{"bare_s_per_step", "biased_s_per_step", "speed_ratio", "platform"}`` (bare time / biased
     time: 1 means the bias is free).
     """
-    from openflow.data import default_timestep
-
-    from .platforms import select_platform
-
     variables = list(variables)
-    _check_variables(variables)
-    chosen = select_platform(platform, system.system, system.positions, task="md")
-    dt = default_timestep(system) if timestep is None else timestep * unit.picosecond
+    check_variables(variables)
     omm_system = openmm.XmlSerializer.clone(system.system)
-    meta = _fresh_bias_id(lambda: app.Metadynamics(omm_system, [_clone_variable(v) for v in variables],
+    meta = _fresh_bias_id(lambda: app.Metadynamics(omm_system, [clone_variable(v) for v in variables],
                                                     system.temperature, 5.0, 1.0, frequency))
     bias_group = omm_system.getForce(omm_system.getNumForces() - 1).getForceGroup()
-    integrator = openmm.LangevinMiddleIntegrator(system.temperature, 1.0, dt)
-    simulation = app.Simulation(system.topology, omm_system, integrator, chosen)
-    simulation.context.setPositions(system.positions)
-    simulation.minimizeEnergy(maxIterations=100)
-    simulation.context.setVelocitiesToTemperature(system.temperature, 1)
+    simulation = create_simulation(system, 1, platform, timestep, openmm_system=omm_system)
+    integrator = simulation.integrator
     every_group, without_bias = 0xFFFFFFFF, 0xFFFFFFFF & ~(1 << bias_group)
 
     def bare(n):
@@ -470,4 +498,4 @@ def step_costs(system, variables, steps: int = 2000, platform: str | None = None
             step(steps)
             best[name] = min(best[name], (time.perf_counter() - start) / steps)
     return {"bare_s_per_step": best["bare"], "biased_s_per_step": best["biased"], "speed_ratio": best["bare"] / best["biased"],
-            "platform": chosen.getName()}
+            "platform": platform_name(simulation)}

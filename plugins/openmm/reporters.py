@@ -1,10 +1,10 @@
-"""OpenMM reporters: a PLUMED-style COLVAR file for any ``openmm.app.Simulation``.
+"""OpenMM reporters: a PLUMED-style COLVAR file, a DCD written to an open handle, an energy log.
 
-The file starts with one header line ``#! FIELDS time <cv names> bias <torsion names>`` and has one
-row per report: time in ps, the CV values (CV units), the bias energy in kJ/mol (the potential
-energy of one force group, 0 when no bias group is given) and backbone torsions in radians
-(``(-pi, pi]``, IUPAC sign, computed from the positions). ``numpy.loadtxt`` reads it back
-(``#`` lines are comments); :func:`read_colvar` returns the columns by name.
+The COLVAR file starts with one header line ``#! FIELDS time <cv names> bias`` and has one row per
+report: time in ps, the CV values (CV units) and the bias energy in kJ/mol (the potential energy
+of one force group, 0 when no bias group is given). ``numpy.loadtxt`` reads it back (``#`` lines
+are comments); :func:`read_colvar` returns the columns by name, :func:`add_colvar_columns` appends
+columns computed afterwards (e.g. observables of the saved trajectory).
 """
 from __future__ import annotations
 
@@ -12,16 +12,39 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+import openmm.app as app
 import openmm.unit as unit
 
 
-def dihedral_angles(xyz: np.ndarray, quads: np.ndarray) -> np.ndarray:
-    """Dihedral angles of ``quads`` ``(k, 4)`` atom indices in positions ``(..., n_atoms, 3)`` -> ``(..., k)`` radians."""
-    a, b, c, d = (xyz[..., quads[:, i], :] for i in range(4))
-    b1, b2, b3 = b - a, c - b, d - c
-    n1, n2 = np.cross(b1, b2), np.cross(b2, b3)
-    y = np.linalg.norm(b2, axis=-1) * np.sum(b1 * n2, axis=-1)
-    return np.arctan2(y, np.sum(n1 * n2, axis=-1))
+class DCDStreamReporter:
+    """Writes positions (nm) to an open binary DCD file handle every ``interval`` steps (so that the
+    caller decides where the file goes, e.g. a ``.part`` name renamed when the run is complete)."""
+
+    def __init__(self, handle, interval: int):
+        self._handle, self._interval, self._dcd = handle, interval, None
+
+    def describeNextReport(self, simulation):
+        steps = self._interval - simulation.currentStep % self._interval
+        return {"steps": steps, "periodic": None, "include": ["positions"]}
+
+    def report(self, simulation, state):
+        if self._dcd is None:
+            dt = simulation.integrator.getStepSize()
+            self._dcd = app.DCDFile(self._handle, simulation.topology, dt, self._interval, self._interval)
+        self._dcd.writeModel(state.getPositions(asNumpy=True))
+
+
+class PhysicalEnergyReporter(app.StateDataReporter):
+    """A CSV ``StateDataReporter`` (step, time, potential, kinetic, temperature, speed) whose potential
+    energy counts only the force groups in the bit mask ``groups`` (e.g. without the tethers of
+    inactive components)."""
+
+    def __init__(self, handle, interval: int, groups: int):
+        super().__init__(handle, interval, step=True, time=True, potentialEnergy=True, kineticEnergy=True, temperature=True, speed=True)
+        self._groups = groups
+
+    def report(self, simulation, state):
+        super().report(simulation, simulation.context.getState(getEnergy=True, groups=self._groups))
 
 
 class ColvarReporter:
@@ -34,23 +57,19 @@ class ColvarReporter:
             or None for no CV columns.
         cv_names: names of the CV columns (default ``cv1, cv2, ...``; needs ``cv_values``).
         bias_group: force group whose potential energy is the ``bias`` column (kJ/mol), or None (0).
-        torsions: ``{name: (a, b, c, d)}`` atom quadruples written as torsion columns (radians),
-            e.g. ``{"phi": (4, 6, 8, 14), "psi": (6, 8, 14, 16)}`` for alanine dipeptide.
         append: continue an existing file (no second header).
     """
 
     def __init__(self, file, interval: int, cv_values: Callable | None = None, cv_names: Sequence[str] | None = None,
-                 bias_group: int | None = None, torsions: dict | None = None, append: bool = False):
+                 bias_group: int | None = None, append: bool = False):
         if int(interval) != interval or interval < 1:
             raise ValueError(f"interval must be a positive integer, got {interval}")
         if cv_names is not None and cv_values is None:
             raise ValueError("cv_names needs cv_values")
         if bias_group is not None and not 0 <= int(bias_group) < 32:
             raise ValueError(f"bias_group must be a force group in [0, 32), got {bias_group}")
-        torsions = dict(torsions or {})
-        quads = np.asarray(list(torsions.values()), dtype=int).reshape(-1, 4)
         self._interval, self._cv_values, self._bias_group = int(interval), cv_values, bias_group
-        self._cv_names, self._torsion_names, self._quads = list(cv_names or []), list(torsions), quads
+        self._cv_names = list(cv_names or [])
         self._own = not hasattr(file, "write")
         header_needed = not (append and self._own and Path(file).exists() and Path(file).stat().st_size > 0)
         self._handle = open(file, "a" if append else "w") if self._own else file
@@ -58,7 +77,7 @@ class ColvarReporter:
 
     def describeNextReport(self, simulation):
         steps = self._interval - simulation.currentStep % self._interval
-        return {"steps": steps, "periodic": None, "include": ["positions"]}
+        return {"steps": steps, "periodic": None, "include": []}
 
     def report(self, simulation, state):
         cvs = list(self._cv_values(simulation)) if self._cv_values is not None else []
@@ -67,18 +86,14 @@ class ColvarReporter:
             if len(names) != len(cvs):
                 raise ValueError(f"{len(names)} CV names for {len(cvs)} CV values")
             self._cv_names = names
-            self._handle.write("#! FIELDS " + " ".join(["time", *names, "bias", *self._torsion_names]) + "\n")
+            self._handle.write("#! FIELDS " + " ".join(["time", *names, "bias"]) + "\n")
             self._header_needed = False
         bias = 0.0
         if self._bias_group is not None:
             energy = simulation.context.getState(getEnergy=True, groups={int(self._bias_group)}).getPotentialEnergy()
             bias = energy.value_in_unit(unit.kilojoule_per_mole)
-        angles = []
-        if len(self._quads):
-            xyz = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
-            angles = dihedral_angles(np.asarray(xyz), self._quads).tolist()
         time_ps = state.getTime().value_in_unit(unit.picosecond)
-        self._handle.write(" ".join(f"{v:.8g}" for v in [time_ps, *cvs, bias, *angles]) + "\n")
+        self._handle.write(" ".join(f"{v:.8g}" for v in [time_ps, *cvs, bias]) + "\n")
         self._handle.flush()
 
     def close(self):
@@ -104,3 +119,25 @@ def read_colvar(path) -> dict[str, np.ndarray]:
         raise ValueError(f"{path}: {data.shape[1]} columns but {len(names)} field names")
     data = data.reshape(-1, len(names))
     return {name: data[:, i] for i, name in enumerate(names)}
+
+
+def add_colvar_columns(path, columns: dict) -> Path:
+    """Append named columns ``{name: (T,) array}`` (one value per row) to a COLVAR file, atomically."""
+    path = Path(path)
+    data = read_colvar(path)
+    n_rows = len(next(iter(data.values()))) if data else 0
+    clash = sorted(set(columns) & set(data))
+    if clash:
+        raise ValueError(f"{path} already has the columns {clash}")
+    for name, values in columns.items():
+        if np.shape(values) != (n_rows,):
+            raise ValueError(f"column {name!r} has shape {np.shape(values)}, the COLVAR file {n_rows} rows")
+    names = [*data, *columns]
+    table = np.column_stack([*data.values(), *(np.asarray(v, dtype=np.float64) for v in columns.values())]) if n_rows else np.empty((0, len(names)))
+    part = path.with_name(path.name + ".part")
+    with open(part, "w") as handle:
+        handle.write("#! FIELDS " + " ".join(names) + "\n")
+        for row in table:
+            handle.write(" ".join(f"{v:.8g}" for v in row) + "\n")
+    part.replace(path)
+    return path

@@ -7,7 +7,8 @@ custom forces); calling it evaluates on torch tensors, broadcasting like torch. 
 ``+ - * / ^``, ``("call", name, args)``; geometry calls of a ``CustomCompoundBondForce``
 (``distance``, ``angle``, ``dihedral``) hold particle numbers ``(1, 2, ...)`` as their args.
 ``in_coordinates`` rewrites a tree's geometry into ``("coordinate", axis, slot)`` leaves (the
-compiled CPU kernels differentiate with respect to those).
+compiled CPU kernels differentiate with respect to those); ``GEOMETRY_NODES`` builds those trees
+with the formulas and sign conventions of ``openflow.geometry``. ``evaluate`` computes any tree.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import operator
 import re
 
 import torch
+
 _PRECEDENCE = {"+": 0, "-": 0, "*": 1, "/": 1, "^": 3}  # as Lepton; unary minus binds at 2
 _RIGHT_ASSOCIATIVE = {"^"}
 _NEGATION_PRECEDENCE = 2
@@ -158,7 +160,7 @@ class LeptonExpression:
     def __call__(self, variables: dict, geometry=None):
         """Evaluate with ``variables`` (name -> tensor or float); ``geometry(name, particles)`` serves
         ``distance``/``angle``/``dihedral``. Returns a tensor (or a float if nothing is a tensor)."""
-        return _evaluate(self.root, variables, geometry, {})
+        return evaluate(self.root, variables, geometry)
 
     def derivative(self, target: tuple):
         """The node of ``d expression / d target`` (``target``: ``("variable", name)`` or a geometry call
@@ -332,6 +334,13 @@ def _apply(function, args: list):
     return function(*[a if isinstance(a, torch.Tensor) else torch.tensor(a, dtype=like.dtype, device=like.device) for a in args])
 
 
+def evaluate(node: tuple, variables: dict, geometry=None):
+    """Value of the tree ``node`` with ``variables`` (name -> tensor or float; a coordinate leaf
+    ``("coordinate", axis, slot)`` is looked up as that tuple); ``geometry(name, particles)`` serves
+    ``distance``/``angle``/``dihedral`` calls. A tensor, or a float if nothing is a tensor."""
+    return _evaluate(node, variables, geometry, {})
+
+
 def _evaluate(node: tuple, variables: dict, geometry, memo: dict):
     key = node  # equal subtrees share one value (tuples hash by value; torch.compile traces this, not id())
     if key in memo:
@@ -341,6 +350,8 @@ def _evaluate(node: tuple, variables: dict, geometry, memo: dict):
         value = node[1]
     elif kind == "variable":
         value = variables[node[1]]
+    elif kind == "coordinate":
+        value = variables[node]
     elif kind == "negate":
         value = -_evaluate(node[1], variables, geometry, memo)
     elif kind == "call" and node[1] in _PARTICLE_FUNCTIONS:

@@ -7,7 +7,7 @@ U_j)))`` and the velocities are rescaled by ``sqrt(T_new / T_old)``. The stream 
 at the lowest temperature is then Boltzmann-distributed at that temperature while crossing
 barriers at the speed of the hottest replica.
 
-What is written (like :func:`openflow.data.simulate`, each file first as ``.part``):
+What is written (like :func:`~openflow.plugins.openmm.md.simulate`, each file first as ``.part``):
 ``trajectory.dcd`` (frames at the lowest temperature), ``topology.pdb``, ``frames.csv`` (time,
 potential energy kJ/mol, and the *segment* of each frame: frames of one segment follow each
 other by unbroken Langevin dynamics at the target temperature, so time-lagged statistics such
@@ -17,7 +17,6 @@ pair, round trips, speed).
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,10 +28,13 @@ import openmm.app as app
 import openmm.unit as unit
 from tqdm.auto import tqdm
 
-from openflow.data import _openmm_seeds, _positive, _steps_from, default_timestep, DEFAULT_FRICTION_PER_PS
+from openflow.io import plain_json
+from openflow.systems import MOLAR_GAS_CONSTANT
+
+from .md import (DEFAULT_FRICTION_PER_PS, create_simulation, default_timestep, finished_run, partial_outputs,
+                 platform_name, positive_integer, positive_number, steps_from)
 
 OUTPUT_NAMES = dict(trajectory="trajectory.dcd", topology="topology.pdb", frames="frames.csv", metadata="tempering.json")
-MOLAR_GAS_CONSTANT = unit.MOLAR_GAS_CONSTANT_R.value_in_unit(unit.kilojoule_per_mole / unit.kelvin)
 
 
 @dataclass
@@ -85,20 +87,6 @@ def _check_temperatures(system, temperatures_K: Sequence[float]) -> list[float]:
     return temperatures
 
 
-def _finished_run(out: Path, settings: dict) -> TemperingResult | None:
-    try:
-        saved = json.loads((out / OUTPUT_NAMES["metadata"]).read_text())
-    except (OSError, ValueError):
-        return None
-    if saved.get("settings") != json.loads(json.dumps(settings, default=str)):
-        return None
-    fields = {key: saved[key] for key in TemperingResult.__dataclass_fields__ if key in saved}
-    fields.update({key: out / name for key, name in OUTPUT_NAMES.items()})
-    if not all(fields[key].exists() for key in OUTPUT_NAMES):
-        return None
-    return TemperingResult(**fields)
-
-
 def simulate_tempering(
     system,
     temperatures_K: Sequence[float],
@@ -128,44 +116,33 @@ def simulate_tempering(
         reuse: return the finished run in ``out`` if it has exactly these settings.
     """
     temperatures = _check_temperatures(system, temperatures_K)
-    dt_ps = _positive(default_timestep(system) if timestep is None else timestep, unit.picosecond, "timestep")
-    gamma_ps = _positive(DEFAULT_FRICTION_PER_PS if friction is None else friction, unit.picosecond**-1, "friction")
-    n_steps = _steps_from(steps, ns, dt_ps)
-    for name, value in (("interval", interval), ("exchange_interval", exchange_interval)):
-        if int(value) != value or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value}")
+    dt_ps = positive_number(default_timestep(system) if timestep is None else timestep, unit.picosecond, "timestep")
+    gamma_ps = positive_number(DEFAULT_FRICTION_PER_PS if friction is None else friction, unit.picosecond**-1, "friction")
+    n_steps = steps_from(steps, ns, dt_ps)
+    interval, exchange_interval = positive_integer(interval, "interval"), positive_integer(exchange_interval, "exchange_interval")
     if exchange_interval % interval:
         raise ValueError(f"exchange_interval ({exchange_interval}) must be a multiple of interval ({interval})")
     if interval > n_steps or int(equilibration_steps) != equilibration_steps or equilibration_steps < 0:
         raise ValueError(f"need interval <= steps ({interval} > {n_steps}?) and equilibration_steps >= 0 ({equilibration_steps})")
     out = Path(out)
     settings = dict(system=system.name, parameters=system.parameters, temperatures_K=temperatures, steps=n_steps,
-                    interval=int(interval), exchange_interval=int(exchange_interval), timestep_ps=dt_ps,
+                    interval=interval, exchange_interval=exchange_interval, timestep_ps=dt_ps,
                     friction_per_ps=gamma_ps, equilibration_steps=int(equilibration_steps), seed=int(seed))
     if reuse:
-        previous = _finished_run(out, settings)
+        previous = finished_run(out, OUTPUT_NAMES["metadata"], settings, OUTPUT_NAMES.values())
         if previous is not None:
-            return previous
+            fields = {key: previous[key] for key in TemperingResult.__dataclass_fields__ if key in previous}
+            return TemperingResult(**dict(fields, **{key: out / name for key, name in OUTPUT_NAMES.items()}))
 
-    from openflow.plugins.openmm import select_platform
-
-    chosen = select_platform(platform, system.system, system.positions, task="md")
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 7]))
-    contexts = []
-    for k, temperature in enumerate(temperatures):
-        noise_seed, velocity_seed = _openmm_seeds(int(seed) * 1000 + k)
-        integrator = openmm.LangevinMiddleIntegrator(temperature * unit.kelvin, gamma_ps / unit.picosecond, dt_ps * unit.picosecond)
-        integrator.setRandomNumberSeed(noise_seed)
-        context = openmm.Context(system.system, integrator, chosen)
-        context.setPositions(system.positions)
-        if k == 0:
-            openmm.LocalEnergyMinimizer.minimize(context)
-            start = context.getState(getPositions=True).getPositions(asNumpy=True)
-        else:
-            context.setPositions(start)
-        context.setVelocitiesToTemperature(temperature * unit.kelvin, velocity_seed)
-        context.getIntegrator().step(int(equilibration_steps))
-        contexts.append(context)
+    replicas, start = [], None
+    for k, temperature in enumerate(temperatures):  # the first replica is minimised, the others start from its minimum
+        replica = create_simulation(system, int(seed) * 1000 + k, platform, dt_ps, gamma_ps, temperature * unit.kelvin,
+                                    positions=start, minimize=k == 0)
+        start = replica.context.getState(getPositions=True).getPositions(asNumpy=True) if k == 0 else start
+        replica.step(int(equilibration_steps))
+        replicas.append(replica)
+    contexts = [replica.context for replica in replicas]
 
     betas = 1.0 / (MOLAR_GAS_CONSTANT * np.asarray(temperatures))
     n_pairs = len(temperatures) - 1
@@ -176,45 +153,42 @@ def simulate_tempering(
     n_frames = n_steps // interval
     frames_per_exchange = exchange_interval // interval
 
-    final = {key: out / name for key, name in OUTPUT_NAMES.items()}
-    part = {key: path.with_name(path.name + ".part") for key, path in final.items()}
-    out.mkdir(parents=True, exist_ok=True)
-    with open(part["topology"], "w") as handle:
-        app.PDBFile.writeFile(system.topology, start, handle)
-    clock = time.perf_counter()
-    with open(part["trajectory"], "wb") as dcd_handle, open(part["frames"], "w") as log:
-        dcd = app.DCDFile(dcd_handle, system.topology, dt_ps * unit.picosecond, interval, interval)
-        log.write("frame,time_ps,potential_kjmol,segment\n")
-        for frame in tqdm(range(n_frames), unit="frame", desc=f"tempering {system.name} x{len(temperatures)}", disable=not progress):
-            for context in contexts:
-                context.getIntegrator().step(int(interval))
-            state = contexts[0].getState(getPositions=True, getEnergy=True, groups=system.energy_groups())
-            dcd.writeModel(state.getPositions(asNumpy=True))
-            log.write(f"{frame},{(frame + 1) * interval * dt_ps:.6g},{state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole):.10g},{segment}\n")
-            if (frame + 1) % frames_per_exchange:
-                continue
-            energies = np.array([c.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole) for c in contexts])
-            for i in range((frame // frames_per_exchange) % 2, n_pairs, 2):
-                j = i + 1
-                attempted[i] += 1
-                if np.log(rng.random()) < (betas[i] - betas[j]) * (energies[i] - energies[j]):
-                    accepted[i] += 1
-                    _swap(contexts[i], contexts[j], temperatures[i], temperatures[j])
-                    walker_at[[i, j]] = walker_at[[j, i]]
-                    energies[[i, j]] = energies[[j, i]]
-                    segment += i == 0
-            round_trips += _update_round_trips(walker_at, last_end)
-    wall = time.perf_counter() - clock
-    total_ns = n_steps * dt_ps * 1e-3
-    result = TemperingResult(**final, temperatures_K=temperatures, n_frames=n_frames, steps=n_steps, interval=int(interval),
-                             exchange_interval=int(exchange_interval), timestep_ps=dt_ps,
-                             acceptance=(accepted / np.maximum(attempted, 1)).tolist(), round_trips=int(round_trips),
-                             wall_time_s=wall, ns_per_day=total_ns / max(wall, 1e-12) * 86400.0, platform=chosen.getName())
-    metadata = {key: (str(value) if isinstance(value, Path) else value) for key, value in asdict(result).items()}
-    metadata.update(settings=settings, n_segments=segment + 1, openmm=openmm.__version__)
-    part["metadata"].write_text(json.dumps(metadata, indent=2, default=str))
-    for key in ("topology", "frames", "metadata", "trajectory"):
-        os.replace(part[key], final[key])
+    with partial_outputs(out, OUTPUT_NAMES) as part:
+        with open(part["topology"], "w") as handle:
+            app.PDBFile.writeFile(system.topology, start, handle)
+        clock = time.perf_counter()
+        with open(part["trajectory"], "wb") as dcd_handle, open(part["frames"], "w") as log:
+            dcd = app.DCDFile(dcd_handle, system.topology, dt_ps * unit.picosecond, interval, interval)
+            log.write("frame,time_ps,potential_kjmol,segment\n")
+            for frame in tqdm(range(n_frames), unit="frame", desc=f"tempering {system.name} x{len(temperatures)}", disable=not progress):
+                for replica in replicas:
+                    replica.step(interval)
+                state = contexts[0].getState(getPositions=True, getEnergy=True, groups=system.energy_groups())
+                dcd.writeModel(state.getPositions(asNumpy=True))
+                log.write(f"{frame},{(frame + 1) * interval * dt_ps:.6g},{state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole):.10g},{segment}\n")
+                if (frame + 1) % frames_per_exchange:
+                    continue
+                energies = np.array([c.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole) for c in contexts])
+                for i in range((frame // frames_per_exchange) % 2, n_pairs, 2):
+                    j = i + 1
+                    attempted[i] += 1
+                    if np.log(rng.random()) < (betas[i] - betas[j]) * (energies[i] - energies[j]):
+                        accepted[i] += 1
+                        _swap(contexts[i], contexts[j], temperatures[i], temperatures[j])
+                        walker_at[[i, j]] = walker_at[[j, i]]
+                        energies[[i, j]] = energies[[j, i]]
+                        segment += i == 0
+                round_trips += update_round_trips(walker_at, last_end)
+        wall = time.perf_counter() - clock
+        total_ns = n_steps * dt_ps * 1e-3
+        result = TemperingResult(**{key: out / name for key, name in OUTPUT_NAMES.items()}, temperatures_K=temperatures,
+                                 n_frames=n_frames, steps=n_steps, interval=interval, exchange_interval=exchange_interval,
+                                 timestep_ps=dt_ps, acceptance=(accepted / np.maximum(attempted, 1)).tolist(),
+                                 round_trips=int(round_trips), wall_time_s=wall, ns_per_day=total_ns / max(wall, 1e-12) * 86400.0,
+                                 platform=platform_name(replicas[0]))
+        metadata = {key: (str(value) if isinstance(value, Path) else value) for key, value in asdict(result).items()}
+        metadata.update(settings=settings, n_segments=segment + 1, openmm=openmm.__version__)
+        part["metadata"].write_text(json.dumps(plain_json(metadata), indent=2))
     return result
 
 
@@ -228,7 +202,7 @@ def _swap(a: openmm.Context, b: openmm.Context, temperature_a: float, temperatur
     b.setVelocities(sa.getVelocities(asNumpy=True) * np.sqrt(temperature_b / temperature_a))
 
 
-def _update_round_trips(walker_at: np.ndarray, last_end: np.ndarray) -> int:
+def update_round_trips(walker_at: np.ndarray, last_end: np.ndarray) -> int:
     """Track walkers at the ends of the ladder; count round trips completed (bottom -> top -> bottom).
 
     ``last_end`` per walker: -1 before its first visit to the bottom, 0 after the bottom, 1 after

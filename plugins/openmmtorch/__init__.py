@@ -1,1 +1,0 @@
-"""Optional TorchForce export, available only where ``openmmtorch`` imports."""

@@ -1,11 +1,12 @@
 """Helpers shared by the benchmarks: machine description, timing, and output (table or JSON)."""
+
 from __future__ import annotations
 
 import json
 import os
 import platform as platform_module
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import openmm
 import torch
@@ -29,7 +30,9 @@ def machine_description(device: str = "cpu") -> dict:
         "python_version": platform_module.python_version(),
         "torch_version": torch.__version__,
         "openmm_version": openmm.__version__,
-        "openmm_platforms": [openmm.Platform.getPlatform(i).getName() for i in range(openmm.Platform.getNumPlatforms())],
+        "openmm_platforms": [
+            openmm.Platform.getPlatform(i).getName() for i in range(openmm.Platform.getNumPlatforms())
+        ],
         "device": str(device),
     }
     if str(device).startswith("cuda"):
@@ -40,8 +43,11 @@ def machine_description(device: str = "cpu") -> dict:
 def machine_line(machine: dict) -> str:
     """One human-readable line describing ``machine`` (for the foot of a table)."""
     gpu = f", GPU {machine['gpu']}" if "gpu" in machine else ""
-    return (f"machine: {machine['cpu_model']}, {machine['cpu_cores']} cores ({machine['torch_threads']} torch threads, "
-            f"load {machine['load_average_1min']}){gpu}, torch {machine['torch_version']}, OpenMM {machine['openmm_version']}")
+    return (
+        f"machine: {machine['cpu_model']}, {machine['cpu_cores']} cores ({machine['torch_threads']} torch threads, "
+        f"load {machine['load_average_1min']}){gpu}, torch {machine['torch_version']}, "
+        f"OpenMM {machine['openmm_version']}"
+    )
 
 
 def synchronizer(device) -> Callable[[], None]:
@@ -49,7 +55,9 @@ def synchronizer(device) -> Callable[[], None]:
     return torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
 
 
-def rate(function: Callable[[], object], n_items: int, seconds: float, synchronize: Callable[[], None] = lambda: None) -> float:
+def rate(
+    function: Callable[[], object], n_items: int, seconds: float, synchronize: Callable[[], None] = lambda: None
+) -> float:
     """Items per second of ``function()`` (``n_items`` each), after one warm-up call, repeated for ``seconds``."""
     function()  # warm-up: contexts, allocations, device transfers
     synchronize()

@@ -15,6 +15,7 @@ measurement here shares, so that the numbers stay comparable across runs.
 ``--json`` prints one JSON object (for several batches: ``{"machine": ..., "runs": [...]}``);
 ``--out FILE`` also writes it to ``FILE``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,11 +23,18 @@ import sys
 
 import torch
 
+from openflow.benchmarks.common import (
+    add_output_arguments,
+    emit,
+    machine_description,
+    machine_line,
+    parse_arguments,
+    rate,
+    synchronizer,
+)
 from openflow.plugins.openmm import OpenMMEnergy
 from openflow.plugins.openmm.forcefield import TorchEnergy
 from openflow.systems import System, build
-
-from openflow.benchmarks.common import add_output_arguments, emit, machine_description, machine_line, parse_arguments, rate, synchronizer
 
 BATCHES = (1, 64, 1024, 16384)
 
@@ -83,8 +91,14 @@ def benchmark_energy(
     x_loop = x[: min(batch, max_loop_configs)]
     per_config = rate(lambda: loop.energy_and_forces(x_loop), len(x_loop), seconds)
 
-    batched = TorchEnergy(system, dtype=getattr(torch, dtype), device=device, cpu_kernels=cpu_kernels, compile=compile,
-                          keep_freed_memory=True)  # process-wide, on purpose: comparable numbers
+    batched = TorchEnergy(
+        system,
+        dtype=getattr(torch, dtype),
+        device=device,
+        cpu_kernels=cpu_kernels,
+        compile=compile,
+        keep_freed_memory=True,
+    )  # process-wide, on purpose: comparable numbers
     x_batched = x.to(device=device, dtype=getattr(torch, dtype))
     batched_rate = rate(lambda: batched.energy_and_forces(x_batched), batch, seconds, synchronizer(batched.device))
 
@@ -113,7 +127,9 @@ def benchmark_energy(
 
 
 def format_table(runs: list[dict]) -> str:
-    header = f"{'system':<34} {'batch':>6} {'OpenMM loop (platform)':>26} {'batched torch (device, dtype)':>34} {'ratio':>8}"
+    header = (
+        f"{'system':<34} {'batch':>6} {'OpenMM loop (platform)':>26} {'batched torch (device, dtype)':>34} {'ratio':>8}"
+    )
     lines = [header, "-" * len(header)]
     for run in runs:
         label = run["system"] + "".join(f" {k}={v}" for k, v in run["system_kwargs"].items())
@@ -131,25 +147,49 @@ def _system_kwargs(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--system", default="alanine_dipeptide", choices=["alanine_dipeptide", "coulomb_cluster", "harmonic_chain"])
+    parser.add_argument(
+        "--system", default="alanine_dipeptide", choices=["alanine_dipeptide", "coulomb_cluster", "harmonic_chain"]
+    )
     parser.add_argument("--solvent", choices=["vacuum", "implicit"])
     parser.add_argument("--forcefield", choices=["amber99sbildn", "amber14", "ff96"])
     parser.add_argument("--constraints", choices=["hbonds"])
     parser.add_argument("--n", type=int, help="particles (coulomb_cluster, harmonic_chain)")
     parser.add_argument("--dim", type=int, choices=[2, 3], help="coulomb_cluster dimension")
     parser.add_argument("--boundary", choices=["fixed-fixed", "fixed-free"])
-    parser.add_argument("--batch", type=int, nargs="+", default=[1024], help=f"batch size(s), e.g. {' '.join(map(str, BATCHES))}")
+    parser.add_argument(
+        "--batch", type=int, nargs="+", default=[1024], help=f"batch size(s), e.g. {' '.join(map(str, BATCHES))}"
+    )
     parser.add_argument("--device", default="cpu", help="torch device of the batched path (cpu, cuda)")
-    parser.add_argument("--platform", default=None, help="OpenMM platform of the loop (default: OpenMMEnergy's automatic choice)")
+    parser.add_argument(
+        "--platform", default=None, help="OpenMM platform of the loop (default: OpenMMEnergy's automatic choice)"
+    )
     parser.add_argument("--dtype", default="float64", choices=["float64", "float32"])
     parser.add_argument("--seconds", type=float, default=2.0, help="wall time per measurement")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the batched path (TorchEnergy(compile=True))")
-    parser.add_argument("--torch-ops", action="store_true", help="no compiled CPU kernels: torch ops for every force (TorchEnergy(cpu_kernels=False))")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; use 1 on a shared, busy machine)")
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the batched path (TorchEnergy(compile=True))"
+    )
+    parser.add_argument(
+        "--torch-ops",
+        action="store_true",
+        help="no compiled CPU kernels: torch ops for every force (TorchEnergy(cpu_kernels=False))",
+    )
+    parser.add_argument(
+        "--threads", type=int, help="torch CPU threads (default: torch's; use 1 on a shared, busy machine)"
+    )
     add_output_arguments(parser)
     args = parse_arguments(parser, argv)
     runs = [
-        benchmark_energy(args.system, batch, args.device, args.platform, dtype=args.dtype, seconds=args.seconds, compile=args.compile, cpu_kernels=not args.torch_ops, **_system_kwargs(args))
+        benchmark_energy(
+            args.system,
+            batch,
+            args.device,
+            args.platform,
+            dtype=args.dtype,
+            seconds=args.seconds,
+            compile=args.compile,
+            cpu_kernels=not args.torch_ops,
+            **_system_kwargs(args),
+        )
         for batch in args.batch
     ]
     result = runs[0] if len(runs) == 1 else {"machine": runs[0]["machine"], "runs": runs}

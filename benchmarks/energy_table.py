@@ -10,6 +10,7 @@ keep_freed_memory=True)``), as the README's numbers were measured.
 
 Prints the Markdown table (ranges over the runs) and writes every run as JSON with ``--out``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,7 +36,11 @@ def _dtype(platform: str) -> str:
 def _span(values: list, scale: float = 1e-3, unit: str = "k") -> str:
     low, high = min(values) * scale, max(values) * scale
     digits = 0 if low >= 10 else 1
-    return f"{low:.{digits}f}{unit}" if f"{low:.{digits}f}" == f"{high:.{digits}f}" else f"{low:.{digits}f}-{high:.{digits}f}{unit}"
+    return (
+        f"{low:.{digits}f}{unit}"
+        if f"{low:.{digits}f}" == f"{high:.{digits}f}"
+        else f"{low:.{digits}f}-{high:.{digits}f}{unit}"
+    )
 
 
 def format_table(runs: list[dict]) -> str:
@@ -50,13 +55,22 @@ def format_table(runs: list[dict]) -> str:
     for label, (name, kwargs) in SYSTEMS.items():
         cells, speedups = [], []
         for platform in platforms:
-            mine = [r for r in runs if (r["system"], r["system_kwargs"], r["per_config_platform"]) == (name, kwargs, platform)]
+            mine = [
+                r
+                for r in runs
+                if (r["system"], r["system_kwargs"], r["per_config_platform"]) == (name, kwargs, platform)
+            ]
             fast = [r for r in mine if r["batched_cpu_kernels"] or not on_cpu]
             ops = [r for r in mine if not r["batched_cpu_kernels"]]
-            cells += [_span([r["per_config_evals_per_s"] for r in fast]), _span([r["batched_evals_per_s"] for r in fast]),
-                      f"**{_span([r['ratio'] for r in fast], 1.0, 'x')}**"]
+            cells += [
+                _span([r["per_config_evals_per_s"] for r in fast]),
+                _span([r["batched_evals_per_s"] for r in fast]),
+                f"**{_span([r['ratio'] for r in fast], 1.0, 'x')}**",
+            ]
             if on_cpu:
-                speedups.append(_span([k["batched_evals_per_s"] / o["batched_evals_per_s"] for k, o in zip(fast, ops)], 1.0, "x"))
+                speedups.append(
+                    _span([k["batched_evals_per_s"] / o["batched_evals_per_s"] for k, o in zip(fast, ops)], 1.0, "x")
+                )
         lines.append(f"| {label} | {' | '.join(cells + ([', '.join(speedups)] if on_cpu else []))} |")
     lines.append(machine_line(runs[0]["machine"]))
     return "\n".join(lines)
@@ -67,14 +81,25 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--device", default="cpu", help="torch device of the batched path (cpu, cuda)")
     parser.add_argument("--platform", nargs="+", default=list(PLATFORMS), help="OpenMM platforms of the loop")
-    parser.add_argument("--runs", type=int, default=2, help="repetitions of every measurement (the table gives their range)")
+    parser.add_argument(
+        "--runs", type=int, default=2, help="repetitions of every measurement (the table gives their range)"
+    )
     parser.add_argument("--seconds", type=float, default=2.0, help="wall time per measurement")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     add_output_arguments(parser)
     args = parse_arguments(parser, argv)
     paths = (True, False) if args.device == "cpu" else (True,)  # kernels, then torch ops, back to back: this box drifts
     runs = [
-        benchmark_energy(name, args.batch, args.device, platform, dtype=_dtype(platform), seconds=args.seconds, cpu_kernels=cpu_kernels, **kwargs)
+        benchmark_energy(
+            name,
+            args.batch,
+            args.device,
+            platform,
+            dtype=_dtype(platform),
+            seconds=args.seconds,
+            cpu_kernels=cpu_kernels,
+            **kwargs,
+        )
         for _ in range(args.runs)
         for platform in args.platform
         for name, kwargs in SYSTEMS.values()

@@ -22,17 +22,26 @@ sample ~10^2 points/s, so use ``--samples 1000`` for them (each rate needs two s
 
     python -m openflow.benchmarks.flows --dim 12 39 --family realnvp_bg cnf_rk4_exact --threads 1
 """
+
 from __future__ import annotations
 
 import argparse
 import statistics
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-from openflow.benchmarks.common import add_output_arguments, emit, machine_description, machine_line, parse_arguments, rate, synchronizer
+from openflow.benchmarks.common import (
+    add_output_arguments,
+    emit,
+    machine_description,
+    machine_line,
+    parse_arguments,
+    rate,
+    synchronizer,
+)
 from openflow.flows import (
     BoltzmannGenerator,
     ContinuousFlow,
@@ -52,11 +61,22 @@ from openflow.losses import flow_matching, reverse_kl
 DIMS = (12, 39, 32, 66)
 # d -> (particles, spatial dimension) of the system it stands for; other d: d particles on a line
 PARTICLES = {12: (6, 2), 39: (13, 3), 32: (32, 1), 66: (22, 3)}
-SYSTEMS = {12: "coulomb_cluster 2D n=6", 39: "coulomb_cluster 3D n=13", 32: "harmonic_chain n=32", 66: "alanine_dipeptide"}
+SYSTEMS = {
+    12: "coulomb_cluster 2D n=6",
+    39: "coulomb_cluster 3D n=13",
+    32: "harmonic_chain n=32",
+    66: "alanine_dipeptide",
+}
 FAMILIES = (
-    "realnvp_bg", "nct_realnvp", "nct_linear",
-    "cnf_rk4_exact", "cnf_rk4_hutchinson", "cnf_dopri5_exact", "cnf_dopri5_hutchinson",
-    "monge_ampere_mlp", "monge_ampere_pair",
+    "realnvp_bg",
+    "nct_realnvp",
+    "nct_linear",
+    "cnf_rk4_exact",
+    "cnf_rk4_hutchinson",
+    "cnf_dopri5_exact",
+    "cnf_dopri5_hutchinson",
+    "monge_ampere_mlp",
+    "monge_ampere_pair",
 )
 
 
@@ -106,8 +126,15 @@ def build_family(family: str, dim: int, hidden: int = 64, rk4_steps: int = 16) -
     return model, model.sample
 
 
-def _loss_function(family: str, model: torch.nn.Module, dim: int, batch: int, generator: torch.Generator,
-                   device: torch.device, dtype: torch.dtype) -> tuple[str, Callable[[], torch.Tensor]]:
+def _loss_function(
+    family: str,
+    model: torch.nn.Module,
+    dim: int,
+    batch: int,
+    generator: torch.Generator,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[str, Callable[[], torch.Tensor]]:
     """The training loss of ``family`` (its name and a closure computing it on fixed data)."""
     data = torch.randn(2, batch, dim, generator=generator, dtype=dtype).to(device)
     if family == "realnvp_bg":
@@ -120,9 +147,19 @@ def _loss_function(family: str, model: torch.nn.Module, dim: int, batch: int, ge
     return "flow_matching", lambda: flow_matching(velocity, x0, data[1], generator=None)
 
 
-def benchmark_flow(family: str, dim: int, samples: int = 10_000, batch: int = 256, device: str = "cpu",
-                   dtype: str = "float32", seconds: float = 1.0, repeats: int = 5, hidden: int = 64,
-                   rk4_steps: int = 16, seed: int = 0) -> dict:
+def benchmark_flow(
+    family: str,
+    dim: int,
+    samples: int = 10_000,
+    batch: int = 256,
+    device: str = "cpu",
+    dtype: str = "float32",
+    seconds: float = 1.0,
+    repeats: int = 5,
+    hidden: int = 64,
+    rk4_steps: int = 16,
+    seed: int = 0,
+) -> dict:
     """Sampling rate (samples/s with log q) and median training-step time (ms) of one family at ``dim``.
 
     Returns a flat dict: ``family``, ``dim``, ``samples_per_s``, ``train_step_ms``, ``loss`` (its
@@ -186,11 +223,15 @@ def format_table(runs: list[dict], machine: dict) -> str:
     lines = [header, "-" * len(header)]
     for run in runs:
         nfe = "" if run["nfe"] is None else str(run["nfe"])
-        lines.append(f"{run['family']:<24} {run['dim']:>4} {run['samples_per_s']:>18,.0f} {nfe:>5} "
-                     f"{run['train_step_ms']:>9.1f} ms {run['loss']:>14}")
+        lines.append(
+            f"{run['family']:<24} {run['dim']:>4} {run['samples_per_s']:>18,.0f} {nfe:>5} "
+            f"{run['train_step_ms']:>9.1f} ms {run['loss']:>14}"
+        )
     first = runs[0]
-    lines.append(f"samples per call {first['samples']}, train batch {first['batch']}, {first['dtype']} on {first['device']}, "
-                 f"hidden {first['hidden']}, RK4 steps {first['rk4_steps']}")
+    lines.append(
+        f"samples per call {first['samples']}, train batch {first['batch']}, {first['dtype']} on {first['device']}, "
+        f"hidden {first['hidden']}, RK4 steps {first['rk4_steps']}"
+    )
     lines.append(machine_line(machine))
     return "\n".join(lines)
 
@@ -200,7 +241,9 @@ def main(argv: list[str] | None = None) -> dict:
     ``{"machine": ..., "runs": [benchmark_flow(...), ...]}``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--family", nargs="+", default=list(FAMILIES), choices=FAMILIES)
-    parser.add_argument("--dim", type=int, nargs="+", default=list(DIMS), help=f"dimensions (default {' '.join(map(str, DIMS))})")
+    parser.add_argument(
+        "--dim", type=int, nargs="+", default=list(DIMS), help=f"dimensions (default {' '.join(map(str, DIMS))})"
+    )
     parser.add_argument("--samples", type=int, default=10_000, help="points per sampling call")
     parser.add_argument("--batch", type=int, default=256, help="training batch")
     parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
@@ -214,9 +257,21 @@ def main(argv: list[str] | None = None) -> dict:
     add_output_arguments(parser)
     args = parse_arguments(parser, argv)
     runs = [
-        benchmark_flow(family, dim, args.samples, args.batch, args.device, args.dtype, args.seconds, args.repeats,
-                       args.hidden, args.rk4_steps, args.seed)
-        for dim in args.dim for family in args.family
+        benchmark_flow(
+            family,
+            dim,
+            args.samples,
+            args.batch,
+            args.device,
+            args.dtype,
+            args.seconds,
+            args.repeats,
+            args.hidden,
+            args.rk4_steps,
+            args.seed,
+        )
+        for dim in args.dim
+        for family in args.family
     ]
     machine = machine_description(args.device)
     result = {"benchmark": "flows", "machine": machine, "runs": runs}

@@ -20,6 +20,7 @@ and biased runs of a system and platform timed in interleaved rounds (fair under
 
     python -m openflow.benchmarks.md --platform Reference CPU --steps 5000 --threads 1
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,8 @@ import torch
 from openflow.benchmarks.common import add_output_arguments, emit, machine_description, machine_line, parse_arguments
 from openflow.cv import CVModel
 from openflow.features import Dihedrals, FeatureSet, distance_features
-from openflow.plugins.openmm.export import check_export, to_custom_cv_force, to_tabulated_cv_force
 from openflow.plugins.openmm import platforms
+from openflow.plugins.openmm.export import check_export, to_custom_cv_force, to_tabulated_cv_force
 from openflow.plugins.openmm.md import create_simulation, default_timestep
 from openflow.systems import System, build
 from openflow.systems.alanine_dipeptide import backbone_torsions
@@ -66,7 +67,11 @@ def learned_cv(system: System, bias: str, seed: int = 0) -> tuple[CVModel, openm
     if system.name != "alanine_dipeptide":
         raise ValueError(f"learned CV biases are defined for alanine_dipeptide, got {system.name!r}")
     torsions = backbone_torsions(system)
-    features = FeatureSet(Dihedrals(torsions["phi"] + torsions["psi"])) if bias.startswith("phi_psi") else distance_features(system)
+    features = (
+        FeatureSet(Dihedrals(torsions["phi"] + torsions["psi"]))
+        if bias.startswith("phi_psi")
+        else distance_features(system)
+    )
     cv = CVModel(features, hidden=(16,), seed=seed).double()
     if bias == "distances_lepton":
         generator = torch.Generator().manual_seed(seed)
@@ -95,14 +100,16 @@ class _Run:
             variable = app.BiasVariable(force, lo, hi, (hi - lo) / 20, False)
             state = np.random.get_state()  # Metadynamics names its bias with numpy's global generator
             np.random.seed(seed)
-            self.meta = app.Metadynamics(self.omm_system, [variable], system.temperature, 5.0,
-                                         1.0 * unit.kilojoule_per_mole, frequency)
+            self.meta = app.Metadynamics(
+                self.omm_system, [variable], system.temperature, 5.0, 1.0 * unit.kilojoule_per_mole, frequency
+            )
             np.random.set_state(state)
         self.dt = default_timestep(system)
         self.properties = _platform_properties(platform, threads)
         start = time.perf_counter()
-        self.simulation = create_simulation(system, seed + 1, platform, openmm_system=self.omm_system,
-                                            platform_properties=self.properties)
+        self.simulation = create_simulation(
+            system, seed + 1, platform, openmm_system=self.omm_system, platform_properties=self.properties
+        )
         self.setup_seconds = time.perf_counter() - start
         self.steps_done, self.times = 0, []
         self.advance(100)
@@ -116,7 +123,9 @@ class _Run:
         self.steps_done += steps
 
     def positions(self) -> np.ndarray:
-        return self.simulation.context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+        return (
+            self.simulation.context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+        )
 
     def time(self, steps: int) -> None:
         begin = time.perf_counter()
@@ -141,15 +150,31 @@ class _Run:
             "setup_seconds": self.setup_seconds,
         }
         if self.meta is not None:
-            simulated = self.omm_system.getForce(self.omm_system.getNumForces() - 1).getCollectiveVariable(0)  # the CV that ran
+            simulated = self.omm_system.getForce(self.omm_system.getNumForces() - 1).getCollectiveVariable(
+                0
+            )  # the CV that ran
             report = check_export(self.cv, simulated, np.stack([self.first_frame, self.positions()]))
-            result.update(cv_model=f"{self.cv.n_features}-16-1 tanh", cv_check=report, cv_context_seconds=report["context_seconds"],
-                          metadynamics_frequency=int(self.frequency), n_gaussians=self.steps_done // self.frequency)
+            result.update(
+                cv_model=f"{self.cv.n_features}-16-1 tanh",
+                cv_check=report,
+                cv_context_seconds=report["context_seconds"],
+                metadynamics_frequency=int(self.frequency),
+                n_gaussians=self.steps_done // self.frequency,
+            )
         return result
 
 
-def benchmark_md(system_name: str, platform: str = "Reference", biases=("none",), steps: int = 2000,
-                 repeats: int = 3, frequency: int = 500, threads: int | None = 1, seed: int = 0, **system_kwargs) -> list[dict]:
+def benchmark_md(
+    system_name: str,
+    platform: str = "Reference",
+    biases=("none",),
+    steps: int = 2000,
+    repeats: int = 3,
+    frequency: int = 500,
+    threads: int | None = 1,
+    seed: int = 0,
+    **system_kwargs,
+) -> list[dict]:
     """ns/day of Langevin MD of one system on one platform, bare (``"none"``) and metadynamics-biased.
 
     The simulations of all ``biases`` are prepared first, then timed in ``repeats`` interleaved
@@ -183,15 +208,23 @@ def _with_ratios(runs: list[dict]) -> list[dict]:
 
 
 def format_table(runs: list[dict], machine: dict) -> str:
-    header = f"{'system':<20} {'platform':<10} {'bias':<18} {'ns/day':>10} {'us/step':>9} {'vs bare':>8} {'CV check (value, force rel.)':>30}"
+    header = (
+        f"{'system':<20} {'platform':<10} {'bias':<18} {'ns/day':>10} {'us/step':>9} {'vs bare':>8} "
+        f"{'CV check (value, force rel.)':>30}"
+    )
     lines = [header, "-" * len(header)]
     for run in runs:
         ratio = "" if run["speed_vs_bare"] is None or run["bias"] == "none" else f"{run['speed_vs_bare']:.2f}"
         check = run.get("cv_check")
         check = "" if check is None else f"{check['max_value_error']:.1e}, {check['max_force_relative_error']:.1e}"
-        lines.append(f"{run['system']:<20} {run['platform']:<10} {run['bias']:<18} {run['ns_per_day']:>10.1f} "
-                     f"{1e6 * run['s_per_step']:>9.1f} {ratio:>8} {check:>30}")
-    lines.append(f"steps {runs[0]['steps']} (best of {runs[0]['repeats']}); alanine dt 1 fs, model systems 0.01 ps (reduced units)")
+        lines.append(
+            f"{run['system']:<20} {run['platform']:<10} {run['bias']:<18} {run['ns_per_day']:>10.1f} "
+            f"{1e6 * run['s_per_step']:>9.1f} {ratio:>8} {check:>30}"
+        )
+    lines.append(
+        f"steps {runs[0]['steps']} (best of {runs[0]['repeats']}); "
+        "alanine dt 1 fs, model systems 0.01 ps (reduced units)"
+    )
     lines.append(machine_line(machine))
     return "\n".join(lines)
 
@@ -201,12 +234,18 @@ def main(argv: list[str] | None = None) -> dict:
     ``{"machine": ..., "runs": [benchmark_md(...), ...]}``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--system", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
-    parser.add_argument("--platform", nargs="+", default=None, help=f"OpenMM platforms (default: those of {PLATFORMS} present)")
-    parser.add_argument("--bias", nargs="+", default=list(BIASES), choices=BIASES, help="alanine dipeptide biases (model systems: none)")
+    parser.add_argument(
+        "--platform", nargs="+", default=None, help=f"OpenMM platforms (default: those of {PLATFORMS} present)"
+    )
+    parser.add_argument(
+        "--bias", nargs="+", default=list(BIASES), choices=BIASES, help="alanine dipeptide biases (model systems: none)"
+    )
     parser.add_argument("--steps", type=int, default=2000, help="timed MD steps per repeat")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--frequency", type=int, default=500, help="metadynamics deposition interval (steps)")
-    parser.add_argument("--threads", type=int, default=1, help="OpenMM CPU-platform and torch threads (default 1: shared machines)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="OpenMM CPU-platform and torch threads (default 1: shared machines)"
+    )
     parser.add_argument("--device", default="cpu", help="recorded in the machine description (MD runs in OpenMM)")
     parser.add_argument("--seed", type=int, default=0)
     add_output_arguments(parser)
@@ -220,8 +259,16 @@ def main(argv: list[str] | None = None) -> dict:
     for system_name in args.system:
         biases = args.bias if system_name == "alanine_dipeptide" else ["none"]
         for platform in platforms:
-            runs += benchmark_md(system_name, platform, list(dict.fromkeys(["none", *biases])), args.steps, args.repeats,
-                                 args.frequency, args.threads, args.seed)
+            runs += benchmark_md(
+                system_name,
+                platform,
+                list(dict.fromkeys(["none", *biases])),
+                args.steps,
+                args.repeats,
+                args.frequency,
+                args.threads,
+                args.seed,
+            )
     machine = machine_description(args.device)
     result = {"benchmark": "md", "machine": machine, "runs": _with_ratios(runs)}
     return emit(result, format_table(runs, machine), args.json, args.out)

@@ -9,6 +9,7 @@ example, come from ``openflow.systems.alanine_dipeptide.phi_states``.
 Weights (metadynamics reweighting, flow importance weights) are per frame, non-negative, any
 normalisation. Free energies are ``-kT ln p`` shifted to a minimum of 0, NaN where no frame falls.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -87,8 +88,9 @@ def _free_energy(histogram: np.ndarray, scale: float) -> np.ndarray:
     return f - np.nanmin(f)
 
 
-def free_energy_profile(values, weights=None, bins: int = 50, range=None, units: str = "kT",
-                        temperature: float = 300.0) -> tuple[np.ndarray, np.ndarray]:
+def free_energy_profile(
+    values, weights=None, bins: int = 50, range=None, units: str = "kT", temperature: float = 300.0
+) -> tuple[np.ndarray, np.ndarray]:
     """``F(s) = -kT ln p(s)`` of values ``(T,)`` (weighted): bin centres ``(bins,)`` and F ``(bins,)``.
 
     The density is per unit ``s`` (bins of equal width), F's minimum is 0, empty bins NaN.
@@ -153,8 +155,13 @@ def state_populations(in_state, weights=None) -> dict:
     state, rest = float(w[inside].sum()), float(w[~inside].sum())
     with np.errstate(divide="ignore"):
         delta = float(np.log(rest) - np.log(state)) if rest > 0 else -np.inf
-    return {"state": state, "rest": rest, "delta_f_kT": delta, "n_frames": int(inside.size),
-            "ess_fraction": float(1.0 / np.sum(w * w) / w.size)}
+    return {
+        "state": state,
+        "rest": rest,
+        "delta_f_kT": delta,
+        "n_frames": int(inside.size),
+        "ess_fraction": float(1.0 / np.sum(w * w) / w.size),
+    }
 
 
 def transition_frames(states) -> np.ndarray:
@@ -195,8 +202,9 @@ def delta_f_convergence(in_state, log_weights, n_points: int = 20) -> tuple[np.n
     return ends, cum_out[ends - 1] - cum_in[ends - 1]
 
 
-def plot_ramachandran(surface: Ramachandran, path, title: str | None = None, vmax: float | None = None,
-                      boundaries: tuple = ()) -> Path:
+def plot_ramachandran(
+    surface: Ramachandran, path, title: str | None = None, vmax: float | None = None, boundaries: tuple = ()
+) -> Path:
     """Write the surface as a PNG (filled contours; ``boundaries``: first-angle values drawn dashed,
     e.g. a peptide's phi basin boundaries); return the path."""
     import matplotlib
@@ -213,8 +221,13 @@ def plot_ramachandran(surface: Ramachandran, path, title: str | None = None, vma
     for boundary in boundaries:
         ax.axvline(boundary, color="w", ls="--", lw=0.8)
     fig.colorbar(mesh, ax=ax, label=f"free energy ({surface.units})")
-    ax.set(xlabel=r"$\phi$ (rad)", ylabel=r"$\psi$ (rad)", xlim=(-np.pi, np.pi), ylim=(-np.pi, np.pi),
-           title=title or f"Ramachandran, {surface.phi.size} frames")
+    ax.set(
+        xlabel=r"$\phi$ (rad)",
+        ylabel=r"$\psi$ (rad)",
+        xlim=(-np.pi, np.pi),
+        ylim=(-np.pi, np.pi),
+        title=title or f"Ramachandran, {surface.phi.size} frames",
+    )
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
@@ -232,7 +245,10 @@ def torsion_histogram_kl(reference: tuple, other: tuple, bins: int) -> float:
     a floor at the smallest non-zero probability instead would let one negligible weight set it.
     """
     edges = np.linspace(-np.pi, np.pi, bins + 1)
-    p, q = (np.histogram2d(wrap_angle(a), wrap_angle(b), bins=(edges, edges), weights=w)[0].ravel() for a, b, w in (reference, other))
+    p, q = (
+        np.histogram2d(wrap_angle(a), wrap_angle(b), bins=(edges, edges), weights=w)[0].ravel()
+        for a, b, w in (reference, other)
+    )
     p, q = p / p.sum(), q / q.sum()
     q = np.where((p > 0) & (q == 0), 0.5 / len(other[0]), q)
     q = q / q.sum()
@@ -302,7 +318,8 @@ def mutual_information(x, y, k: int = 3, period_x: float | None = None, period_y
     strictly_inside = np.nextafter(radius, 0.0)
     counts = [  # each count includes the sample itself: n_x + 1
         cKDTree(values, boxsize=box if period is not None else None).query_ball_point(
-            values, strictly_inside, p=np.inf, return_length=True)
+            values, strictly_inside, p=np.inf, return_length=True
+        )
         for values, box, period in ((x, box_x, period_x), (y, box_y, period_y))
     ]
     return float(digamma(k) + digamma(n) - np.mean(digamma(counts[0]) + digamma(counts[1])))

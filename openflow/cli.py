@@ -11,6 +11,7 @@ an optional function adding its arguments to its parser. A new subcommand is add
 Bad input (``ValueError``, ``TypeError``, missing files and other ``OSError``s, argparse errors)
 ends with one line on stderr and exit status 2, never a traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,8 @@ import json
 import os
 import platform as python_platform
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 USAGE_ERROR = 2
 
@@ -58,7 +59,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="openflow", description="Normalizing flows, canonical transformations and learned CVs for OpenMM.")
+    parser = _Parser(
+        prog="openflow", description="Normalizing flows, canonical transformations and learned CVs for OpenMM."
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, command in SUBCOMMANDS.items():
         sub = commands.add_parser(name, help=command.help, description=command.help)
@@ -137,7 +140,10 @@ def info(args):
         print(f"{name:10s} {version}")
     print(f"OpenMM platforms: {', '.join(facts['openmm_platforms'])}")
     if facts["openmm_plugin_load_failures"]:
-        print(f"  ({len(facts['openmm_plugin_load_failures'])} OpenMM plugins did not load; `openflow info --json` says why)")
+        print(
+            f"  ({len(facts['openmm_plugin_load_failures'])} OpenMM plugins did not load; "
+            "`openflow info --json` says why)"
+        )
     print(f"torch device: {facts['torch_device']} (CUDA available: {'yes' if facts['torch_cuda_available'] else 'no'})")
 
 
@@ -155,9 +161,13 @@ def _system_arguments(parser):
     system.add_argument("--system", choices=sorted(BUILDERS), help="which system to build")
     system.add_argument("--xml", help="a serialized openmm.System (openmm.XmlSerializer), with --pdb")
     system.add_argument("--pdb", help="a PDB of the same atoms: topology and starting positions (with --xml)")
-    system.add_argument("--solvent", choices=("vacuum", "implicit"), help="alanine dipeptide: vacuum or OBC2 implicit solvent")
+    system.add_argument(
+        "--solvent", choices=("vacuum", "implicit"), help="alanine dipeptide: vacuum or OBC2 implicit solvent"
+    )
     system.add_argument("--forcefield", help="alanine dipeptide: amber99sbildn (default), amber14, ff96")
-    system.add_argument("--constraints", choices=("none", "hbonds"), help="alanine dipeptide: bond constraints (default none)")
+    system.add_argument(
+        "--constraints", choices=("none", "hbonds"), help="alanine dipeptide: bond constraints (default none)"
+    )
     system.add_argument("--n", type=int, help="harmonic chain / Coulomb cluster: number of particles")
     system.add_argument("--dim", type=int, choices=(2, 3), help="Coulomb cluster: 2 or 3 dimensions")
     system.add_argument("--boundary", choices=("fixed-fixed", "fixed-free"), help="harmonic chain: boundary condition")
@@ -176,10 +186,14 @@ def system_from_args(args, command: str):
 
     given = {name: getattr(args, name) for name in SYSTEM_OPTIONS if getattr(args, name) is not None}
     if (args.xml is None) != (args.pdb is None):
-        raise UsageError(f"openflow {command}: --xml and --pdb go together (a serialized openmm.System and a PDB of its atoms)")
+        raise UsageError(
+            f"openflow {command}: --xml and --pdb go together (a serialized openmm.System and a PDB of its atoms)"
+        )
     if args.xml is not None:
         if args.system is not None or given or args.kT is not None:
-            raise UsageError(f"openflow {command}: --xml/--pdb take no --system or builder options (only --temperature)")
+            raise UsageError(
+                f"openflow {command}: --xml/--pdb take no --system or builder options (only --temperature)"
+            )
         return from_files(args.xml, args.pdb, temperature_K=300.0 if args.temperature is None else args.temperature)
     if args.system is None:
         raise UsageError(f"openflow {command}: give --system NAME or --xml system.xml --pdb structure.pdb")
@@ -191,7 +205,9 @@ def system_from_args(args, command: str):
     foreign = sorted(name for name in given if name not in accepted)
     if foreign:
         flags = ", ".join("--temperature/--kT" if name == "temperature" else f"--{name}" for name in foreign)
-        raise UsageError(f"openflow {command}: {flags} {'does' if len(foreign) == 1 else 'do'} not apply to --system {args.system}")
+        raise UsageError(
+            f"openflow {command}: {flags} {'does' if len(foreign) == 1 else 'do'} not apply to --system {args.system}"
+        )
     if given.get("constraints") == "none":
         given["constraints"] = None
     return build(args.system, **given)
@@ -207,7 +223,9 @@ def _simulate_arguments(parser):
     run.add_argument("--interval", type=int, help="steps between saved frames (default: one frame per ps)")
     run.add_argument("--platform", help="OpenMM platform (default: automatic, by measurement)")
     run.add_argument("--seed", type=int, help="random seed (velocities and Langevin noise)")
-    run.add_argument("--timestep", type=float, help="time step in ps (default: 1 fs, 2 fs with hbonds, 0.01 ps for model systems)")
+    run.add_argument(
+        "--timestep", type=float, help="time step in ps (default: 1 fs, 2 fs with hbonds, 0.01 ps for model systems)"
+    )
     run.add_argument("--friction", type=float, help="Langevin friction in 1/ps (default 1)")
     run.add_argument("--equilibration-steps", type=int, help="unsaved steps after minimisation (default: 10 ps worth)")
     run.add_argument("--overwrite", action="store_true", help="replace a trajectory already in --out")
@@ -233,8 +251,16 @@ def simulate(args):
         progress=not args.no_progress,
         overwrite=args.overwrite,
     )
-    print(f"{result.n_frames} frames ({result.steps} steps of {result.timestep_ps:g} ps) on {result.platform}: {result.ns_per_day:.1f} ns/day")
-    for label, path in (("trajectory", result.trajectory), ("topology", result.topology), ("energies", result.energies), ("settings", result.metadata)):
+    print(
+        f"{result.n_frames} frames ({result.steps} steps of {result.timestep_ps:g} ps) on {result.platform}: "
+        f"{result.ns_per_day:.1f} ns/day"
+    )
+    for label, path in (
+        ("trajectory", result.trajectory),
+        ("topology", result.topology),
+        ("energies", result.energies),
+        ("settings", result.metadata),
+    ):
         print(f"  {label:10s} {path}")
 
 
@@ -244,13 +270,19 @@ def simulate(args):
 def _run_arguments(parser):
     parser.add_argument("workflow", help="workflow file (YAML), e.g. workflows/harmonic_chain.yaml")
     parser.add_argument("--out", required=True, help="output folder (metrics.json, plots, checkpoints, config.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a setting, dotted for nested ones (e.g. --set mle.steps=50); repeatable")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting, dotted for nested ones (e.g. --set mle.steps=50); repeatable",
+    )
 
 
 @subcommand("run", "run an end-to-end workflow file; write metrics.json, plots and checkpoints", _run_arguments)
 def run(args):
-    from openflow.workflows import parse_overrides, run as run_workflow
+    from openflow.workflows import parse_overrides
+    from openflow.workflows import run as run_workflow
 
     metrics = run_workflow(args.workflow, args.out, parse_overrides(args.set))
     print(json.dumps(metrics, indent=2, sort_keys=True))
@@ -263,14 +295,22 @@ def run(args):
 def _rama_arguments(parser):
     parser.add_argument("trajectory", help="trajectory file (DCD, XTC, PDB, ... anything mdtraj reads)")
     parser.add_argument("--top", help="topology file (PDB); not needed for a PDB trajectory")
-    parser.add_argument("--weights", help="per-frame weights: .npy or a one-column text file (metadynamics or flow importance weights)")
-    parser.add_argument("--units", choices=("kT", "kJ/mol"), default="kT", help="free-energy units of the plot (default kT)")
+    parser.add_argument(
+        "--weights", help="per-frame weights: .npy or a one-column text file (metadynamics or flow importance weights)"
+    )
+    parser.add_argument(
+        "--units", choices=("kT", "kJ/mol"), default="kT", help="free-energy units of the plot (default kT)"
+    )
     parser.add_argument("--temperature", type=float, default=300.0, help="temperature in K for kJ/mol (default 300)")
     parser.add_argument("--bins", type=int, default=60, help="bins per angle (default 60)")
     parser.add_argument("--out", required=True, help="output folder (rama.png, populations.json)")
 
 
-@subcommand("rama", "Ramachandran plot (PNG) and phi<0 / phi>0 basin populations (JSON) of a peptide trajectory", _rama_arguments)
+@subcommand(
+    "rama",
+    "Ramachandran plot (PNG) and phi<0 / phi>0 basin populations (JSON) of a peptide trajectory",
+    _rama_arguments,
+)
 def rama(args):
     from openflow import analysis
     from openflow.data import load_trajectory
@@ -282,16 +322,29 @@ def rama(args):
             raise FileNotFoundError(f"{what} file not found: {path}")
     phi, psi = phi_psi(load_trajectory(args.trajectory, args.top))
     weights = analysis.load_weights(args.weights) if args.weights else None
-    surface = analysis.ramachandran((phi, psi), weights=weights, bins=args.bins, units=args.units, temperature=args.temperature)
+    surface = analysis.ramachandran(
+        (phi, psi), weights=weights, bins=args.bins, units=args.units, temperature=args.temperature
+    )
     state = analysis.state_populations(phi_states(phi) == 1, surface.weights)
-    populations = {"negative": state["rest"], "positive": state["state"], "delta_f_kT": state["delta_f_kT"],
-                   "n_frames": state["n_frames"], "ess_fraction": state["ess_fraction"]}
+    populations = {
+        "negative": state["rest"],
+        "positive": state["state"],
+        "delta_f_kT": state["delta_f_kT"],
+        "n_frames": state["n_frames"],
+        "ess_fraction": state["ess_fraction"],
+    }
     os.makedirs(args.out, exist_ok=True)
-    plot = analysis.plot_ramachandran(surface, os.path.join(args.out, "rama.png"), title=os.path.basename(args.trajectory),
-                                      boundaries=PHI_POSITIVE_BASIN)
+    plot = analysis.plot_ramachandran(
+        surface,
+        os.path.join(args.out, "rama.png"),
+        title=os.path.basename(args.trajectory),
+        boundaries=PHI_POSITIVE_BASIN,
+    )
     report = write_json(os.path.join(args.out, "populations.json"), populations)
-    print(f"{phi.size} frames: phi<0 basin {populations['negative']:.4f}, phi>0 basin {populations['positive']:.4f}, "
-          f"dF = {populations['delta_f_kT']:.3f} kT")
+    print(
+        f"{phi.size} frames: phi<0 basin {populations['negative']:.4f}, phi>0 basin {populations['positive']:.4f}, "
+        f"dF = {populations['delta_f_kT']:.3f} kT"
+    )
     print(f"  plot        {plot}\n  populations {report}")
 
 
@@ -300,34 +353,59 @@ def rama(args):
 
 def _metad_arguments(parser):
     _system_arguments(parser)
-    parser.add_argument("--cv", required=True, help="'phi-psi' (a peptide's first backbone torsions, periodic), or an exported "
-                        "CV force XML file (see --cv-range)")
-    parser.add_argument("--cv-range", type=float, nargs=2, metavar=("MIN", "MAX"),
-                        help="CV range of an XML CV (the bias is zero outside it; CVModel.bounds() gives a safe one)")
+    parser.add_argument(
+        "--cv",
+        required=True,
+        help="'phi-psi' (a peptide's first backbone torsions, periodic), or an exported "
+        "CV force XML file (see --cv-range)",
+    )
+    parser.add_argument(
+        "--cv-range",
+        type=float,
+        nargs=2,
+        metavar=("MIN", "MAX"),
+        help="CV range of an XML CV (the bias is zero outside it; CVModel.bounds() gives a safe one)",
+    )
     length = parser.add_mutually_exclusive_group(required=True)
     length.add_argument("--ns", type=float, help="simulated time in ns")
     length.add_argument("--steps", type=int, help="number of MD steps")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--width", type=float, help="Gaussian width in CV units (default 0.35 rad for phi-psi, range/50 for XML CVs)")
+    parser.add_argument(
+        "--width", type=float, help="Gaussian width in CV units (default 0.35 rad for phi-psi, range/50 for XML CVs)"
+    )
     parser.add_argument("--grid", type=int, help="bias grid points per CV (default: OpenMM's 5 * range / width)")
     parser.add_argument("--height", type=float, default=1.0, help="initial Gaussian height in kJ/mol (default 1)")
-    parser.add_argument("--bias-factor", type=float, default=6.0, help="well-tempered bias factor gamma > 1 (default 6)")
+    parser.add_argument(
+        "--bias-factor", type=float, default=6.0, help="well-tempered bias factor gamma > 1 (default 6)"
+    )
     parser.add_argument("--frequency", type=int, default=500, help="steps between Gaussians (default 500)")
     parser.add_argument("--interval", type=int, help="steps between frames and COLVAR rows (default: 1 ps)")
     parser.add_argument("--platform", help="OpenMM platform (default: automatic, by measurement)")
     parser.add_argument("--seed", type=int, help="random seed")
-    parser.add_argument("--continue-from", help="output folder of an earlier run with the same CV: continue its bias and state")
-    parser.add_argument("--overwrite", action="store_true", help="empty --out of an earlier run (its bias would otherwise be loaded)")
+    parser.add_argument(
+        "--continue-from", help="output folder of an earlier run with the same CV: continue its bias and state"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="empty --out of an earlier run (its bias would otherwise be loaded)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-@subcommand("metad", "well-tempered metadynamics of any system on phi/psi (peptides) or an exported CV", _metad_arguments)
+@subcommand(
+    "metad", "well-tempered metadynamics of any system on phi/psi (peptides) or an exported CV", _metad_arguments
+)
 def metad(args):
     from openflow import analysis
     from openflow.io import write_json
     from openflow.plugins.openmm.export import load_cv_force
     from openflow.plugins.openmm.metadynamics import learned_bias_variables, run_metadynamics, torsion_bias_variables
-    from openflow.systems.alanine_dipeptide import PHI_CORE_MARGIN, PHI_POSITIVE_BASIN, backbone_torsions, phi_psi_observables, phi_states
+    from openflow.systems.alanine_dipeptide import (
+        PHI_CORE_MARGIN,
+        PHI_POSITIVE_BASIN,
+        backbone_torsions,
+        phi_psi_observables,
+        phi_states,
+    )
 
     system = system_from_args(args, "metad")
     try:
@@ -339,31 +417,59 @@ def metad(args):
             raise UsageError("openflow metad: --cv-range does not apply to --cv phi-psi (the range is [-pi, pi])")
         if torsions is None:
             raise UsageError("openflow metad: --cv phi-psi needs a peptide (residues with backbone N, CA, C atoms)")
-        variables = torsion_bias_variables([torsions["phi"][0], torsions["psi"][0]], width=args.width or 0.35, grid=args.grid)
+        variables = torsion_bias_variables(
+            [torsions["phi"][0], torsions["psi"][0]], width=args.width or 0.35, grid=args.grid
+        )
     else:
         if not args.cv_range:
             raise UsageError("openflow metad: an XML CV needs --cv-range MIN MAX (the bias is zero outside it)")
         lo, hi = args.cv_range
-        variables = learned_bias_variables([load_cv_force(args.cv)], args.width or (hi - lo) / 50.0, args.grid, [(lo, hi)])
-    result = run_metadynamics(system, variables, steps=args.steps, ns=args.ns, out=args.out, height=args.height,
-                              bias_factor=args.bias_factor, frequency=args.frequency, interval=args.interval,
-                              platform=args.platform, seed=args.seed, continue_from=args.continue_from,
-                              cv_names=["cv_phi", "cv_psi"] if args.cv == "phi-psi" else None,
-                              observables=phi_psi_observables() if torsions else None, overwrite=args.overwrite,
-                              progress=not args.no_progress)
-    print(f"{result.steps} steps on {result.platform}: {result.ns_per_day:.1f} ns/day, {len(result.time_ps)} frames, "
-          f"ESS of the reweighting weights {result.summary()['weights_ess_fraction']:.3f}")
+        variables = learned_bias_variables(
+            [load_cv_force(args.cv)], args.width or (hi - lo) / 50.0, args.grid, [(lo, hi)]
+        )
+    result = run_metadynamics(
+        system,
+        variables,
+        steps=args.steps,
+        ns=args.ns,
+        out=args.out,
+        height=args.height,
+        bias_factor=args.bias_factor,
+        frequency=args.frequency,
+        interval=args.interval,
+        platform=args.platform,
+        seed=args.seed,
+        continue_from=args.continue_from,
+        cv_names=["cv_phi", "cv_psi"] if args.cv == "phi-psi" else None,
+        observables=phi_psi_observables() if torsions else None,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    print(
+        f"{result.steps} steps on {result.platform}: {result.ns_per_day:.1f} ns/day, {len(result.time_ps)} frames, "
+        f"ESS of the reweighting weights {result.summary()['weights_ess_fraction']:.3f}"
+    )
     if torsions:
         phi, psi = result.observables["phi"], result.observables["psi"]
         state = analysis.state_populations(phi_states(phi) == 1, result.weights)
         transitions = analysis.count_transitions(phi_states(phi, PHI_CORE_MARGIN))
         surface = analysis.ramachandran((phi, psi), weights=result.weights)
-        plot = analysis.plot_ramachandran(surface, os.path.join(args.out, "rama.png"), title="metadynamics, reweighted",
-                                          boundaries=PHI_POSITIVE_BASIN)
-        write_json(os.path.join(args.out, "populations.json"), {"negative": state["rest"], "positive": state["state"],
-                                                                "delta_f_kT": state["delta_f_kT"], "transitions": transitions})
-        print(f"  {transitions} phi transitions ({transitions / result.ns:.1f}/ns), "
-              f"dF(phi>0 - phi<0) = {state['delta_f_kT']:.3f} kT (reweighted)")
+        plot = analysis.plot_ramachandran(
+            surface, os.path.join(args.out, "rama.png"), title="metadynamics, reweighted", boundaries=PHI_POSITIVE_BASIN
+        )
+        write_json(
+            os.path.join(args.out, "populations.json"),
+            {
+                "negative": state["rest"],
+                "positive": state["state"],
+                "delta_f_kT": state["delta_f_kT"],
+                "transitions": transitions,
+            },
+        )
+        print(
+            f"  {transitions} phi transitions ({transitions / result.ns:.1f}/ns), "
+            f"dF(phi>0 - phi<0) = {state['delta_f_kT']:.3f} kT (reweighted)"
+        )
         print(f"  {'rama':10s} {plot}")
     for key in ("trajectory", "topology", "colvar", "weights", "fes", "bias_dir", "state"):
         print(f"  {key:10s} {result.files[key]}")
@@ -375,11 +481,18 @@ BENCHMARKS = ("energy", "energy_table", "flows", "md")
 
 
 def _bench_arguments(parser):
-    parser.add_argument("benchmark", choices=BENCHMARKS, help="which benchmark (energy: OpenMM loop vs batched torch; energy_table: the README's table of it; "
-                        "flows: sampling and training step per flow family; md: ns/day bare and with a CV bias)")
-    parser.add_argument("options", nargs=argparse.REMAINDER,
-                        help="the benchmark's own options, e.g. --system alanine_dipeptide --batch 1024 --json "
-                             "(see openflow bench NAME --help)")
+    parser.add_argument(
+        "benchmark",
+        choices=BENCHMARKS,
+        help="which benchmark (energy: OpenMM loop vs batched torch; energy_table: the README's table of it; "
+        "flows: sampling and training step per flow family; md: ns/day bare and with a CV bias)",
+    )
+    parser.add_argument(
+        "options",
+        nargs=argparse.REMAINDER,
+        help="the benchmark's own options, e.g. --system alanine_dipeptide --batch 1024 --json "
+        "(see openflow bench NAME --help)",
+    )
 
 
 @subcommand("bench", "run a speed benchmark; print a table, or one JSON object with --json", _bench_arguments)
@@ -387,6 +500,7 @@ def bench(args):
     import importlib
 
     importlib.import_module(f"openflow.benchmarks.{args.benchmark}").main(args.options)
+
 
 if __name__ == "__main__":
     sys.exit(main())

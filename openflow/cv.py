@@ -11,6 +11,7 @@ Linear baselines for slow modes, in numpy float64: :func:`tica` (reversible time
 independent component analysis), :func:`implied_timescales`, and :func:`vamp2_score`, which rates
 any set of features (slow modes, TICA or PCA components) by how much slow dynamics they span.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,7 +53,9 @@ class CVModel(nn.Module):
         seed: seeds the initial weights (None: torch's global generator).
     """
 
-    def __init__(self, features, hidden: Sequence[int] = (16,), activation: str = "tanh", n_out: int = 1, seed: int | None = None):
+    def __init__(
+        self, features, hidden: Sequence[int] = (16,), activation: str = "tanh", n_out: int = 1, seed: int | None = None
+    ):
         super().__init__()
         self.features = features if isinstance(features, FeatureSet) else FeatureSet(features)
         if activation not in ACTIVATIONS:
@@ -78,7 +81,7 @@ class CVModel(nn.Module):
     def n_features(self) -> int:
         return self.features.n_out
 
-    def set_standardization(self, positions: torch.Tensor) -> "CVModel":
+    def set_standardization(self, positions: torch.Tensor) -> CVModel:
         """Fix ``mean``/``std`` to the feature statistics of ``positions`` (constant features: std 1)."""
         with torch.no_grad():
             f = self.features(positions.to(self.mean))
@@ -363,7 +366,8 @@ def implied_timescales(segments, lags: Sequence[int], lag_time: float, dim: int)
     for lag in lags:
         model = tica(segments, lag, dim)
         if model.eigenvalues.size < dim:
-            raise ValueError(f"only {model.eigenvalues.size} TICA components at lag {lag} "
-                             f"(C00 is rank deficient), asked for {dim}")
+            raise ValueError(
+                f"only {model.eigenvalues.size} TICA components at lag {lag} (C00 is rank deficient), asked for {dim}"
+            )
         rows.append(model.timescales(lag * lag_time))
     return np.stack(rows)

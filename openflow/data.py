@@ -7,6 +7,7 @@
 
 Simulations themselves are run by ``openflow.plugins.openmm.md``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -64,8 +65,10 @@ def load_trajectory(traj, top=None, stride: int = 1, atom_indices=None) -> mdtra
     for path, part in zip(paths, frames):
         promised = dcd_header_frames(path) if path.lower().endswith(".dcd") else None
         if promised is not None and promised > 0 and -(-promised // int(stride)) > part.n_frames:
-            raise ValueError(f"{path} holds {part.n_frames * int(stride)} of the {promised} frames its header promises: "
-                             "the file is truncated (an interrupted copy or run); use a complete file")
+            raise ValueError(
+                f"{path} holds {part.n_frames * int(stride)} of the {promised} frames its header promises: "
+                "the file is truncated (an interrupted copy or run); use a complete file"
+            )
     return frames[0] if len(frames) == 1 else mdtraj.join(frames)
 
 
@@ -133,13 +136,17 @@ def load(
         elif isinstance(reference, mdtraj.Trajectory):
             target = reference
         else:
-            xyz = np.asarray(reference.detach().cpu() if isinstance(reference, torch.Tensor) else reference, dtype=np.float32)
+            xyz = np.asarray(
+                reference.detach().cpu() if isinstance(reference, torch.Tensor) else reference, dtype=np.float32
+            )
             if xyz.size != 3 * frames.n_atoms:
                 raise ValueError(f"reference must hold {frames.n_atoms} x 3 positions, got shape {xyz.shape}")
             target = mdtraj.Trajectory(xyz.reshape(1, frames.n_atoms, 3), frames.topology)
         if target.n_atoms != frames.n_atoms:
             raise ValueError(f"reference has {target.n_atoms} atoms, the selection {frames.n_atoms}")
-        aligned = kabsch(torch.as_tensor(frames.xyz, dtype=torch.float64), torch.as_tensor(target.xyz[0], dtype=torch.float64))
+        aligned = kabsch(
+            torch.as_tensor(frames.xyz, dtype=torch.float64), torch.as_tensor(target.xyz[0], dtype=torch.float64)
+        )
         frames.xyz = aligned.numpy()
 
     if selection is None and system is not None:
@@ -213,7 +220,9 @@ def _md5(path: Path) -> str:
     return digest.hexdigest()
 
 
-def fetch_mdshare(filename: str, directory="mdshare", timeout: float = 3.0, url: str = MDSHARE_URL, progress: bool = True) -> Path | None:
+def fetch_mdshare(
+    filename: str, directory="mdshare", timeout: float = 3.0, url: str = MDSHARE_URL, progress: bool = True
+) -> Path | None:
     """Download ``filename`` from the mdshare repository into ``directory``; return its path.
 
     A file already in ``directory`` is returned without touching the network. When the server
@@ -235,7 +244,10 @@ def fetch_mdshare(filename: str, directory="mdshare", timeout: float = 3.0, url:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         # the host answered: allow a slow transfer, but not a stalled one
-        with urllib.request.urlopen(url.rstrip("/") + "/" + filename, timeout=max(timeout, 30.0)) as response, open(partial, "wb") as handle:
+        with (
+            urllib.request.urlopen(url.rstrip("/") + "/" + filename, timeout=max(timeout, 30.0)) as response,
+            open(partial, "wb") as handle,
+        ):
             size = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(total=size, unit="B", unit_scale=True, desc=filename, disable=not progress) as bar:
                 for block in iter(lambda: response.read(1 << 20), b""):

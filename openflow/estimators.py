@@ -12,12 +12,13 @@ NaN/inf, e.g. a failed force-field evaluation or an overlap) gets weight 0 and i
 Samplers draw their random numbers from torch's global generator, forked and seeded when a
 ``seed`` is given, so that ``model.sample`` is reproducible too.
 """
+
 from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -26,8 +27,8 @@ from openflow.flows.base import Flow
 
 Energy = Callable[[torch.Tensor], torch.Tensor]
 
-_BOOTSTRAP_ELEMENTS = 2 ** 22  # resampled indices held in memory at once
-_PROPOSALS_PER_BATCH = 2 ** 16  # default proposals per call to model.sample/energy
+_BOOTSTRAP_ELEMENTS = 2**22  # resampled indices held in memory at once
+_PROPOSALS_PER_BATCH = 2**16  # default proposals per call to model.sample/energy
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,7 @@ def log_weights(u_x: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     if not (isinstance(u_x, torch.Tensor) and isinstance(log_q, torch.Tensor)):
         raise TypeError("log_weights expects torch tensors u_x and log_q")
     if u_x.ndim != 1 or u_x.shape != log_q.shape:
-        raise ValueError(f"u_x and log_q must both have shape (B,), got {tuple(u_x.shape)} "
-                         f"and {tuple(log_q.shape)}")
+        raise ValueError(f"u_x and log_q must both have shape (B,), got {tuple(u_x.shape)} and {tuple(log_q.shape)}")
     log_w = -u_x - log_q
     return torch.where(torch.isfinite(log_w), log_w, torch.full_like(log_w, -math.inf))
 
@@ -119,8 +119,7 @@ def _log_mean_exp(log_w: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return torch.logsumexp(log_w, dim) - math.log(log_w.shape[dim])
 
 
-def _generator(seed: int | None, generator: torch.Generator | None,
-               device: torch.device) -> torch.Generator | None:
+def _generator(seed: int | None, generator: torch.Generator | None, device: torch.device) -> torch.Generator | None:
     if seed is not None and generator is not None:
         raise ValueError("give either seed or generator, not both")
     if seed is None:
@@ -128,8 +127,7 @@ def _generator(seed: int | None, generator: torch.Generator | None,
     return torch.Generator(device=device).manual_seed(int(seed))
 
 
-def _bootstrap_std(log_w: torch.Tensor, n_bootstrap: int,
-                   generator: torch.Generator | None) -> float:
+def _bootstrap_std(log_w: torch.Tensor, n_bootstrap: int, generator: torch.Generator | None) -> float:
     """Standard deviation of ``-log mean w`` over bootstrap resamples of the samples."""
     n = log_w.numel()
     per_chunk = max(1, _BOOTSTRAP_ELEMENTS // n)
@@ -144,8 +142,9 @@ def _bootstrap_std(log_w: torch.Tensor, n_bootstrap: int,
     return float(estimates.std())
 
 
-def free_energy(log_w: torch.Tensor, n_bootstrap: int = 200, seed: int | None = None,
-                generator: torch.Generator | None = None) -> FreeEnergyEstimate:
+def free_energy(
+    log_w: torch.Tensor, n_bootstrap: int = 200, seed: int | None = None, generator: torch.Generator | None = None
+) -> FreeEnergyEstimate:
     """Importance-sampling free energy ``F = -log mean w`` (kT) with an error bar.
 
     ``log_w (B,)`` from :func:`log_weights`. The error is the standard deviation over
@@ -153,10 +152,8 @@ def free_energy(log_w: torch.Tensor, n_bootstrap: int = 200, seed: int | None = 
     ``sqrt((1/ess - 1) / n)``. With no finite weight, ``value`` is ``inf`` and ``error`` NaN.
     """
     _check_log_w(log_w)
-    if isinstance(n_bootstrap, bool) or not isinstance(n_bootstrap, int) or n_bootstrap < 0 \
-            or n_bootstrap == 1:
-        raise ValueError(f"n_bootstrap must be 0 (delta method) or an integer >= 2, "
-                         f"got {n_bootstrap!r}")
+    if isinstance(n_bootstrap, bool) or not isinstance(n_bootstrap, int) or n_bootstrap < 0 or n_bootstrap == 1:
+        raise ValueError(f"n_bootstrap must be 0 (delta method) or an integer >= 2, got {n_bootstrap!r}")
     log_w = log_w.detach()
     n = log_w.numel()
     n_nonfinite = int((~torch.isfinite(log_w)).sum())
@@ -182,15 +179,14 @@ def reweight(values: torch.Tensor, log_w: torch.Tensor) -> ReweightedMean:
     if not isinstance(values, torch.Tensor):
         raise TypeError("values must be a torch tensor")
     if values.ndim not in (1, 2) or values.shape[0] != log_w.shape[0]:
-        raise ValueError(f"values must have shape (B,) or (B, k) with B = {log_w.shape[0]}, "
-                         f"got {tuple(values.shape)}")
+        raise ValueError(f"values must have shape (B,) or (B, k) with B = {log_w.shape[0]}, got {tuple(values.shape)}")
     log_w = log_w.detach()
     p = torch.exp(log_w - torch.logsumexp(log_w, 0)).to(values.dtype)
     if values.ndim == 2:
         p = p.unsqueeze(1)
     v = torch.where(p > 0, values, torch.zeros_like(values))
     mean = (p * v).sum(0)
-    error = torch.sqrt((p ** 2 * (v - mean) ** 2).sum(0))
+    error = torch.sqrt((p**2 * (v - mean) ** 2).sum(0))
     return ReweightedMean(mean, error, float(_kish_fraction(log_w)))
 
 
@@ -233,7 +229,7 @@ def state_free_energy(in_state, log_weights=None, n_blocks: int | None = None) -
     state_sums = np.array([part.sum() for part in np.array_split(np.where(inside, w, 0.0), units)])
     rest_sums = np.array([part.sum() for part in np.array_split(np.where(inside, 0.0, w), units)])
     total_state, total_rest = state_sums.sum(), rest_sums.sum()
-    ess = [float(a.sum() ** 2 / (a ** 2).sum()) if a.sum() > 0 else 0.0 for a in (w[inside], w[~inside])]
+    ess = [float(a.sum() ** 2 / (a**2).sum()) if a.sum() > 0 else 0.0 for a in (w[inside], w[~inside])]
     if total_state == 0 or total_rest == 0:
         return StateFreeEnergy(math.inf if total_state == 0 else -math.inf, math.inf, *ess, units)
     variance = units / (units - 1) * np.sum((rest_sums / total_rest - state_sums / total_state) ** 2)
@@ -272,8 +268,9 @@ def _energies(energy: Energy, x: torch.Tensor) -> torch.Tensor:
 def _sample_model(model, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     x, log_q = model.sample(n)
     if x.ndim != 2 or x.shape[0] != n or log_q.shape != (n,):
-        raise ValueError(f"model.sample({n}) must return x ({n}, d) and log_q ({n},), got "
-                         f"{tuple(x.shape)} and {tuple(log_q.shape)}")
+        raise ValueError(
+            f"model.sample({n}) must return x ({n}, d) and log_q ({n},), got {tuple(x.shape)} and {tuple(log_q.shape)}"
+        )
     return x, log_q
 
 
@@ -282,8 +279,14 @@ def _model_log_weights(model, energy: Energy, n: int) -> tuple[torch.Tensor, tor
     return x, log_weights(_energies(energy, x), log_q)
 
 
-def importance_sample(model, energy: Energy, n: int, batch_size: int = _PROPOSALS_PER_BATCH,
-                      n_bootstrap: int = 200, seed: int | None = None) -> ImportanceSample:
+def importance_sample(
+    model,
+    energy: Energy,
+    n: int,
+    batch_size: int = _PROPOSALS_PER_BATCH,
+    n_bootstrap: int = 200,
+    seed: int | None = None,
+) -> ImportanceSample:
     """Draw ``n`` samples from ``model`` in batches, weight them by ``exp(-energy) / q``.
 
     Returns ``x (n, d)``, ``log_w (n,)`` and a :class:`FreeEnergyEstimate` of ``F = -log Z``.
@@ -291,8 +294,7 @@ def importance_sample(model, energy: Energy, n: int, batch_size: int = _PROPOSAL
     _positive_int("n", n)
     _positive_int("batch_size", batch_size)
     with _seeded(seed), torch.no_grad():
-        batches = [_model_log_weights(model, energy, min(batch_size, n - start))
-                   for start in range(0, n, batch_size)]
+        batches = [_model_log_weights(model, energy, min(batch_size, n - start)) for start in range(0, n, batch_size)]
         x = torch.cat([b[0] for b in batches])
         log_w = torch.cat([b[1] for b in batches])
         summary = free_energy(log_w, n_bootstrap=n_bootstrap)
@@ -314,15 +316,21 @@ def _check_start(name: str, start: torch.Tensor, n_chains: int) -> None:
         raise ValueError(f"{name} must be a tensor of shape (n_chains={n_chains}, d), got {shape}")
 
 
-def _mcmc_result(samples: torch.Tensor, n_accepted: torch.Tensor, n_steps: int,
-                 n_nonfinite: int) -> MCMCResult:
+def _mcmc_result(samples: torch.Tensor, n_accepted: torch.Tensor, n_steps: int, n_nonfinite: int) -> MCMCResult:
     rate = int(n_accepted.sum()) / (n_steps * n_accepted.numel())
     return MCMCResult(samples, n_accepted.to(samples.dtype) / n_steps, rate, n_nonfinite)
 
 
-def independence_metropolis(model, energy: Energy, n_steps: int, n_chains: int,
-                            x0: torch.Tensor | None = None, seed: int | None = None,
-                            thin: int = 1, batch_size: int = _PROPOSALS_PER_BATCH) -> MCMCResult:
+def independence_metropolis(
+    model,
+    energy: Energy,
+    n_steps: int,
+    n_chains: int,
+    x0: torch.Tensor | None = None,
+    seed: int | None = None,
+    thin: int = 1,
+    batch_size: int = _PROPOSALS_PER_BATCH,
+) -> MCMCResult:
     """Metropolized independence sampler with proposals from ``model`` (exact MCMC).
 
     Every chain proposes ``x' ~ q`` and accepts with ``min(1, w(x') / w(x))``; chains start at
@@ -348,8 +356,7 @@ def independence_metropolis(model, energy: Energy, n_steps: int, n_chains: int,
             k = min(steps_per_batch, n_steps - t0)
             x_prop, lw_prop = _model_log_weights(model, energy, k * n_chains)
             if x_prop.shape[1] != x.shape[1]:
-                raise ValueError(f"x0 has dimension {x.shape[1]}, the model samples "
-                                 f"{x_prop.shape[1]}")
+                raise ValueError(f"x0 has dimension {x.shape[1]}, the model samples {x_prop.shape[1]}")
             x_prop = x_prop.view(k, n_chains, -1)
             lw_prop = lw_prop.view(k, n_chains)
             n_nonfinite += int((~torch.isfinite(lw_prop)).sum())
@@ -362,11 +369,10 @@ def independence_metropolis(model, energy: Energy, n_steps: int, n_chains: int,
             # the state after step t is the proposal of the last accepted step <= t
             step = torch.arange(k, device=lw.device).unsqueeze(1)
             last = torch.cummax(torch.where(accepted, step, -1), dim=0).values
-            states = torch.where((last >= 0).unsqueeze(-1), x_prop[last.clamp(min=0), chain],
-                                 x.unsqueeze(0))
+            states = torch.where((last >= 0).unsqueeze(-1), x_prop[last.clamp(min=0), chain], x.unsqueeze(0))
             kept = (torch.arange(t0, t0 + k, device=lw.device) + 1) % thin == 0
             first = t0 // thin
-            samples[first:first + int(kept.sum())] = states[kept]
+            samples[first : first + int(kept.sum())] = states[kept]
             x = states[-1]
     return _mcmc_result(samples, n_accepted, n_steps, n_nonfinite)
 
@@ -381,9 +387,18 @@ def _latent_energy_and_grad(flow: Flow, energy: Energy, z: torch.Tensor):
     return x.detach(), u_eff.detach(), grad
 
 
-def latent_hmc(flow: Flow, prior, energy: Energy, n_steps: int, n_chains: int,
-               step_size: float, n_leapfrog: int, z0: torch.Tensor | None = None,
-               seed: int | None = None, thin: int = 1) -> MCMCResult:
+def latent_hmc(
+    flow: Flow,
+    prior,
+    energy: Energy,
+    n_steps: int,
+    n_chains: int,
+    step_size: float,
+    n_leapfrog: int,
+    z0: torch.Tensor | None = None,
+    seed: int | None = None,
+    thin: int = 1,
+) -> MCMCResult:
     """Hamiltonian Monte Carlo in the latent space of ``flow`` (NeuralRG), mapped back exactly.
 
     The chains sample ``z`` from ``exp(-u_eff(z))`` with ``u_eff(z) = u(g(z)) - log|det dg/dz|``
@@ -409,22 +424,28 @@ def latent_hmc(flow: Flow, prior, energy: Energy, n_steps: int, n_chains: int,
         x, u, grad = _latent_energy_and_grad(flow, energy, z)
         bad = ~(torch.isfinite(u) & torch.isfinite(grad).all(1))
         if bad.any():
-            raise ValueError(f"non-finite effective energy or gradient at the start of chains "
-                             f"{bad.nonzero().flatten().tolist()}: pass a finite z0")
+            raise ValueError(
+                f"non-finite effective energy or gradient at the start of chains "
+                f"{bad.nonzero().flatten().tolist()}: pass a finite z0"
+            )
         samples = x.new_empty((n_keep, n_chains, x.shape[1]))
         n_accepted = torch.zeros(n_chains, dtype=torch.long, device=z.device)
         n_nonfinite = torch.zeros((), dtype=torch.long, device=z.device)
         for step in range(n_steps):
             p = torch.randn_like(z)
-            h_old = u + 0.5 * (p ** 2).sum(1)
+            h_old = u + 0.5 * (p**2).sum(1)
             z_new, p_new = z, p - 0.5 * step_size * grad
             for i in range(n_leapfrog):
                 z_new = z_new + step_size * p_new
                 x_new, u_new, grad_new = _latent_energy_and_grad(flow, energy, z_new)
                 p_new = p_new - (step_size if i < n_leapfrog - 1 else 0.5 * step_size) * grad_new
-            h_new = u_new + 0.5 * (p_new ** 2).sum(1)
-            finite = torch.isfinite(h_new) & torch.isfinite(z_new).all(1) \
-                & torch.isfinite(x_new).all(1) & torch.isfinite(grad_new).all(1)
+            h_new = u_new + 0.5 * (p_new**2).sum(1)
+            finite = (
+                torch.isfinite(h_new)
+                & torch.isfinite(z_new).all(1)
+                & torch.isfinite(x_new).all(1)
+                & torch.isfinite(grad_new).all(1)
+            )
             log_u = torch.rand_like(h_old).log()
             accept = finite & (log_u < h_old - h_new)
             z = torch.where(accept.unsqueeze(1), z_new, z)

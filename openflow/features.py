@@ -10,6 +10,7 @@ Conventions are OpenMM's (``openflow.geometry``): distances in nm, angles in rad
 ``[0, pi]``, dihedrals in ``(-pi, pi]`` with the IUPAC sign (mdtraj's, and ``CustomTorsionForce``'s
 ``theta``).
 """
+
 from __future__ import annotations
 
 import math
@@ -50,7 +51,9 @@ class Feature(nn.Module):
         super().__init__()
         array = np.asarray(atoms)
         if array.ndim != 2 or array.shape[1] != self.arity or array.shape[0] == 0:
-            raise ValueError(f"{type(self).__name__} needs a non-empty list of {self.arity}-atom tuples, got shape {array.shape}")
+            raise ValueError(
+                f"{type(self).__name__} needs a non-empty list of {self.arity}-atom tuples, got shape {array.shape}"
+            )
         if not np.issubdtype(array.dtype, np.integer) or (array < 0).any():
             raise ValueError(f"{type(self).__name__}: atom indices must be non-negative integers")
         if any(len(set(row)) != self.arity for row in array.tolist()):
@@ -190,7 +193,7 @@ def select_atoms(topology, atoms: str = "heavy") -> np.ndarray:
 def atom_pairs(topology, atoms: str = "heavy") -> list[tuple[int, int]]:
     """All pairs ``i < j`` of the selected atoms: 45 heavy-atom pairs for alanine dipeptide (mlcolvar's features)."""
     selected = select_atoms(topology, atoms).tolist()
-    return [(i, j) for k, i in enumerate(selected) for j in selected[k + 1:]]
+    return [(i, j) for k, i in enumerate(selected) for j in selected[k + 1 :]]
 
 
 def distance_features(topology, atoms: str = "heavy") -> FeatureSet:

@@ -8,6 +8,7 @@ sign (mdtraj's, and ``theta`` of OpenMM's ``CustomTorsionForce``), both in ``ata
 stays accurate near 0 and pi. The ``*_and_gradient`` forms also return the derivative with
 respect to each input point, each shaped like the inputs.
 """
+
 from __future__ import annotations
 
 import math

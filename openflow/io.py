@@ -5,6 +5,7 @@ JSON file ``{"settings": ..., ...}`` written next to a stage's outputs when the 
 :func:`read_record` returns it only while the settings are the same, so a rerun reuses a finished
 stage and redoes a changed one.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -5,6 +5,7 @@ An *energy* is any callable ``u(x) -> (B,)`` giving the reduced energy (units of
 ``sample(n) -> (x (n, d), log q(x) (n,))`` (e.g. :class:`openflow.flows.base.BoltzmannGenerator`).
 Nothing here depends on OpenMM.
 """
+
 from __future__ import annotations
 
 import math
@@ -97,12 +98,7 @@ def _zero_grad_rows(x: torch.Tensor, keep: torch.Tensor) -> None:
 
 
 def reverse_kl(
-    model,
-    energy: Energy,
-    n: int,
-    beta: float = 1.0,
-    u_high: float | None = None,
-    u_max: float | None = None,
+    model, energy: Energy, n: int, beta: float = 1.0, u_high: float | None = None, u_max: float | None = None
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Variational free energy ``F_q = E_{x~q}[beta u(x) + log q(x)]`` from ``n`` model samples.
 
@@ -139,10 +135,12 @@ def reverse_kl(
         n_kept = f_samples.numel()
         stderr = f_samples.std() / math.sqrt(n_kept) if n_kept > 1 else f_samples.new_tensor(math.nan)
         counts = torch.stack([(~finite_u).sum(), (finite_u & ~keep).sum()])
-        summary = torch.cat([
-            torch.stack([f_samples.mean(), stderr, u_kept.double().mean(), log_q_kept.double().mean()]),
-            counts.double(),
-        ]).tolist()
+        summary = torch.cat(
+            [
+                torch.stack([f_samples.mean(), stderr, u_kept.double().mean(), log_q_kept.double().mean()]),
+                counts.double(),
+            ]
+        ).tolist()
     f_mean, f_err, u_mean, log_q_mean, n_bad_u, n_bad_log_q = summary
     stats = {
         "free_energy_kT": f_mean,

@@ -17,11 +17,12 @@
 
 Everything is in torch (training) and numpy (TICA); nothing assumes a molecule.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -29,7 +30,12 @@ import torch
 from openflow.cv import TICA, tica
 from openflow.flows.coupling import real_nvp
 from openflow.flows.priors import LatentHarmonicPrior
-from openflow.flows.symplectic import CanonicalSequential, NeuralCanonicalTransformation, PointTransformation, SymplecticScaling
+from openflow.flows.symplectic import (
+    CanonicalSequential,
+    NeuralCanonicalTransformation,
+    PointTransformation,
+    SymplecticScaling,
+)
 from openflow.training import Trainer
 
 RIGID_BODY_DOF = 6  # translations and rotations removed by an alignment
@@ -58,18 +64,28 @@ class PrincipalFrame:
         return q.to(self.axes) @ self.axes.T / self.sqrt_mass + self.mean
 
 
-def principal_frame(positions: torch.Tensor, masses: Sequence[float], kT_kjmol: float, rigid_body: bool = True,
-                    weights: torch.Tensor | None = None) -> PrincipalFrame:
+def principal_frame(
+    positions: torch.Tensor,
+    masses: Sequence[float],
+    kT_kjmol: float,
+    rigid_body: bool = True,
+    weights: torch.Tensor | None = None,
+) -> PrincipalFrame:
     """The principal frame of ``positions (T, 3m)`` nm of atoms with ``masses (m,)`` amu at ``kT_kjmol``.
 
     ``rigid_body``: the positions were aligned (Kabsch), so the 6 smallest-variance axes are empty
     and dropped; ``weights (T,)``: frame weights of the mean and covariance (None: equal).
     """
     if positions.ndim != 2 or positions.shape[1] != 3 * len(masses):
-        raise ValueError(f"positions must be (T, {3 * len(masses)}) for {len(masses)} atoms, got {tuple(positions.shape)}")
+        raise ValueError(
+            f"positions must be (T, {3 * len(masses)}) for {len(masses)} atoms, got {tuple(positions.shape)}"
+        )
     sqrt_mass = torch.as_tensor(np.repeat(np.asarray(masses, dtype=float), 3) / kT_kjmol, dtype=positions.dtype).sqrt()
-    w = torch.full((len(positions),), 1.0 / len(positions), dtype=positions.dtype) if weights is None \
+    w = (
+        torch.full((len(positions),), 1.0 / len(positions), dtype=positions.dtype)
+        if weights is None
         else torch.as_tensor(weights, dtype=positions.dtype) / torch.as_tensor(weights, dtype=positions.dtype).sum()
+    )
     mean = w @ positions
     weighted = (positions - mean) * sqrt_mass
     variances, axes = torch.linalg.eigh(weighted.T @ (weighted * w[:, None]))
@@ -79,7 +95,9 @@ def principal_frame(positions: torch.Tensor, masses: Sequence[float], kT_kjmol: 
     return PrincipalFrame(mean, sqrt_mass, axes.flip(1)[:, :keep], variances.flip(0)[:keep].clamp_min(1e-12))
 
 
-def phase_space(frame: PrincipalFrame, positions: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def phase_space(
+    frame: PrincipalFrame, positions: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(p~, q~)``, each ``(T, k)``: ``q~`` the positions on the frame's axes (ps), ``p~`` Maxwell-Boltzmann
     momenta ``N(0, 1)`` (mass-weighted, reduced) drawn from ``generator``."""
     q = frame.project(positions)
@@ -102,11 +120,21 @@ def build_nct(variances: torch.Tensor, layers: int, hidden: Sequence[int]) -> Ne
     log_std = 0.5 * variances.log().to(NCT_DTYPE)
     flow = real_nvp(dim, n_layers=layers, hidden=hidden, activation="tanh", actnorm=False)
     transform = CanonicalSequential(fixed_scaling(log_std), PointTransformation(flow), fixed_scaling(-log_std))
-    return NeuralCanonicalTransformation(transform, LatentHarmonicPrior(dim, variances.to(NCT_DTYPE).rsqrt())).to(NCT_DTYPE)
+    return NeuralCanonicalTransformation(transform, LatentHarmonicPrior(dim, variances.to(NCT_DTYPE).rsqrt())).to(
+        NCT_DTYPE
+    )
 
 
-def train_nct(p: torch.Tensor, q: torch.Tensor, variances: torch.Tensor, settings: dict, seed: int, out: Path,
-              progress: bool, weights: torch.Tensor | None = None) -> tuple[NeuralCanonicalTransformation, dict]:
+def train_nct(
+    p: torch.Tensor,
+    q: torch.Tensor,
+    variances: torch.Tensor,
+    settings: dict,
+    seed: int,
+    out: Path,
+    progress: bool,
+    weights: torch.Tensor | None = None,
+) -> tuple[NeuralCanonicalTransformation, dict]:
     """Maximum likelihood of ``(p~, q~)`` (``(T, k)`` each) under :func:`build_nct`, Adam.
 
     ``settings``: ``layers``, ``hidden``, ``steps``, ``batch``, ``lr``; ``weights (T,)``: frame
@@ -124,9 +152,19 @@ def train_nct(p: torch.Tensor, q: torch.Tensor, variances: torch.Tensor, setting
         data, loss = (p, q, w / w.mean()), (lambda m, batch: -(batch[2] * m.log_prob(batch[0], batch[1])).mean())
     run = {key: settings[key] for key in ("layers", "hidden", "batch", "lr")}
     run.update(frames=int(q.shape[0]), dim=int(q.shape[1]), weighted=weights is not None)
-    trainer = Trainer(model, loss, data=data, batch_size=min(settings["batch"], q.shape[0]), lr=settings["lr"],
-                      device=q.device, seed=seed, out_dir=out, checkpoint_every=max(1, min(1000, settings["steps"])),
-                      progress=progress, config={"nct": run})
+    trainer = Trainer(
+        model,
+        loss,
+        data=data,
+        batch_size=min(settings["batch"], q.shape[0]),
+        lr=settings["lr"],
+        device=q.device,
+        seed=seed,
+        out_dir=out,
+        checkpoint_every=max(1, min(1000, settings["steps"])),
+        progress=progress,
+        config={"nct": run},
+    )
     history = trainer.fit(settings["steps"], resume=out is not None)
     model.eval()
     return model, {"nct_steps": trainer.step, "nct_final_loss": history[-1]["loss"] if history else float("nan")}
@@ -138,7 +176,9 @@ def latent_modes(model: NeuralCanonicalTransformation, q: torch.Tensor, k: int, 
         return torch.cat([model.collective_variables(block.to(NCT_DTYPE), k) for block in q.split(chunk)]).to(q.dtype)
 
 
-def kinetic_slowest(modes: np.ndarray, segments: Sequence[np.ndarray] | np.ndarray, lag: int) -> tuple[TICA, np.ndarray]:
+def kinetic_slowest(
+    modes: np.ndarray, segments: Sequence[np.ndarray] | np.ndarray, lag: int
+) -> tuple[TICA, np.ndarray]:
     """The slowest combination of latent modes: the leading TICA component of ``modes (T, k)`` at ``lag``
     frames, time-lagged pairs taken inside each piece of ``segments`` (a label per frame ``(T,)``:
     frames with equal consecutive labels follow each other in time). Returns the TICA model and the
@@ -155,8 +195,9 @@ def split_segments(values: np.ndarray, segments: np.ndarray) -> list[np.ndarray]
     return np.split(values, np.flatnonzero(np.diff(segments)) + 1)
 
 
-def latent_interpolation(model: NeuralCanonicalTransformation, frame: PrincipalFrame, q: torch.Tensor, mode: int,
-                         n_frames: int) -> torch.Tensor:
+def latent_interpolation(
+    model: NeuralCanonicalTransformation, frame: PrincipalFrame, q: torch.Tensor, mode: int, n_frames: int
+) -> torch.Tensor:
     """Positions ``(n_frames, 3m)`` nm along latent mode ``mode`` (0: slowest), from its 2nd to its 98th
     percentile over the data ``q (T, k)``, every other latent position at its median."""
     with torch.no_grad():

@@ -5,6 +5,7 @@ is ``None`` in energy-based training. The trainer owns the device, optimizer, le
 schedule, gradient clipping, skipping of non-finite steps, the progress bar, the metrics log
 (``out/metrics.jsonl``) and checkpoints (``out/checkpoint.pt``) from which a run resumes exactly.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,13 +23,23 @@ import torch
 from tqdm.auto import tqdm
 
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "config", "step", "n_skipped", "rng", "data")
+
+
 def _lbfgs(params, lr: float, weight_decay: float) -> torch.optim.LBFGS:
     """One L-BFGS iteration (with a strong-Wolfe line search) per Trainer step: for deterministic
     objectives, e.g. a fixed moment-matched batch or full-batch maximum likelihood."""
     if weight_decay:
         raise ValueError("weight_decay is not supported with optimizer='lbfgs'")
-    return torch.optim.LBFGS(params, lr=lr, max_iter=1, max_eval=25, history_size=50, line_search_fn="strong_wolfe",
-                             tolerance_grad=0.0, tolerance_change=0.0)
+    return torch.optim.LBFGS(
+        params,
+        lr=lr,
+        max_iter=1,
+        max_eval=25,
+        history_size=50,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=0.0,
+        tolerance_change=0.0,
+    )
 
 
 _OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "lbfgs": _lbfgs}
@@ -57,8 +68,10 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
         raise ValueError(f"unknown device {name!r}: {err}") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} requested but torch has no usable CUDA device here; use 'auto' (CUDA when "
-                             "present, else the CPU) or 'cpu'")
+            raise ValueError(
+                f"device {name!r} requested but torch has no usable CUDA device here; use 'auto' (CUDA when "
+                "present, else the CPU) or 'cpu'"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
     return device
@@ -74,8 +87,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     except FileNotFoundError:
         raise
     except Exception as error:  # torch raises EOFError, RuntimeError, UnpicklingError, OSError, ... for a bad file
-        raise ValueError(f"{path} is not a readable checkpoint ({type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else 'empty'}); "
-                         "delete it to train that stage again") from None
+        why = (str(error) or "empty").splitlines()[0][:120]
+        raise ValueError(
+            f"{path} is not a readable checkpoint ({type(error).__name__}: {why}); delete it to train that stage again"
+        ) from None
     if not isinstance(state, dict):
         raise ValueError(f"{path} is not a Trainer checkpoint; delete it to train that stage again")
     return state
@@ -88,8 +103,11 @@ def _say(message: str) -> None:
 def _differences(saved, wanted, prefix: str = "") -> list[str]:
     """``key: old -> new`` for every leaf where two JSON-like configs differ."""
     if isinstance(saved, dict) and isinstance(wanted, dict):
-        return [line for key in sorted(set(saved) | set(wanted), key=str)
-                for line in _differences(saved.get(key), wanted.get(key), f"{prefix}{key}.")]
+        return [
+            line
+            for key in sorted(set(saved) | set(wanted), key=str)
+            for line in _differences(saved.get(key), wanted.get(key), f"{prefix}{key}.")
+        ]
     if _canonical(saved) != _canonical(wanted):
         return [f"{prefix.rstrip('.')}: {saved!r} -> {wanted!r}"]
     return []
@@ -100,8 +118,13 @@ def _rng_state() -> dict:
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "python": random.getstate(),
     }
 
@@ -112,11 +135,11 @@ def _set_rng_state(state: dict) -> None:
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
     elif cuda:
-        warnings.warn("the checkpoint's CUDA RNG states do not match the devices present; not restored",
-                      stacklevel=3)
+        warnings.warn("the checkpoint's CUDA RNG states do not match the devices present; not restored", stacklevel=3)
     npy = state["numpy"]
-    np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"],
-                         npy["has_gauss"], npy["cached_gaussian"]))
+    np.random.set_state(
+        (npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached_gaussian"])
+    )
     python = state["python"]
     random.setstate((python[0], tuple(python[1]), python[2]))
 
@@ -164,7 +187,7 @@ class _TensorBatches:
     def next(self):
         if self.perm is None or self.cursor + self.batch_size > self.n:
             self._new_epoch()
-        index = self.perm[self.cursor:self.cursor + self.batch_size]
+        index = self.perm[self.cursor : self.cursor + self.batch_size]
         self.cursor += self.batch_size
         batch = tuple(t[index] for t in self.tensors)
         return batch[0] if self.single else batch
@@ -202,8 +225,10 @@ class _LoaderBatches:
 
     def _new_epoch(self) -> None:
         generator = self._loader_generator()
-        self.epoch_rng = {"torch": torch.get_rng_state(),
-                          "loader": generator.get_state() if generator is not None else None}
+        self.epoch_rng = {
+            "torch": torch.get_rng_state(),
+            "loader": generator.get_state() if generator is not None else None,
+        }
         self.iterator = iter(self.loader)
         self.cursor = 0
 
@@ -326,10 +351,14 @@ class Trainer:
         if schedule not in _SCHEDULES:
             raise ValueError(f"schedule must be one of {list(_SCHEDULES)}, got {schedule!r}")
         for name, value, integer, allow_none in (
-            ("batch_size", batch_size, True, False), ("lr", lr, False, False),
-            ("total_steps", total_steps, True, schedule != "cosine"), ("step_size", step_size, True, False),
-            ("gamma", gamma, False, False), ("grad_clip", grad_clip, False, True),
-            ("checkpoint_every", checkpoint_every, True, False), ("log_every", log_every, True, False),
+            ("batch_size", batch_size, True, False),
+            ("lr", lr, False, False),
+            ("total_steps", total_steps, True, schedule != "cosine"),
+            ("step_size", step_size, True, False),
+            ("gamma", gamma, False, False),
+            ("grad_clip", grad_clip, False, True),
+            ("checkpoint_every", checkpoint_every, True, False),
+            ("log_every", log_every, True, False),
         ):
             _check_positive(name, value, integer, allow_none)
         if not (weight_decay >= 0 and min_lr >= 0):
@@ -360,7 +389,9 @@ class Trainer:
         elif isinstance(data, Iterable):
             self.batches = _LoaderBatches(data, self.device)
         else:
-            raise TypeError(f"data must be None, a tensor, a tuple of tensors or an iterable, got {type(data).__name__}")
+            raise TypeError(
+                f"data must be None, a tensor, a tuple of tensors or an iterable, got {type(data).__name__}"
+            )
 
         self.grad_clip = float(grad_clip) if grad_clip is not None else math.inf
         self.checkpoint_every = int(checkpoint_every)
@@ -370,10 +401,18 @@ class Trainer:
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         self.settings = {
-            "optimizer": optimizer, "lr": float(lr), "weight_decay": float(weight_decay),
-            "schedule": schedule, "total_steps": total_steps, "step_size": int(step_size),
-            "gamma": float(gamma), "min_lr": float(min_lr), "grad_clip": grad_clip,
-            "batch_size": int(batch_size), "seed": int(seed), "device": str(self.device),
+            "optimizer": optimizer,
+            "lr": float(lr),
+            "weight_decay": float(weight_decay),
+            "schedule": schedule,
+            "total_steps": total_steps,
+            "step_size": int(step_size),
+            "gamma": float(gamma),
+            "min_lr": float(min_lr),
+            "grad_clip": grad_clip,
+            "batch_size": int(batch_size),
+            "seed": int(seed),
+            "device": str(self.device),
             "data": type(data).__name__,
         }
         self.config = config
@@ -415,7 +454,7 @@ class Trainer:
         self._saved_step = self.step
         return path
 
-    def resume(self, path: str | os.PathLike | None = None) -> "Trainer":
+    def resume(self, path: str | os.PathLike | None = None) -> Trainer:
         """Load a checkpoint (default ``out_dir/checkpoint.pt``) and continue exactly from it.
 
         The metrics history is reloaded from ``metrics.jsonl`` up to the checkpoint's step.
@@ -430,15 +469,23 @@ class Trainer:
         config = state.get("config", {})
         changed = _differences(config.get("run"), self.config)
         saved = config.get("trainer", {})
-        changed += _differences({k: v for k, v in saved.items() if k != "device"},
-                                {k: v for k, v in self.settings.items() if k != "device"}, "trainer.")
+        changed += _differences(
+            {k: v for k, v in saved.items() if k != "device"},
+            {k: v for k, v in self.settings.items() if k != "device"},
+            "trainer.",
+        )
         if changed:
-            return "it was written with other settings (" + "; ".join(changed[:3]) + (", ..." if len(changed) > 3 else "") + ")"
+            return (
+                "it was written with other settings ("
+                + "; ".join(changed[:3])
+                + (", ..." if len(changed) > 3 else "")
+                + ")"
+            )
         if int(state.get("step", 0)) > steps:
             return f"it holds {int(state['step'])} steps, more than the {steps} asked for"
         return None
 
-    def _restore(self, state: dict, path: Path) -> "Trainer":
+    def _restore(self, state: dict, path: Path) -> Trainer:
         """Continue from a loaded checkpoint ``state`` (read from ``path``)."""
         missing = [key for key in CHECKPOINT_KEYS if key not in state]
         if missing:
@@ -450,8 +497,11 @@ class Trainer:
         saved = state["config"]["trainer"]
         changed = sorted(k for k in self.settings if k != "device" and saved.get(k) != self.settings[k])
         if changed:
-            warnings.warn(f"resuming with changed settings {changed}; the checkpoint's optimizer "
-                          "state (including lr) is restored", stacklevel=2)
+            warnings.warn(
+                f"resuming with changed settings {changed}; the checkpoint's optimizer "
+                "state (including lr) is restored",
+                stacklevel=2,
+            )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None:
@@ -515,9 +565,15 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.n_skipped += 1
         self.step += 1
-        record = {"step": self.step, "loss": loss_value, "grad_norm": grad_norm, "lr": lr,
-                  "skipped": not ok, "n_skipped": self.n_skipped,
-                  "step_time_s": time.perf_counter() - start}
+        record = {
+            "step": self.step,
+            "loss": loss_value,
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "skipped": not ok,
+            "n_skipped": self.n_skipped,
+            "step_time_s": time.perf_counter() - start,
+        }
         clash = sorted(set(record) & set(metrics))
         if clash:
             raise ValueError(f"metric names {clash} are reserved by the Trainer")
@@ -589,12 +645,15 @@ def interleaved_holdout(n_frames: int, fraction: float, block: int) -> np.ndarra
     index = np.arange(n_frames) // block
     mask = (index * fraction) % 1.0 >= 1.0 - fraction - 1e-12
     if not 0 < mask.sum() < n_frames:
-        raise ValueError(f"{n_frames} frames in blocks of {block} leave no held-out or no training frame: lower validation_block")
+        raise ValueError(
+            f"{n_frames} frames in blocks of {block} leave no held-out or no training frame: lower validation_block"
+        )
     return mask
 
 
-def fit_with_early_stopping(trainer: Trainer, validate: Callable[[], float], max_steps: int, eval_every: int,
-                            patience: int) -> tuple[float, int]:
+def fit_with_early_stopping(
+    trainer: Trainer, validate: Callable[[], float], max_steps: int, eval_every: int, patience: int
+) -> tuple[float, int]:
     """Train until ``max_steps`` or until ``patience`` evaluations in a row did not improve.
 
     Every ``eval_every`` steps the model is put in eval mode and ``validate()`` (e.g. a held-out NLL,

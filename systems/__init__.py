@@ -1,4 +1,5 @@
 """Physical systems as OpenMM ``System``s (installed as ``openflow.systems``)."""
+
 from .alanine_dipeptide import alanine_dipeptide
 from .base import INACTIVE_FORCE_GROUP, MOLAR_GAS_CONSTANT, System, kT_kjmol
 from .coulomb_cluster import coulomb_cluster
@@ -19,4 +20,15 @@ def build(name: str, **kwargs) -> System:
     return BUILDERS[name](**kwargs)
 
 
-__all__ = ["System", "HarmonicChain", "INACTIVE_FORCE_GROUP", "MOLAR_GAS_CONSTANT", "kT_kjmol", "alanine_dipeptide", "coulomb_cluster", "from_files", "harmonic_chain", "build"]
+__all__ = [
+    "System",
+    "HarmonicChain",
+    "INACTIVE_FORCE_GROUP",
+    "MOLAR_GAS_CONSTANT",
+    "kT_kjmol",
+    "alanine_dipeptide",
+    "coulomb_cluster",
+    "from_files",
+    "harmonic_chain",
+    "build",
+]

@@ -20,6 +20,7 @@ which ``openflow.analysis.count_transitions`` counts a transition only when the 
 the core of the other basin: with the default 0.5 rad the cores are ``(0.5, 1.5)`` and
 ``phi < -0.5`` or ``phi > 2.5``.
 """
+
 from __future__ import annotations
 
 from importlib import resources

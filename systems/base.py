@@ -7,6 +7,7 @@ integrator would let them drift, they are tethered by a harmonic force placed in
 ``INACTIVE_FORCE_GROUP``, which energy evaluations leave out (it is separable from the active
 coordinates, so their Boltzmann distribution is unchanged).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -18,7 +19,9 @@ import openmm.unit as unit
 import torch
 
 INACTIVE_FORCE_GROUP = 31
-MOLAR_GAS_CONSTANT = unit.MOLAR_GAS_CONSTANT_R.value_in_unit(unit.kilojoule_per_mole / unit.kelvin)  # kJ/(mol K), OpenMM's value
+MOLAR_GAS_CONSTANT = unit.MOLAR_GAS_CONSTANT_R.value_in_unit(
+    unit.kilojoule_per_mole / unit.kelvin
+)  # kJ/(mol K), OpenMM's value
 
 
 def kT_kjmol(temperature_K: float) -> float:

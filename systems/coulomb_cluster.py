@@ -4,13 +4,14 @@
 amu (time in ps). A plain-number ``temperature`` is the reduced temperature ``kT`` in kJ/mol.
 In 2D only x and y are active and the pair distance uses x and y alone.
 """
+
 from __future__ import annotations
 
 import numpy as np
 import openmm
 import openmm.unit as unit
 
-from .base import System, kT_kjmol, kelvin, point_particle_topology, tether_inactive
+from .base import System, kelvin, kT_kjmol, point_particle_topology, tether_inactive
 
 
 def _spread_points(n: int, dim: int, radius: float) -> np.ndarray:

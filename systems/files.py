@@ -6,6 +6,7 @@
 topology (bonds, elements, residues) and the starting positions. Every Cartesian component is
 active. Nothing else is assumed: a molecule, a cluster or one particle in an external field.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,9 +31,14 @@ def _read_system(path: Path) -> openmm.System:
     try:
         system = openmm.XmlSerializer.deserialize(path.read_text())
     except Exception as error:  # OpenMM raises a bare Exception for malformed XML
-        raise ValueError(f"{path} is not a serialized openmm.System ({str(error).strip() or type(error).__name__})") from None
+        raise ValueError(
+            f"{path} is not a serialized openmm.System ({str(error).strip() or type(error).__name__})"
+        ) from None
     if not isinstance(system, openmm.System):
-        raise ValueError(f"{path} holds a {type(system).__name__}, not an openmm.System (save one with openmm.XmlSerializer.serialize)")
+        raise ValueError(
+            f"{path} holds a {type(system).__name__}, not an openmm.System "
+            "(save one with openmm.XmlSerializer.serialize)"
+        )
     return system
 
 
@@ -63,17 +69,26 @@ def from_files(xml, pdb, temperature_K: float = 300.0, name: str | None = None) 
     mismatch, a non-positive temperature or a starting structure with a non-finite energy.
     """
     xml_path, pdb_path = _existing(xml, "system XML"), _existing(pdb, "PDB")
-    if isinstance(temperature_K, bool) or not isinstance(temperature_K, (int, float)) or not np.isfinite(temperature_K) \
-            or temperature_K <= 0:
+    if (
+        isinstance(temperature_K, bool)
+        or not isinstance(temperature_K, (int, float))
+        or not np.isfinite(temperature_K)
+        or temperature_K <= 0
+    ):
         raise ValueError(f"temperature_K must be a positive number of kelvin, got {temperature_K!r}")
     system, structure = _read_system(xml_path), _read_pdb(pdb_path)
     n_system, n_pdb = system.getNumParticles(), structure.topology.getNumAtoms()
     if n_system != n_pdb:
-        raise ValueError(f"{xml_path} has {n_system} particles but {pdb_path} has {n_pdb} atoms: they must describe the same atoms")
+        raise ValueError(
+            f"{xml_path} has {n_system} particles but {pdb_path} has {n_pdb} atoms: they must describe the same atoms"
+        )
     positions = np.asarray(structure.positions.value_in_unit(unit.nanometer)) * unit.nanometer
     energy = starting_energy(system, positions)
     if not np.isfinite(energy):
-        raise ValueError(f"the structure in {pdb_path} has a non-finite energy ({energy}) in {xml_path}: clashing atoms or a broken system")
+        raise ValueError(
+            f"the structure in {pdb_path} has a non-finite energy ({energy}) in {xml_path}: "
+            "clashing atoms or a broken system"
+        )
     digest = hashlib.sha256(xml_path.read_bytes() + pdb_path.read_bytes()).hexdigest()[:16]
     return System(
         name=name or xml_path.stem,

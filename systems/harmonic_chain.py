@@ -5,13 +5,14 @@
 active. Written in reduced units: lengths nm, energies kJ/mol, masses amu (so time is ps), and a
 plain-number ``temperature`` is ``kT`` in kJ/mol (default 1, i.e. T = 120.27 K).
 """
+
 from __future__ import annotations
 
 import numpy as np
 import openmm
 import openmm.unit as unit
 
-from .base import System, kT_kjmol, kelvin, point_particle_topology, tether_inactive
+from .base import System, kelvin, kT_kjmol, point_particle_topology, tether_inactive
 
 BOUNDARIES = ("fixed-fixed", "fixed-free")
 
@@ -53,11 +54,7 @@ class HarmonicChain(System):
 
 
 def harmonic_chain(
-    n: int = 32,
-    boundary: str = "fixed-fixed",
-    k: float = 1.0,
-    mass: float = 1.0,
-    temperature=1.0,
+    n: int = 32, boundary: str = "fixed-fixed", k: float = 1.0, mass: float = 1.0, temperature=1.0
 ) -> HarmonicChain:
     """Build the chain as an OpenMM System.
 

@@ -1,4 +1,5 @@
 """Helpers shared by the tests."""
+
 from pathlib import Path
 
 import torch

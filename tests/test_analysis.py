@@ -1,6 +1,7 @@
 """Analysis: torsion free-energy surfaces, two-state populations and transition counting (synthetic data
 with exact answers; the phi basins of alanine dipeptide as the states) and `openflow rama` on a short
 real trajectory."""
+
 import json
 
 import mdtraj
@@ -18,12 +19,25 @@ R = MOLAR_GAS_CONSTANT
 
 def test_transition_counting_on_synthetic_phi():
     # cores: positive (0.5, 1.5), negative phi < -0.5 or phi > 2.5; between them nothing counts
-    phi = np.array([-1.5, -1.4, 0.2, -1.5,          # barrier visit, back: no transition
-                    1.0,                             # 1: into the positive core (frame 4)
-                    0.2, 1.0, -0.2, 1.2,             # recrossings that never reach the negative core
-                    2.0, 3.0,                        # 2: negative core across +-pi (frame 10)
-                    -3.1, 2.2, 1.4,                  # 3: positive core again (frame 13)
-                    -0.6])                           # 4: negative core (frame 14)
+    phi = np.array(
+        [
+            -1.5,
+            -1.4,
+            0.2,
+            -1.5,  # barrier visit, back: no transition
+            1.0,  # 1: into the positive core (frame 4)
+            0.2,
+            1.0,
+            -0.2,
+            1.2,  # recrossings that never reach the negative core
+            2.0,
+            3.0,  # 2: negative core across +-pi (frame 10)
+            -3.1,
+            2.2,
+            1.4,  # 3: positive core again (frame 13)
+            -0.6,
+        ]
+    )  # 4: negative core (frame 14)
     assert analysis.transition_frames(phi_states(phi, PHI_CORE_MARGIN)).tolist() == [4, 10, 13, 14]
     assert analysis.count_transitions(phi_states(phi, PHI_CORE_MARGIN)) == 4
     assert analysis.count_transitions(phi_states(phi, margin=0.0)) == 8  # without hysteresis every sign change counts
@@ -32,7 +46,7 @@ def test_transition_counting_on_synthetic_phi():
 
 def test_state_populations_weighted_exact():
     phi = np.array([-1.5, 1.0, 2.5, -0.1, 0.3])
-    weights = np.array([1.0, 2.0, 3.0, 4.0, 5.0])   # positive: 1.0 and 0.3 -> 7/15
+    weights = np.array([1.0, 2.0, 3.0, 4.0, 5.0])  # positive: 1.0 and 0.3 -> 7/15
     result = analysis.state_populations(phi_states(phi) == 1, weights=weights)
     assert result["state"] == pytest.approx(7 / 15, abs=1e-15)
     assert result["rest"] + result["state"] == pytest.approx(1.0, abs=1e-15)
@@ -64,7 +78,10 @@ def test_ramachandran_free_energy_difference_and_units():
     in_kj = analysis.ramachandran(angles, weights=weights, bins=12, units="kJ/mol", temperature=350.0)
     assert np.nanmax(in_kj.free_energy) == pytest.approx(2.0 * R * 350.0, rel=1e-12)
     i, j = np.unravel_index(np.nanargmax(surface.free_energy), surface.free_energy.shape)
-    assert surface.phi_edges[i] <= 1.0 < surface.phi_edges[i + 1] and surface.psi_edges[j] <= -0.5 < surface.psi_edges[j + 1]
+    assert (
+        surface.phi_edges[i] <= 1.0 < surface.phi_edges[i + 1]
+        and surface.psi_edges[j] <= -0.5 < surface.psi_edges[j + 1]
+    )
     with pytest.raises(ValueError, match="units"):
         analysis.ramachandran(angles, units="kcal")
 
@@ -72,19 +89,39 @@ def test_ramachandran_free_energy_difference_and_units():
 def test_free_energy_profile_of_boltzmann_samples():
     # weights exp(-s^2/2) on a uniform grid: F(s) = s^2/2 up to the bin average
     s = np.linspace(-3, 3, 600_001)
-    centers, f = analysis.free_energy_profile(s, weights=np.exp(-s**2 / 2), bins=30, range=(-3, 3))
+    centers, f = analysis.free_energy_profile(s, weights=np.exp(-(s**2) / 2), bins=30, range=(-3, 3))
     edges = np.linspace(-3, 3, 31)
-    exact = -np.log([np.mean(np.exp(-np.linspace(a, b, 2001)**2 / 2)) for a, b in zip(edges[:-1], edges[1:])])
+    exact = -np.log([np.mean(np.exp(-(np.linspace(a, b, 2001) ** 2) / 2)) for a, b in zip(edges[:-1], edges[1:])])
     assert np.allclose(f, exact - exact.min(), atol=1e-4)
 
 
 def test_rama_command_on_a_short_trajectory(tmp_path):
-    md = simulate(alanine_dipeptide(), steps=400, interval=20, out=tmp_path / "md", seed=2, platform="Reference",
-                  equilibration_steps=50, progress=False)
+    md = simulate(
+        alanine_dipeptide(),
+        steps=400,
+        interval=20,
+        out=tmp_path / "md",
+        seed=2,
+        platform="Reference",
+        equilibration_steps=50,
+        progress=False,
+    )
     weights = np.arange(1.0, 21.0)
     np.savetxt(tmp_path / "w.txt", weights)
-    status = main(["rama", str(md.trajectory), "--top", str(md.topology), "--weights", str(tmp_path / "w.txt"),
-                   "--units", "kJ/mol", "--out", str(tmp_path / "rama")])
+    status = main(
+        [
+            "rama",
+            str(md.trajectory),
+            "--top",
+            str(md.topology),
+            "--weights",
+            str(tmp_path / "w.txt"),
+            "--units",
+            "kJ/mol",
+            "--out",
+            str(tmp_path / "rama"),
+        ]
+    )
     assert status == 0
     assert (tmp_path / "rama" / "rama.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     populations = json.loads((tmp_path / "rama" / "populations.json").read_text())
@@ -93,5 +130,18 @@ def test_rama_command_on_a_short_trajectory(tmp_path):
     phi = mdtraj.compute_phi(mdtraj.load(str(md.trajectory), top=str(md.topology)))[1][:, 0]
     assert populations["positive"] == pytest.approx(weights[phi_states(phi) == 1].sum() / weights.sum(), abs=1e-12)
     np.save(tmp_path / "bad.npy", np.ones(3))
-    assert main(["rama", str(md.trajectory), "--top", str(md.topology), "--weights", str(tmp_path / "bad.npy"),
-                 "--out", str(tmp_path / "bad")]) == 2
+    assert (
+        main(
+            [
+                "rama",
+                str(md.trajectory),
+                "--top",
+                str(md.topology),
+                "--weights",
+                str(tmp_path / "bad.npy"),
+                "--out",
+                str(tmp_path / "bad"),
+            ]
+        )
+        == 2
+    )

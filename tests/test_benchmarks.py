@@ -1,5 +1,6 @@
 """Smoke tests of the benchmarks (tiny sizes): one parseable JSON object, documented keys, positive rates,
 and exactness checks on what they time (log q of the samplers, the CV force of a biased MD run)."""
+
 import json
 import math
 import time
@@ -30,20 +31,52 @@ def test_machine_description_and_rate():
     start = time.perf_counter()
     items_per_s = rate(lambda: (calls.append(1), time.sleep(0.01)), 10, seconds=0.0)
     assert len(calls) == 2  # one warm-up call, then at least one timed call
-    assert 10 / (time.perf_counter() - start) < items_per_s < 10 / 0.01  # ten items in one 10 ms call, warm-up not counted
+    assert (
+        10 / (time.perf_counter() - start) < items_per_s < 10 / 0.01
+    )  # ten items in one 10 ms call, warm-up not counted
 
 
 def test_flows_main_json(capsys, tmp_path):
-    families = ["realnvp_bg", "nct_linear", "cnf_rk4_hutchinson", "cnf_dopri5_exact", "monge_ampere_mlp", "monge_ampere_pair"]
+    families = [
+        "realnvp_bg",
+        "nct_linear",
+        "cnf_rk4_hutchinson",
+        "cnf_dopri5_exact",
+        "monge_ampere_mlp",
+        "monge_ampere_pair",
+    ]
     out = tmp_path / "flows.json"
-    result = flows.main(["--family", *families, "--dim", "6", "--samples", "32", "--batch", "8", "--seconds", "0.01",
-                         "--repeats", "1", "--hidden", "8", "--rk4-steps", "2", "--json", "--out", str(out)])
+    result = flows.main(
+        [
+            "--family",
+            *families,
+            "--dim",
+            "6",
+            "--samples",
+            "32",
+            "--batch",
+            "8",
+            "--seconds",
+            "0.01",
+            "--repeats",
+            "1",
+            "--hidden",
+            "8",
+            "--rk4-steps",
+            "2",
+            "--json",
+            "--out",
+            str(out),
+        ]
+    )
     printed = _printed_json(capsys)
     assert printed == json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert MACHINE_KEYS <= set(printed["machine"])
     assert [run["family"] for run in printed["runs"]] == families
     for run in printed["runs"]:
-        assert run["dim"] == 6 and 1.0 < run["samples_per_s"] < 1e9 and 1e-4 < run["train_step_ms"] < 1e4  # timed, not 0 or inf
+        assert (
+            run["dim"] == 6 and 1.0 < run["samples_per_s"] < 1e9 and 1e-4 < run["train_step_ms"] < 1e4
+        )  # timed, not 0 or inf
         assert run["loss"] in {"reverse_kl", "nll", "flow_matching"}
     nfe = {run["family"]: run["nfe"] for run in printed["runs"]}
     assert nfe["realnvp_bg"] is None and nfe["cnf_rk4_hutchinson"] == 2 * 4  # RK4: 4 evaluations per step
@@ -51,14 +84,18 @@ def test_flows_main_json(capsys, tmp_path):
 
 def test_energy_table_runs_both_paths_and_prints_the_readme_table(capsys, tmp_path):
     out = tmp_path / "table.json"
-    result = energy_table.main(["--platform", "Reference", "--batch", "8", "--runs", "1", "--seconds", "0.01", "--out", str(out)])
+    result = energy_table.main(
+        ["--platform", "Reference", "--batch", "8", "--runs", "1", "--seconds", "0.01", "--out", str(out)]
+    )
     table = capsys.readouterr().out.splitlines()
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     runs = result["runs"]
     assert [r["batched_cpu_kernels"] for r in runs] == [True, False] * len(energy_table.SYSTEMS)
     assert all(r["per_config_platform"] == "Reference" and r["dtype"] == "float64" and r["ratio"] > 0 for r in runs)
     assert all(r["max_abs_energy_difference_kT"] < 1e-6 for r in runs)
-    assert table[0].startswith("| system | loop, Reference | batched, float64 | ratio | kernels / torch ops (float64) |")
+    assert table[0].startswith(
+        "| system | loop, Reference | batched, float64 | ratio | kernels / torch ops (float64) |"
+    )
     assert [line.split(" | ")[0][2:] for line in table[2:-1]] == list(energy_table.SYSTEMS)
 
 
@@ -94,8 +131,24 @@ def test_double_well_energy_is_analytic():
 
 
 def test_md_main_json_biased_run_is_exact(capsys):
-    result = md.main(["--system", "alanine_dipeptide", "--platform", "Reference", "--bias", "phi_psi_table",
-                      "distances_lepton", "--steps", "20", "--repeats", "1", "--frequency", "10", "--json"])
+    result = md.main(
+        [
+            "--system",
+            "alanine_dipeptide",
+            "--platform",
+            "Reference",
+            "--bias",
+            "phi_psi_table",
+            "distances_lepton",
+            "--steps",
+            "20",
+            "--repeats",
+            "1",
+            "--frequency",
+            "10",
+            "--json",
+        ]
+    )
     printed = _printed_json(capsys)
     assert printed == json.loads(json.dumps(result)) and MACHINE_KEYS <= set(printed["machine"])
     runs = {run["bias"]: run for run in printed["runs"]}
@@ -113,10 +166,25 @@ def test_md_main_json_biased_run_is_exact(capsys):
 
 
 def test_md_model_systems_bare(capsys):
-    result = md.main(["--system", "harmonic_chain", "coulomb_cluster", "--platform", "Reference", "--steps", "20",
-                      "--repeats", "1", "--json"])
+    result = md.main(
+        [
+            "--system",
+            "harmonic_chain",
+            "coulomb_cluster",
+            "--platform",
+            "Reference",
+            "--steps",
+            "20",
+            "--repeats",
+            "1",
+            "--json",
+        ]
+    )
     printed = _printed_json(capsys)
-    assert [(run["system"], run["bias"]) for run in printed["runs"]] == [("harmonic_chain", "none"), ("coulomb_cluster", "none")]
+    assert [(run["system"], run["bias"]) for run in printed["runs"]] == [
+        ("harmonic_chain", "none"),
+        ("coulomb_cluster", "none"),
+    ]
     assert printed["runs"][1]["n_atoms"] == 13 and all(run["ns_per_day"] > 0 for run in result["runs"])
 
 
@@ -133,8 +201,12 @@ def test_learned_cv_export_matches_torch_on_two_frames():
 
 
 def test_energy_main_json(capsys):
-    result = energy.main(["--system", "harmonic_chain", "--n", "4", "--batch", "8", "--seconds", "0.01", "--threads", "1", "--json"])
+    result = energy.main(
+        ["--system", "harmonic_chain", "--n", "4", "--batch", "8", "--seconds", "0.01", "--threads", "1", "--json"]
+    )
     printed = _printed_json(capsys)
     assert printed == json.loads(json.dumps(result)) and MACHINE_KEYS <= set(printed["machine"])
-    assert printed["batched_evals_per_s"] / printed["per_config_evals_per_s"] == pytest.approx(printed["ratio"], rel=1e-9)
+    assert printed["batched_evals_per_s"] / printed["per_config_evals_per_s"] == pytest.approx(
+        printed["ratio"], rel=1e-9
+    )
     assert printed["max_abs_energy_difference_kT"] < 1e-8

@@ -1,7 +1,8 @@
 """The OpenMM energy bridge: values, forces, gradients, failures, dtypes, platforms."""
+
 import pickle
 import warnings
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import openmm
@@ -9,8 +10,7 @@ import openmm.unit as unit
 import pytest
 import torch
 
-from openflow.plugins.openmm import OpenMMEnergy, available_platforms
-from openflow.plugins.openmm import bridge
+from openflow.plugins.openmm import OpenMMEnergy, available_platforms, bridge
 from openflow.systems import INACTIVE_FORCE_GROUP, System, alanine_dipeptide, coulomb_cluster, harmonic_chain
 from openflow.systems.base import kelvin, point_particle_topology
 
@@ -25,7 +25,7 @@ BUILDERS = {
 NAMES = list(BUILDERS)
 
 
-@lru_cache(maxsize=None)
+@cache
 def build(name: str) -> System:
     return BUILDERS[name]()
 
@@ -42,7 +42,9 @@ def configurations(system: System, batch: int, seed: int) -> torch.Tensor:
 
 def direct_openmm(system: System, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Energies ``(B,)`` kJ/mol and full forces ``(B, n_atoms, 3)`` kJ/mol/nm from our own Reference Context."""
-    context = openmm.Context(system.system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+    context = openmm.Context(
+        system.system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference")
+    )
     energies, forces = [], []
     for positions in system.to_positions(x):
         context.setPositions(positions * unit.nanometer)
@@ -232,8 +234,14 @@ def test_openmm_exception_becomes_inf():
     omm = openmm.System()
     omm.addParticle(1.0)
     omm.addForce(openmm.PythonForce(trap_that_fails_far_out))
-    system = System("python_force", omm, point_particle_topology(1, "PYF"), np.zeros((1, 3)) * unit.nanometer,
-                    kelvin(2.0), np.ones((1, 3), dtype=bool))
+    system = System(
+        "python_force",
+        omm,
+        point_particle_topology(1, "PYF"),
+        np.zeros((1, 3)) * unit.nanometer,
+        kelvin(2.0),
+        np.ones((1, 3), dtype=bool),
+    )
     x = torch.tensor([[0.5, 0.1, 0.0], [2.0, 0.0, 0.0], [0.3, -0.2, 0.4]], dtype=torch.float64)
     energy = OpenMMEnergy(system, platform="Reference")
     assert_failed_rows_are_isolated(energy, x, bad=[1])
@@ -316,7 +324,9 @@ def test_lazy_context_auto_platform_and_pickle():
 
 def test_public_and_fast_state_readers_agree():
     system = build("alanine-implicit")
-    context = openmm.Context(system.system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+    context = openmm.Context(
+        system.system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference")
+    )
     context.setPositions(system.to_positions(configurations(system, 1, seed=14))[0])
     state = context.getState(energy=True, forces=True)
     fast, public = np.empty((system.n_atoms, 3)), np.empty((system.n_atoms, 3))

@@ -2,10 +2,12 @@
 +-pi), the Gaussian-to-circle map, circular couplings (exact inverse and log-det against autograd,
 normalised densities, continuity across +-pi), conditioning on angles through (cos, sin), the
 subset flow, and a weighted maximum-likelihood fit of a torus density that wraps around +-pi."""
+
 import math
 
 import pytest
 import torch
+from helpers import randomize_
 
 from openflow.flows.base import BoltzmannGenerator, SubsetFlow
 from openflow.flows.circular import CircularSplineCoupling, GaussianToCircle, circular_flow, wrap_angle
@@ -13,10 +15,7 @@ from openflow.flows.priors import StandardNormal
 from openflow.flows.spline import SplineCoupling, rational_quadratic_spline, spline_flow
 from openflow.losses import nll
 
-from helpers import randomize_
-
 BINS = 6
-
 
 
 def periodic_params(n: int, seed: int, scale: float = 1.0):
@@ -49,7 +48,9 @@ def test_periodic_spline_is_a_circle_map_with_equal_end_slopes():
     x = angles(200, 1, seed=2)[:, 0]
     many = [p.expand(200, -1) for p in periodic_params(1, seed=1)]
     shifted = rational_quadratic_spline(x + 2 * math.pi, *many, bound=math.pi, periodic=True)[0]
-    torch.testing.assert_close(shifted, rational_quadratic_spline(x, *many, bound=math.pi, periodic=True)[0], atol=1e-12, rtol=0)
+    torch.testing.assert_close(
+        shifted, rational_quadratic_spline(x, *many, bound=math.pi, periodic=True)[0], atol=1e-12, rtol=0
+    )
 
 
 def test_periodic_spline_round_trip_and_log_det_against_autograd():
@@ -105,7 +106,9 @@ def test_circular_flow_is_identity_at_start_then_an_exact_bijection(dim):
     z_back, logdet_inverse = flow.inverse(x)
     torch.testing.assert_close(z_back, z, atol=1e-7, rtol=0)
     torch.testing.assert_close(logdet_inverse, -logdet, atol=1e-7, rtol=0)
-    torch.testing.assert_close(logdet[:8], jacobian_log_det(lambda v: flow(v.unsqueeze(0))[0][0], z[:8]), atol=1e-8, rtol=0)
+    torch.testing.assert_close(
+        logdet[:8], jacobian_log_det(lambda v: flow(v.unsqueeze(0))[0][0], z[:8]), atol=1e-8, rtol=0
+    )
 
 
 def test_circular_coupling_log_det_against_autograd_and_continuity_across_pi():

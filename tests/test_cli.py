@@ -1,4 +1,5 @@
 """The `openflow` command: info, simulate, one-line errors with exit status 2."""
+
 import json
 import os
 import shutil
@@ -11,7 +12,19 @@ import pytest
 
 from openflow.cli import SUBCOMMANDS, main, subcommand
 
-FAST = ["--steps", "200", "--interval", "20", "--seed", "1", "--platform", "Reference", "--equilibration-steps", "50", "--no-progress"]
+FAST = [
+    "--steps",
+    "200",
+    "--interval",
+    "20",
+    "--seed",
+    "1",
+    "--platform",
+    "Reference",
+    "--equilibration-steps",
+    "50",
+    "--no-progress",
+]
 
 
 def console_script() -> str:
@@ -29,7 +42,18 @@ def test_help_lists_subcommands(capsys):
 def test_info_prints_versions_platforms_and_device(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    for word in ("openflow", "openmm", "torch", "mdtraj", "numpy", "numba", "python", "OpenMM platforms:", "Reference", "torch device:"):
+    for word in (
+        "openflow",
+        "openmm",
+        "torch",
+        "mdtraj",
+        "numpy",
+        "numba",
+        "python",
+        "OpenMM platforms:",
+        "Reference",
+        "torch device:",
+    ):
         assert word in out
     assert main(["info", "--json"]) == 0
     facts = json.loads(capsys.readouterr().out)
@@ -38,7 +62,9 @@ def test_info_prints_versions_platforms_and_device(capsys):
 
 
 def test_simulate_alanine_dipeptide(tmp_path, capsys):
-    assert main(["simulate", "--system", "alanine_dipeptide", "--solvent", "vacuum", "--out", str(tmp_path), *FAST]) == 0
+    assert (
+        main(["simulate", "--system", "alanine_dipeptide", "--solvent", "vacuum", "--out", str(tmp_path), *FAST]) == 0
+    )
     out = capsys.readouterr().out
     assert str(tmp_path / "trajectory.dcd") in out and "ns/day" in out
     frames = mdtraj.load(str(tmp_path / "trajectory.dcd"), top=str(tmp_path / "topology.pdb"))
@@ -48,9 +74,15 @@ def test_simulate_alanine_dipeptide(tmp_path, capsys):
 @pytest.mark.parametrize(
     "options, expected",
     [
-        (["--system", "harmonic_chain", "--n", "5", "--boundary", "fixed-free", "--kT", "2.0"], dict(n=5, boundary="fixed-free", kT=2.0)),
+        (
+            ["--system", "harmonic_chain", "--n", "5", "--boundary", "fixed-free", "--kT", "2.0"],
+            dict(n=5, boundary="fixed-free", kT=2.0),
+        ),
         (["--system", "coulomb_cluster", "--n", "4", "--dim", "3"], dict(n=4, dim=3)),
-        (["--system", "alanine_dipeptide", "--solvent", "implicit", "--temperature", "310"], dict(solvent="implicit", temperature_K=310.0)),
+        (
+            ["--system", "alanine_dipeptide", "--solvent", "implicit", "--temperature", "310"],
+            dict(solvent="implicit", temperature_K=310.0),
+        ),
     ],
 )
 def test_simulate_passes_system_options_to_the_builder(tmp_path, capsys, options, expected):
@@ -76,7 +108,9 @@ def file_reading_subcommand(tmp_path):
 def test_missing_file_in_a_subcommand_is_one_line(file_reading_subcommand, tmp_path, capsys):
     assert main(["read-test-file"]) == 2
     err = capsys.readouterr().err
-    assert err.strip().splitlines() == [f"openflow: error: [Errno 2] No such file or directory: '{tmp_path / 'missing.txt'}'"]
+    assert err.strip().splitlines() == [
+        f"openflow: error: [Errno 2] No such file or directory: '{tmp_path / 'missing.txt'}'"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -85,11 +119,45 @@ def test_missing_file_in_a_subcommand_is_one_line(file_reading_subcommand, tmp_p
         (["simulate", "--system", "nonsense", "--ns", "1", "--out", "OUT"], "invalid choice"),
         (["simulate", "--system", "harmonic_chain", "--ns", "1", "--steps", "10", "--out", "OUT"], "not allowed with"),
         (["simulate", "--system", "harmonic_chain", "--out", "OUT"], "--ns --steps"),
-        (["simulate", "--system", "harmonic_chain", "--solvent", "vacuum", "--steps", "10", "--out", "OUT"], "--solvent does not apply"),
-        (["simulate", "--system", "harmonic_chain", "--kT", "1", "--temperature", "300", "--steps", "10", "--out", "OUT"], "not allowed with"),
-        (["simulate", "--system", "harmonic_chain", "--steps", "0", "--out", "OUT"], "steps must be a positive integer"),
+        (
+            ["simulate", "--system", "harmonic_chain", "--solvent", "vacuum", "--steps", "10", "--out", "OUT"],
+            "--solvent does not apply",
+        ),
+        (
+            [
+                "simulate",
+                "--system",
+                "harmonic_chain",
+                "--kT",
+                "1",
+                "--temperature",
+                "300",
+                "--steps",
+                "10",
+                "--out",
+                "OUT",
+            ],
+            "not allowed with",
+        ),
+        (
+            ["simulate", "--system", "harmonic_chain", "--steps", "0", "--out", "OUT"],
+            "steps must be a positive integer",
+        ),
         (["simulate", "--system", "harmonic_chain", "--steps", "10", "--interval", "5", "--out", "FILE/sub"], "FILE"),
-        (["simulate", "--system", "alanine_dipeptide", "--platform", "Nonexistent", "--steps", "2000", "--out", "OUT"], "Nonexistent"),
+        (
+            [
+                "simulate",
+                "--system",
+                "alanine_dipeptide",
+                "--platform",
+                "Nonexistent",
+                "--steps",
+                "2000",
+                "--out",
+                "OUT",
+            ],
+            "Nonexistent",
+        ),
         (["no-such-command"], "invalid choice"),
     ],
 )
@@ -106,15 +174,29 @@ def test_console_script_runs_and_fails_cleanly(tmp_path):
     script = console_script()
     assert script, "the openflow console script is not installed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([script, "simulate", "--system", "coulomb_cluster", "--n", "6", "--out", str(tmp_path), *FAST], capture_output=True, text=True, env=env, timeout=120)
+    run = subprocess.run(
+        [script, "simulate", "--system", "coulomb_cluster", "--n", "6", "--out", str(tmp_path), *FAST],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     assert str(tmp_path / "trajectory.dcd") in run.stdout and (tmp_path / "trajectory.dcd").exists()
-    bad = subprocess.run([script, "simulate", "--system", "harmonic_chain", "--ns", "1", "--steps", "3", "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=120)
+    bad = subprocess.run(
+        [script, "simulate", "--system", "harmonic_chain", "--ns", "1", "--steps", "3", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
 
 
 def test_bench_energy_prints_one_json_object_with_both_rates(capsys):
-    status = main(["bench", "energy", "--system", "harmonic_chain", "--n", "4", "--batch", "8", "--json", "--seconds", "0.05"])
+    status = main(
+        ["bench", "energy", "--system", "harmonic_chain", "--n", "4", "--batch", "8", "--json", "--seconds", "0.05"]
+    )
     assert status == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     result = json.loads(lines[-1])

@@ -10,15 +10,24 @@ and 1e-4 relative at 1e-8; a missing term would be off by O(1). Symmetry checks 
 of an equivariant field is exactly equivariant, so they hold to rounding (1e-8 asked). Test
 networks have one time frequency: more make these random fields stiff in t and the solves slow.
 """
+
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from openflow.flows.cnf import (ContinuousFlow, MLPPotential, MLPVelocity, MongeAmpereFlow,
-                                PotentialVelocity, SymmetricPotential, exact_divergence,
-                                hutchinson_divergence, rademacher)
+from openflow.flows.cnf import (
+    ContinuousFlow,
+    MLPPotential,
+    MLPVelocity,
+    MongeAmpereFlow,
+    PotentialVelocity,
+    SymmetricPotential,
+    exact_divergence,
+    hutchinson_divergence,
+    rademacher,
+)
 
 F64 = torch.float64
 TIGHT = dict(method="dopri5", rtol=1e-10, atol=1e-10)
@@ -58,8 +67,7 @@ def test_linear_velocity_gives_matrix_exponential_and_gaussian_density():
     x, logdet = flow(z)
     m = torch.linalg.matrix_exp(a * (t1 - t0))
     torch.testing.assert_close(x, z @ m.T, rtol=0, atol=1e-7)
-    torch.testing.assert_close(logdet, torch.full_like(logdet, (t1 - t0) * torch.trace(a).item()),
-                               rtol=0, atol=1e-9)
+    torch.testing.assert_close(logdet, torch.full_like(logdet, (t1 - t0) * torch.trace(a).item()), rtol=0, atol=1e-9)
     log_q = standard_normal_log_prob(z) - logdet
     exact = torch.distributions.MultivariateNormal(torch.zeros(d, dtype=F64), m @ m.T).log_prob(x)
     torch.testing.assert_close(log_q, exact, rtol=0, atol=1e-7)
@@ -87,8 +95,9 @@ def test_inverse_roundtrip_and_logdet_equal_autograd_jacobian(make_flow):
     x, logdet = flow(z)
     assert (x - z).abs().max() > 0.1, "the test map should be far from the identity"
     # samples do not interact, so row i of every sample's Jacobian comes from one backward pass
-    jac = torch.stack([torch.autograd.grad(x[:, i].sum(), z, retain_graph=True)[0]
-                       for i in range(3)], dim=1)  # (B, d, d)
+    jac = torch.stack(
+        [torch.autograd.grad(x[:, i].sum(), z, retain_graph=True)[0] for i in range(3)], dim=1
+    )  # (B, d, d)
     torch.testing.assert_close(logdet, torch.linalg.slogdet(jac).logabsdet, rtol=0, atol=1e-6)
     with torch.no_grad():
         z_back, logdet_inv = flow.inverse(x)
@@ -120,8 +129,7 @@ def test_hutchinson_logdet_of_a_solve_is_unbiased():
     d, probes = 4, 4000
     velocity = scaled(MLPVelocity(d, hidden=(16,)), 2.0).double()
     exact_flow = ContinuousFlow(velocity, method="rk4", options={"step_size": 0.25})
-    noisy_flow = ContinuousFlow(velocity, method="rk4", options={"step_size": 0.25},
-                                divergence="hutchinson")
+    noisy_flow = ContinuousFlow(velocity, method="rk4", options={"step_size": 0.25}, divergence="hutchinson")
     z = torch.randn(1, d, dtype=F64).expand(probes, d)
     with torch.no_grad():
         x_exact, logdet_exact = exact_flow(z[:1])
@@ -174,11 +182,13 @@ def test_monge_ampere_rotation_invariant_potential_gives_rotation_invariant_dens
     angle = 0.7
     invariant = symmetric_flow(rotation_invariant=True)
     with torch.no_grad():
-        torch.testing.assert_close(log_density(invariant, rotate_2d(x, angle)),
-                                   log_density(invariant, x), rtol=0, atol=1e-8)
+        torch.testing.assert_close(
+            log_density(invariant, rotate_2d(x, angle)), log_density(invariant, x), rtol=0, atol=1e-8
+        )
     t = torch.tensor(0.6, dtype=F64)
-    torch.testing.assert_close(invariant.velocity(t, rotate_2d(x, angle)),
-                               rotate_2d(invariant.velocity(t, x), angle), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        invariant.velocity(t, rotate_2d(x, angle)), rotate_2d(invariant.velocity(t, x), angle), rtol=0, atol=1e-12
+    )
     # without the rotation-invariant features the check above must fail
     not_invariant = symmetric_flow(rotation_invariant=False)
     with torch.no_grad():
@@ -186,8 +196,9 @@ def test_monge_ampere_rotation_invariant_potential_gives_rotation_invariant_dens
     assert change.abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("make_flow, divergence", [(make_mlp_velocity_flow, "exact"),
-                                                   (make_monge_ampere_flow, "hutchinson")])
+@pytest.mark.parametrize(
+    "make_flow, divergence", [(make_mlp_velocity_flow, "exact"), (make_monge_ampere_flow, "hutchinson")]
+)
 def test_adjoint_gradients_equal_backprop_gradients(make_flow, divergence):
     grads = []
     for adjoint in (False, True):
@@ -216,16 +227,15 @@ def test_sampling_under_no_grad_in_float32():
     assert flow.nfe > 0
 
 
-@pytest.mark.parametrize("velocity", [
-    MLPVelocity(6, hidden=(16,)),
-    PotentialVelocity(SymmetricPotential(3, 2, hidden=(8, 8))),
-])
+@pytest.mark.parametrize(
+    "velocity", [MLPVelocity(6, hidden=(16,)), PotentialVelocity(SymmetricPotential(3, 2, hidden=(8, 8)))]
+)
 def test_velocity_accepts_per_sample_times_for_flow_matching(velocity):
     torch.manual_seed(8)
     velocity = velocity.double()
     x, t = torch.randn(5, 6, dtype=F64), torch.rand(5, dtype=F64)
     v = velocity(t, x)
-    rows = torch.cat([velocity(t[b], x[b:b + 1]) for b in range(5)])
+    rows = torch.cat([velocity(t[b], x[b : b + 1]) for b in range(5)])
     torch.testing.assert_close(v, rows, rtol=0, atol=1e-12)
     # a conditional flow-matching step reaches every parameter
     x0, x1 = torch.randn(5, 6, dtype=F64), torch.randn(5, 6, dtype=F64)

@@ -1,4 +1,5 @@
 """PairPotential: closed-form gradient and Laplacian vs autograd, invariances, flow log-density."""
+
 import math
 
 import pytest
@@ -23,7 +24,7 @@ def test_closed_form_matches_autograd(dim, t):
     phi = _randomised(n, dim)
     x = torch.randn(batch, n * dim, dtype=torch.float64, requires_grad=True)
     t = torch.rand(batch, dtype=torch.float64) if t == "batch" else torch.tensor(t, dtype=torch.float64)
-    grad, = torch.autograd.grad(phi(t, x).sum(), x, create_graph=True)
+    (grad,) = torch.autograd.grad(phi(t, x).sum(), x, create_graph=True)
     lap = exact_divergence(grad, x)
     v, lap_closed = phi.velocity_and_laplacian(t, x)
     torch.testing.assert_close(v, grad, rtol=1e-10, atol=1e-12)

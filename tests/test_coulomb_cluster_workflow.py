@@ -1,4 +1,5 @@
 """Coulomb-cluster workflow: the MBAR/TI reference on exactly solvable cases, and a tiny run."""
+
 import json
 import math
 from pathlib import Path
@@ -9,13 +10,12 @@ import pytest
 import torch
 from scipy.integrate import quad
 
-from openflow.plugins.openmm import alchemical
-from openflow.systems import coulomb_cluster
-from openflow.workflows import run
-from openflow.plugins.openmm import batched_energy
 from openflow.analysis import lindemann_index
-from openflow.workflows.coulomb_cluster import DEFAULTS, build_flow, train_reverse_kl
+from openflow.plugins.openmm import alchemical, batched_energy
+from openflow.systems import coulomb_cluster
 from openflow.training import load_checkpoint
+from openflow.workflows import run
+from openflow.workflows.coulomb_cluster import DEFAULTS, build_flow, train_reverse_kl
 
 YAML = Path(__file__).resolve().parents[1] / "workflows" / "coulomb_cluster.yaml"
 
@@ -46,7 +46,9 @@ def test_coupled_system_scales_only_the_chosen_force():
         context.setPositions(pos)
         if name == "scaled":
             context.setParameter(alchemical.LAMBDA_PARAMETER, 0.25)
-            state = context.getState(getEnergy=True, getParameterDerivatives=True, groups={alchemical.COUPLED_FORCE_GROUP})
+            state = context.getState(
+                getEnergy=True, getParameterDerivatives=True, groups={alchemical.COUPLED_FORCE_GROUP}
+            )
             energies["pair_derivative"] = state.getEnergyParameterDerivatives()[alchemical.LAMBDA_PARAMETER]
             energies["pair_scaled"] = state.getPotentialEnergy()._value
         energies[name] = context.getState(getEnergy=True).getPotentialEnergy()._value
@@ -63,13 +65,13 @@ def test_coupled_system_scales_only_the_chosen_force():
 def test_mbar_and_ti_recover_two_charges(dim):
     kT = 1.0
     cluster = coulomb_cluster(2, dim=dim, temperature=kT)
-    samples = alchemical.sample_coupling(cluster, 0, alchemical.lambda_schedule(8), n_samples=500,
-                                         interval=20, equilibration=500, seed=1, n_chains=2)
+    samples = alchemical.sample_coupling(
+        cluster, 0, alchemical.lambda_schedule(8), n_samples=500, interval=20, equilibration=500, seed=1, n_chains=2
+    )
     exact = _two_charges_free_energy(dim, kT) - alchemical.harmonic_trap_free_energy(2 * dim, kT)
     assert samples.n_nonfinite == 0 and samples.positions.shape == (1000, 2 * dim)
     assert samples.coupling_energy.shape == (8, 1000)
-    for estimate in (alchemical.mbar_free_energy(samples, n_blocks=4),
-                     alchemical.ti_free_energy(samples, n_blocks=4)):
+    for estimate in (alchemical.mbar_free_energy(samples, n_blocks=4), alchemical.ti_free_energy(samples, n_blocks=4)):
         assert 0 < estimate.block_error <= estimate.error < 0.03
         assert 0 < estimate.analytic_error <= estimate.error
         assert abs(estimate.delta_f - exact) < 3 * estimate.error + 0.005
@@ -119,8 +121,12 @@ def test_tiny_workflow_end_to_end(tmp_path):
         assert metrics[f"{tag}deviation_sigma_{variant}"] < 4
         # the variational bound lies above the importance-sampled estimate
         assert metrics[f"{tag}free_energy_variational_kT_{variant}"] > metrics[f"{tag}free_energy_flow_kT_{variant}"]
-    best = max(("rkl", "fm"), key=lambda v: metrics[f"{tag}ess_fraction_{v}"])  # the headline numbers are the higher-ESS flow's
-    assert metrics[tag + "flow_variant"] == best and metrics[tag + "ess_fraction"] == metrics[f"{tag}ess_fraction_{best}"]
+    best = max(
+        ("rkl", "fm"), key=lambda v: metrics[f"{tag}ess_fraction_{v}"]
+    )  # the headline numbers are the higher-ESS flow's
+    assert (
+        metrics[tag + "flow_variant"] == best and metrics[tag + "ess_fraction"] == metrics[f"{tag}ess_fraction_{best}"]
+    )
 
 
 def test_bad_cluster_is_a_value_error(tmp_path):
@@ -154,6 +160,8 @@ def test_reverse_kl_keeps_the_last_parameters_its_solver_check_passed(tmp_path):
         # the identity flow (zero last layer) has no solver error; a trained one has some
         assert moved == (kept > 0) and (result["reverse_kl_solver_gap_kT"] > 0) == (kept > 0)
         saved = load_checkpoint(tmp_path / str(tolerance) / "checkpoint.pt")["model"]
-        assert all(torch.equal(v, model.state_dict()[k]) for k, v in saved.items())  # the checkpoint holds what was kept
+        assert all(
+            torch.equal(v, model.state_dict()[k]) for k, v in saved.items()
+        )  # the checkpoint holds what was kept
     with pytest.raises(ValueError, match="check_every"):
         train_reverse_kl(model, energy, dict(cfg, check_every=0), 0, tmp_path / "bad")

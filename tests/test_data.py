@@ -1,4 +1,5 @@
 """Trajectories: the MD driver (every system), loading into torch, mdshare offline and online."""
+
 import functools
 import http.server
 import json
@@ -27,7 +28,9 @@ SYSTEMS = {
 
 
 def run_short(system, out, seed=1, **kwargs):
-    options = dict(steps=STEPS, interval=INTERVAL, seed=seed, platform="Reference", equilibration_steps=100, progress=False)
+    options = dict(
+        steps=STEPS, interval=INTERVAL, seed=seed, platform="Reference", equilibration_steps=100, progress=False
+    )
     return simulate(system, out=out, **{**options, **kwargs})
 
 
@@ -109,7 +112,10 @@ def test_chain_thermalises_and_inactive_components_stay_tethered(tmp_path):
 
 def test_same_seed_same_trajectory_on_reference(tmp_path):
     system = build("alanine_dipeptide")
-    first, again, other = (run_short(system, tmp_path / name, seed=seed, steps=100, interval=20) for name, seed in (("a", 5), ("b", 5), ("c", 6)))
+    first, again, other = (
+        run_short(system, tmp_path / name, seed=seed, steps=100, interval=20)
+        for name, seed in (("a", 5), ("b", 5), ("c", 6))
+    )
     xyz = [mdtraj.load(str(r.trajectory), top=str(r.topology)).xyz for r in (first, again, other)]
     np.testing.assert_array_equal(xyz[0], xyz[1])
     assert np.abs(xyz[0] - xyz[2]).max() > 1e-4
@@ -280,7 +286,11 @@ def test_reuse_returns_a_finished_run_with_the_same_settings_only(tmp_path):
     chain = harmonic_chain(3)
     first = simulate(chain, steps=200, interval=20, out=tmp_path, seed=4, progress=False, platform="Reference")
     stamp = first.trajectory.stat().st_mtime_ns
-    again = simulate(chain, steps=200, interval=20, out=tmp_path, seed=4, progress=False, platform="Reference", reuse=True)
+    again = simulate(
+        chain, steps=200, interval=20, out=tmp_path, seed=4, progress=False, platform="Reference", reuse=True
+    )
     assert again.trajectory.stat().st_mtime_ns == stamp and again.n_frames == first.n_frames
-    other = simulate(chain, steps=200, interval=20, out=tmp_path, seed=5, progress=False, platform="Reference", reuse=True)
+    other = simulate(
+        chain, steps=200, interval=20, out=tmp_path, seed=5, progress=False, platform="Reference", reuse=True
+    )
     assert other.trajectory.stat().st_mtime_ns != stamp  # a different seed runs again

@@ -3,6 +3,7 @@
 Every check is against a closed form or an exact density: Kish ESS of known weight sets,
 Gaussian partition functions and moments, and a 1D double well whose CDF comes from quadrature.
 """
+
 import math
 
 import numpy as np
@@ -12,14 +13,22 @@ from scipy import stats
 from scipy.integrate import cumulative_trapezoid
 from torch import nn
 
-from openflow.estimators import (effective_sample_size, free_energy, importance_sample,
-                                 independence_metropolis, latent_hmc, log_weights, reweight)
+from openflow.estimators import (
+    effective_sample_size,
+    free_energy,
+    importance_sample,
+    independence_metropolis,
+    latent_hmc,
+    log_weights,
+    reweight,
+)
 from openflow.flows.base import BoltzmannGenerator, Flow
 
 F64 = torch.float64
 
 
 # --- small test models -----------------------------------------------------------------------
+
 
 class StandardNormal(nn.Module):
     def __init__(self, dim: int):
@@ -30,7 +39,7 @@ class StandardNormal(nn.Module):
         return torch.randn(n, self.dim, dtype=F64)
 
     def log_prob(self, z):
-        return -0.5 * (z ** 2).sum(1) - 0.5 * self.dim * math.log(2 * math.pi)
+        return -0.5 * (z**2).sum(1) - 0.5 * self.dim * math.log(2 * math.pi)
 
 
 class Affine(Flow):
@@ -57,8 +66,7 @@ class Sinh(Flow):
         self.shift = torch.as_tensor(shift, dtype=F64)
 
     def forward(self, z):
-        return self.scale * torch.sinh(z) + self.shift, \
-            torch.log(self.scale.abs() * torch.cosh(z)).sum(1)
+        return self.scale * torch.sinh(z) + self.shift, torch.log(self.scale.abs() * torch.cosh(z)).sum(1)
 
     def inverse(self, x):
         z = torch.asinh((x - self.shift) / self.scale)
@@ -91,7 +99,7 @@ def double_well(x):
 
 def exact_cdf(lo=-5.0, hi=5.0):
     grid = np.linspace(lo, hi, 200_001)
-    density = np.exp(-(A_DW * (grid ** 2 - 1) ** 2 + B_DW * grid))
+    density = np.exp(-(A_DW * (grid**2 - 1) ** 2 + B_DW * grid))
     cdf = cumulative_trapezoid(density, grid, initial=0.0)
     cdf /= cdf[-1]
     return lambda v: np.interp(v, grid, cdf)
@@ -119,6 +127,7 @@ IMPERFECT_MODELS = {
 
 # --- weights, ESS, free energy ---------------------------------------------------------------
 
+
 def test_equal_weights_give_full_ess_and_minus_log_w():
     log_w = torch.full((50,), 0.7, dtype=F64)
     assert effective_sample_size(log_w) == pytest.approx(1.0, abs=1e-12)
@@ -132,11 +141,10 @@ def test_equal_weights_give_full_ess_and_minus_log_w():
 @pytest.mark.parametrize("offset", [0.0, 1000.0, -1000.0])
 def test_two_valued_weights_match_closed_form_kish_ess(offset):
     n1, w1, n2, w2 = 30, 1.0, 10, 5.0
-    log_w = torch.cat([torch.full((n1,), math.log(w1), dtype=F64),
-                       torch.full((n2,), math.log(w2), dtype=F64)])
+    log_w = torch.cat([torch.full((n1,), math.log(w1), dtype=F64), torch.full((n2,), math.log(w2), dtype=F64)])
     log_w = log_w + offset  # overflows exp() in float64 unless done in log space
     n = n1 + n2
-    ess = (n1 * w1 + n2 * w2) ** 2 / (n * (n1 * w1 ** 2 + n2 * w2 ** 2))
+    ess = (n1 * w1 + n2 * w2) ** 2 / (n * (n1 * w1**2 + n2 * w2**2))
     assert effective_sample_size(log_w) == pytest.approx(ess, rel=1e-12)
     est = free_energy(log_w, n_bootstrap=0)
     assert est.value == pytest.approx(-math.log((n1 * w1 + n2 * w2) / n) - offset, abs=1e-9)
@@ -158,14 +166,15 @@ def test_nonfinite_energies_get_zero_weight_and_are_counted():
 
 def gaussian_problem(dim=2, mu=0.4, s=0.8, c0=1.3, t=1.2, m=0.9):
     """Target N(mu, s^2) in `dim` dims with energy known up to c0; proposal N(m, t^2)."""
-    def energy(x):
-        return ((x - mu) ** 2).sum(1) / (2 * s ** 2) + c0
 
-    exact_f = c0 - 0.5 * dim * math.log(2 * math.pi * s ** 2)
+    def energy(x):
+        return ((x - mu) ** 2).sum(1) / (2 * s**2) + c0
+
+    exact_f = c0 - 0.5 * dim * math.log(2 * math.pi * s**2)
     # E_q[w^2] / E_q[w]^2 per dimension, for Gaussian p and q (closed form)
-    spread = 2 * t ** 2 - s ** 2
-    ratio = t ** 2 / (s * math.sqrt(spread)) * math.exp((mu - m) ** 2 / spread)
-    return energy, gaussian_model([t] * dim, [m] * dim), exact_f, ratio ** -dim
+    spread = 2 * t**2 - s**2
+    ratio = t**2 / (s * math.sqrt(spread)) * math.exp((mu - m) ** 2 / spread)
+    return energy, gaussian_model([t] * dim, [m] * dim), exact_f, ratio**-dim
 
 
 def test_importance_sampling_free_energy_of_a_gaussian():
@@ -174,8 +183,7 @@ def test_importance_sampling_free_energy_of_a_gaussian():
     assert big.summary.ess == pytest.approx(exact_ess, rel=0.05)
     assert abs(big.summary.value - exact_f) < 3 * big.summary.error
 
-    repeats = [importance_sample(model, energy, n=2000, batch_size=700, seed=100 + r).summary
-               for r in range(30)]
+    repeats = [importance_sample(model, energy, n=2000, batch_size=700, seed=100 + r).summary for r in range(30)]
     values = np.array([e.value for e in repeats])
     errors = np.array([e.error for e in repeats])
     assert np.abs(values - exact_f).max() < 4 * errors.mean()
@@ -202,12 +210,12 @@ def test_reweighted_moments_match_the_analytic_ones():
     for r in range(20):
         out = importance_sample(model, energy, n=3000, seed=200 + r, n_bootstrap=0)
         x = out.x[:, 0]
-        res = reweight(torch.stack([x, x ** 2], 1), out.log_w)
+        res = reweight(torch.stack([x, x**2], 1), out.log_w)
         assert res.mean.shape == res.error.shape == (2,)
         means.append(res.mean.numpy())
         errors.append(res.error.numpy())
     means, errors = np.array(means), np.array(errors)
-    exact = np.array([mu, mu ** 2 + s ** 2])
+    exact = np.array([mu, mu**2 + s**2])
     assert (np.abs(means - exact) < 4 * errors).all()
     assert np.abs(means.mean(0) - exact).max() < 4 * errors.mean(0).max() / math.sqrt(20)
     spread_ratio = means.std(0, ddof=1) / errors.mean(0)
@@ -240,16 +248,24 @@ def test_bad_input_raises_clear_errors():
     with pytest.raises(ValueError, match="thin"):
         independence_metropolis(model, double_well, n_steps=3, n_chains=2, thin=4)
     with pytest.raises(ValueError, match="x0"):
-        independence_metropolis(model, double_well, n_steps=3, n_chains=2,
-                                x0=torch.zeros(3, 1, dtype=F64))
+        independence_metropolis(model, double_well, n_steps=3, n_chains=2, x0=torch.zeros(3, 1, dtype=F64))
     with pytest.raises(ValueError, match="step_size"):
         latent_hmc(model.flow, model.prior, double_well, 3, 2, step_size=-0.1, n_leapfrog=2)
     with pytest.raises(ValueError, match="non-finite effective energy"):
-        latent_hmc(model.flow, None, walled_double_well, 3, 2, step_size=0.1, n_leapfrog=2,
-                   z0=torch.tensor([[0.0], [3.0]], dtype=F64))
+        latent_hmc(
+            model.flow,
+            None,
+            walled_double_well,
+            3,
+            2,
+            step_size=0.1,
+            n_leapfrog=2,
+            z0=torch.tensor([[0.0], [3.0]], dtype=F64),
+        )
 
 
 # --- exact samplers on the double well ---------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", sorted(IMPERFECT_MODELS))
 def test_independence_sampler_reproduces_double_well(name):
@@ -281,8 +297,9 @@ def test_latent_hmc_reproduces_double_well_from_a_nonlinear_flow():
 
 def test_latent_hmc_starts_from_the_prior_by_default():
     model, cdf = IMPERFECT_MODELS["gaussian"](), exact_cdf()
-    out = latent_hmc(model.flow, model.prior, double_well, n_steps=100, n_chains=2000,
-                     step_size=0.3, n_leapfrog=8, seed=3)
+    out = latent_hmc(
+        model.flow, model.prior, double_well, n_steps=100, n_chains=2000, step_size=0.3, n_leapfrog=8, seed=3
+    )
     assert 0.5 < out.acceptance_rate < 1.0
     assert ks_pvalue(out.samples[-1], cdf) > 0.01
 
@@ -300,8 +317,7 @@ def test_samplers_reject_nonfinite_energies_and_stay_exact():
     assert ks_pvalue(imh.samples[-1], cdf) > 0.01
 
     z0 = model.flow.inverse(torch.linspace(-1.0, 1.0, 1000, dtype=F64).unsqueeze(1))[0]
-    hmc = latent_hmc(model.flow, None, walled_double_well, 150, 1000, step_size=0.3,
-                     n_leapfrog=8, z0=z0, seed=5)
+    hmc = latent_hmc(model.flow, None, walled_double_well, 150, 1000, step_size=0.3, n_leapfrog=8, z0=z0, seed=5)
     assert hmc.n_nonfinite > 0 and hmc.acceptance_rate > 0.3
     assert ((hmc.samples >= WALL_LO) & (hmc.samples <= WALL_HI)).all()
     assert ks_pvalue(hmc.samples[-1], cdf) > 0.01
@@ -313,9 +329,9 @@ def test_thinning_keeps_every_thin_th_state_and_seeds_reproduce():
     full = independence_metropolis(model, double_well, 11, 3, seed=6, batch_size=12)
     thinned = independence_metropolis(model, double_well, 11, 3, seed=6, batch_size=12, thin=3)
     assert torch.equal(thinned.samples, full.samples[2::3])
-    assert not torch.equal(full.samples,
-                           independence_metropolis(model, double_well, 11, 3, seed=7,
-                                                   batch_size=12).samples)
+    assert not torch.equal(
+        full.samples, independence_metropolis(model, double_well, 11, 3, seed=7, batch_size=12).samples
+    )
     kwargs = dict(n_steps=7, n_chains=4, step_size=0.2, n_leapfrog=3, seed=8)
     full = latent_hmc(model.flow, model.prior, double_well, **kwargs)
     thinned = latent_hmc(model.flow, model.prior, double_well, thin=2, **kwargs)

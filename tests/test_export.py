@@ -1,5 +1,6 @@
 """CV models (bounds, fitting) and their export as CustomCVForce: values and forces against torch on
 real alanine dipeptide frames, platforms, XML round trip, the CV limit, and a check that can fail."""
+
 import copy
 
 import mdtraj
@@ -9,13 +10,21 @@ import pytest
 import torch
 
 from openflow.cv import CVModel, fit_cv, r2_score
-from openflow.plugins.openmm.md import simulate
 from openflow.features import Angles, Dihedrals, Distances, FeatureSet, atom_pairs
-from openflow.systems.alanine_dipeptide import backbone_torsions
-from openflow.plugins.openmm.export import (MAX_CVS, ExportMismatchError, check_export, export_cv, load_cv_force,
-                                            openmm_cv_values_and_forces, save_cv_force, to_custom_cv_force,
-                                            to_tabulated_cv_force)
+from openflow.plugins.openmm.export import (
+    MAX_CVS,
+    ExportMismatchError,
+    check_export,
+    export_cv,
+    load_cv_force,
+    openmm_cv_values_and_forces,
+    save_cv_force,
+    to_custom_cv_force,
+    to_tabulated_cv_force,
+)
+from openflow.plugins.openmm.md import simulate
 from openflow.systems import alanine_dipeptide
+from openflow.systems.alanine_dipeptide import backbone_torsions
 
 PLATFORMS = ["Reference", "CPU", "CUDA"]
 
@@ -29,18 +38,26 @@ def ala():
 def frames(ala, tmp_path_factory) -> torch.Tensor:
     """Real MD frames (300 steps) and their mirror images (phi of both signs), ``(B, 22, 3)`` nm float64."""
     out = tmp_path_factory.mktemp("md")
-    result = simulate(ala, steps=300, interval=10, out=out, seed=5, platform="Reference", equilibration_steps=100, progress=False)
+    result = simulate(
+        ala, steps=300, interval=10, out=out, seed=5, platform="Reference", equilibration_steps=100, progress=False
+    )
     xyz = torch.as_tensor(mdtraj.load(str(result.trajectory), top=str(result.topology)).xyz, dtype=torch.float64)
     return torch.cat([xyz, xyz * torch.tensor([-1.0, 1.0, 1.0], dtype=torch.float64)])
 
 
 def _features(ala, kind: str) -> FeatureSet:
     torsions = backbone_torsions(ala)
-    return FeatureSet({
-        "distances": lambda: [Distances(atom_pairs(ala))],
-        "dihedrals": lambda: [Dihedrals(torsions["phi"] + torsions["psi"])],
-        "mixed": lambda: [Distances(atom_pairs(ala)[:12]), Angles([(4, 6, 8), (6, 8, 14)]), Dihedrals(torsions["phi"])],
-    }[kind]())
+    return FeatureSet(
+        {
+            "distances": lambda: [Distances(atom_pairs(ala))],
+            "dihedrals": lambda: [Dihedrals(torsions["phi"] + torsions["psi"])],
+            "mixed": lambda: [
+                Distances(atom_pairs(ala)[:12]),
+                Angles([(4, 6, 8), (6, 8, 14)]),
+                Dihedrals(torsions["phi"]),
+            ],
+        }[kind]()
+    )
 
 
 def _random_cv(ala, frames, kind="distances", hidden=(16,), scale=3.0, seed=0, standardize=True, **kwargs) -> CVModel:
@@ -158,7 +175,10 @@ def test_bounds_contain_every_output(ala, frames, activation, kind, hidden):
     lo, hi = cv.bounds()
     assert torch.isfinite(lo).all() and torch.isfinite(hi).all()  # bounded activations or sin/cos inputs
     generator = torch.Generator().manual_seed(0)
-    wild = torch.randn(4000, 22, 3, generator=generator, dtype=torch.float64) * torch.logspace(-2, 1, 4000, dtype=torch.float64)[:, None, None]
+    wild = (
+        torch.randn(4000, 22, 3, generator=generator, dtype=torch.float64)
+        * torch.logspace(-2, 1, 4000, dtype=torch.float64)[:, None, None]
+    )
     x = torch.cat([frames, wild])
     for model, inputs in ((cv, x), (copy.deepcopy(cv).float(), x.float())):  # float32 rounding stays inside too
         out = model(inputs).detach().double()
@@ -178,7 +198,9 @@ def test_bounds_of_a_linear_distance_cv_are_infinite(ala, frames):
 def test_fit_cv_recovers_a_teacher_and_reports_held_out_r2(ala, frames):
     teacher = _random_cv(ala, frames, "dihedrals", hidden=(4,), scale=1.0, seed=11, standardize=False)
     generator = torch.Generator().manual_seed(1)
-    x = torch.cat([frames + 0.05 * torch.randn(frames.shape, generator=generator, dtype=torch.float64) for _ in range(4)])
+    x = torch.cat(
+        [frames + 0.05 * torch.randn(frames.shape, generator=generator, dtype=torch.float64) for _ in range(4)]
+    )
     targets = 5.0 + 20.0 * teacher(x).detach()[:, 0]  # far from zero mean / unit scale
     student = CVModel(_features(ala, "dihedrals"), hidden=(8,), seed=12).double()
     fit = fit_cv(student, x, targets, validation_fraction=0.25, epochs=100, lr=1e-2, batch_size=64, seed=0)
@@ -189,7 +211,12 @@ def test_fit_cv_recovers_a_teacher_and_reports_held_out_r2(ala, frames):
     assert r2_score(prediction, targets[:, None]).item() > 0.98  # target units, scale folded back
     check_export(student, to_custom_cv_force(student, ala), frames)  # a fitted model exports exactly too
     noise = torch.randn(len(x), generator=generator, dtype=torch.float64)  # nothing to learn: held-out R^2 says so
-    assert fit_cv(CVModel(_features(ala, "dihedrals"), hidden=(8,), seed=12).double(), x, noise, epochs=30, seed=0).r2_validation[0] < 0.2
+    assert (
+        fit_cv(
+            CVModel(_features(ala, "dihedrals"), hidden=(8,), seed=12).double(), x, noise, epochs=30, seed=0
+        ).r2_validation[0]
+        < 0.2
+    )
     with pytest.raises(ValueError, match="targets must be"):
         fit_cv(student, x, targets[:, None].repeat(1, 2))
 

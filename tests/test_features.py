@@ -1,5 +1,6 @@
 """Feature layers against mdtraj and against their OpenMM twins (``export.feature_force``) on real
 alanine dipeptide MD frames."""
+
 import mdtraj
 import numpy as np
 import openmm
@@ -7,9 +8,9 @@ import openmm.unit as unit
 import pytest
 import torch
 
-from openflow.plugins.openmm.md import simulate
 from openflow.features import Angles, Dihedrals, Distances, FeatureSet, atom_pairs, distance_features, select_atoms
 from openflow.plugins.openmm.export import feature_force
+from openflow.plugins.openmm.md import simulate
 from openflow.systems import alanine_dipeptide
 from openflow.systems.alanine_dipeptide import backbone_torsions
 
@@ -23,7 +24,9 @@ def ala():
 def trajectory(ala, tmp_path_factory):
     """Real MD frames (300 steps of 1 fs) plus their mirror images, so phi and psi take both signs."""
     out = tmp_path_factory.mktemp("md")
-    result = simulate(ala, steps=300, interval=10, out=out, seed=3, platform="Reference", equilibration_steps=100, progress=False)
+    result = simulate(
+        ala, steps=300, interval=10, out=out, seed=3, platform="Reference", equilibration_steps=100, progress=False
+    )
     traj = mdtraj.load(str(result.trajectory), top=str(result.topology))
     mirrored = traj.xyz * np.array([-1.0, 1.0, 1.0], dtype=np.float32)
     return mdtraj.Trajectory(np.concatenate([traj.xyz, mirrored]), traj.topology)
@@ -97,7 +100,9 @@ def test_openmm_twin_equals_weighted_feature_sum(ala, trajectory, kind):
     x = _positions(trajectory).requires_grad_(True)
     energy = feature(x) @ weights
     (gradient,) = torch.autograd.grad(energy.sum(), x)
-    omm_energy, omm_forces = _openmm_energies_and_forces(feature_force(feature, weights.numpy()), trajectory.xyz.astype(np.float64))
+    omm_energy, omm_forces = _openmm_energies_and_forces(
+        feature_force(feature, weights.numpy()), trajectory.xyz.astype(np.float64)
+    )
     np.testing.assert_allclose(omm_energy, energy.detach().numpy(), rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(omm_forces, -gradient.numpy(), rtol=1e-8, atol=1e-8)
 

@@ -1,20 +1,19 @@
 """RealNVP couplings, ActNorm and the real_nvp stack: invertibility, exact log-Jacobians,
 densities of a Boltzmann generator, and a maximum-likelihood fit of a 2D mixture."""
+
 import math
 
 import numpy as np
 import pytest
 import torch
+from helpers import randomize_
 from scipy.stats import multivariate_normal
 
 from openflow.flows.base import BoltzmannGenerator, InverseFlow, SequentialFlow
 from openflow.flows.coupling import ActNorm, AffineCoupling, mlp, real_nvp
 from openflow.flows.priors import StandardNormal
 
-from helpers import randomize_
-
 DIM = 5
-
 
 
 FLOWS = {
@@ -54,10 +53,9 @@ def test_round_trip(name, dtype, tol):
 
 def _jacobian_logdet(fn, points: torch.Tensor) -> torch.Tensor:
     """log|det d fn / d point| from the autograd Jacobian, one sample at a time."""
-    return torch.stack([
-        torch.linalg.slogdet(torch.autograd.functional.jacobian(lambda v: fn(v[None])[0][0], p))[1]
-        for p in points
-    ])
+    return torch.stack(
+        [torch.linalg.slogdet(torch.autograd.functional.jacobian(lambda v: fn(v[None])[0][0], p))[1] for p in points]
+    )
 
 
 @pytest.mark.parametrize("name", FLOWS)

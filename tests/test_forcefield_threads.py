@@ -1,5 +1,6 @@
 """``torch_on_one_thread`` is scoped: ``TorchEnergy.energy_and_forces`` gives torch's thread count back
 on return and when it raises, and never leaves a changed count behind."""
+
 import pytest
 import torch
 

@@ -1,4 +1,5 @@
 """openflow.geometry: distances, angles and dihedrals against mdtraj, autograd, and along any axis."""
+
 import math
 
 import mdtraj
@@ -25,8 +26,12 @@ def test_geometry_matches_mdtraj():
     points = _points()
     frames = _mdtraj(points)
     a, b, c, d = points.unbind(1)
-    np.testing.assert_allclose(geometry.distance(a, b).numpy(), mdtraj.compute_distances(frames, [[0, 1]])[:, 0], rtol=1e-6)
-    np.testing.assert_allclose(geometry.angle(a, b, c).numpy(), mdtraj.compute_angles(frames, [[0, 1, 2]])[:, 0], atol=1e-5)
+    np.testing.assert_allclose(
+        geometry.distance(a, b).numpy(), mdtraj.compute_distances(frames, [[0, 1]])[:, 0], rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        geometry.angle(a, b, c).numpy(), mdtraj.compute_angles(frames, [[0, 1, 2]])[:, 0], atol=1e-5
+    )
     reference = mdtraj.compute_dihedrals(frames, [[0, 1, 2, 3]], periodic=False)[:, 0]
     np.testing.assert_allclose(geometry.dihedral(a, b, c, d).numpy(), reference, atol=1e-5)
     sin, cos = geometry.dihedral_sin_cos(a, b, c, d)

@@ -1,12 +1,12 @@
 """The harmonic-chain workflow end to end on a tiny chain, against the exact normal modes."""
+
 import json
 
-import numpy as np
 import pytest
 import yaml
+from helpers import WORKFLOWS
 
 from openflow.workflows import load_config, merge, parse_overrides, run
-from helpers import WORKFLOWS
 
 SMALL = {
     "system": {"n": 4},
@@ -51,17 +51,27 @@ def test_outputs_are_written_and_a_rerun_resumes_from_checkpoints(small_run):
     out, metrics = small_run
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["fixed_free_variational_train_steps"] == SMALL["variational"]["steps"]
-    for name in ("spectrum_fixed-free.png", "slow_modes_fixed-free.png", "config.yaml",
-                 "fixed_free/mle/checkpoint.pt", "fixed_free/variational/metrics.jsonl", "fixed_free/md/trajectory.dcd"):
+    for name in (
+        "spectrum_fixed-free.png",
+        "slow_modes_fixed-free.png",
+        "config.yaml",
+        "fixed_free/mle/checkpoint.pt",
+        "fixed_free/variational/metrics.jsonl",
+        "fixed_free/md/trajectory.dcd",
+    ):
         assert (out / name).exists(), name
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     assert resolved["system"]["n"] == 4 and resolved["system"]["k"] == 1.0
     again = run(WORKFLOWS / "harmonic_chain.yaml", out, SMALL)  # nothing left to train
-    assert again["fixed_free_variational_omega_max_rel_error"] == pytest.approx(metrics["fixed_free_variational_omega_max_rel_error"])
+    assert again["fixed_free_variational_omega_max_rel_error"] == pytest.approx(
+        metrics["fixed_free_variational_omega_max_rel_error"]
+    )
     # more variational steps: that stage continues from its checkpoint, the likelihood stage is untouched
     mle_checkpoint = (out / "fixed_free/mle/checkpoint.pt").stat().st_mtime_ns
     steps = SMALL["variational"]["steps"]
-    longer = run(WORKFLOWS / "harmonic_chain.yaml", out, {**SMALL, "variational": {**SMALL["variational"], "steps": steps + 5}})
+    longer = run(
+        WORKFLOWS / "harmonic_chain.yaml", out, {**SMALL, "variational": {**SMALL["variational"], "steps": steps + 5}}
+    )
     assert longer["fixed_free_variational_train_steps"] == steps + 5
     lines = (out / "fixed_free/variational/metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == list(range(1, steps + 6))
@@ -78,4 +88,7 @@ def test_settings_are_checked():
     with pytest.raises(FileNotFoundError):
         load_config(WORKFLOWS / "missing.yaml")
     assert parse_overrides(["a.b=[1, 2]", "c=0.5"]) == {"a": {"b": [1, 2]}, "c": 0.5}
-    assert settings["md"]["steps"] == 400_000 and settings["boundaries"] == ["fixed-fixed", "fixed-free"]  # the file, not defaults
+    assert settings["md"]["steps"] == 400_000 and settings["boundaries"] == [
+        "fixed-fixed",
+        "fixed-free",
+    ]  # the file, not defaults

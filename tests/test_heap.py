@@ -1,5 +1,6 @@
 """forcefield.heap.keep_freed_memory: glibc keeps a freed 16 MiB block (resident) once it is set, and only
 when asked: constructing a ``TorchEnergy`` leaves malloc alone unless ``keep_freed_memory=True``."""
+
 import os
 import platform
 import subprocess
@@ -34,7 +35,9 @@ print(applied, resident() - before)
 
 def _run(mode: str, **environment) -> tuple[str, int]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")} | environment
-    out = subprocess.run([sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, env=env, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, env=env, check=True
+    ).stdout.split()
     return out[0], int(out[1])
 
 
@@ -73,5 +76,7 @@ def test_a_default_torch_energy_leaves_malloc_alone():
         "energy.energy_and_forces(torch.zeros(8, energy.dim, dtype=torch.float64))\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    out = subprocess.run([sys.executable, "-c", prelude + SCRIPT, "default"], capture_output=True, text=True, env=env, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", prelude + SCRIPT, "default"], capture_output=True, text=True, env=env, check=True
+    ).stdout.split()
     assert out[0] == "False" and int(out[1]) < 1 << 20

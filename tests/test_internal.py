@@ -1,5 +1,6 @@
 """Internal coordinates of alanine dipeptide on real OpenMM frames: Z-matrix, exact round trips,
 the log-det against autograd, the flow layer, and a short maximum-likelihood training."""
+
 import math
 
 import mdtraj
@@ -8,7 +9,6 @@ import pytest
 import torch
 
 from openflow.data import load
-from openflow.plugins.openmm.md import simulate
 from openflow.flows.base import BoltzmannGenerator, SequentialFlow
 from openflow.flows.coupling import real_nvp
 from openflow.flows.internal import (
@@ -19,6 +19,7 @@ from openflow.flows.internal import (
 )
 from openflow.flows.priors import StandardNormal
 from openflow.losses import nll
+from openflow.plugins.openmm.md import simulate
 from openflow.systems import alanine_dipeptide
 from openflow.systems.alanine_dipeptide import pdb_path
 from openflow.training import Trainer
@@ -31,8 +32,16 @@ def md(tmp_path_factory):
     """3000 frames of 300 K vacuum MD (Reference platform, 1 fs steps, a frame every 20 fs)."""
     system = alanine_dipeptide()
     out = tmp_path_factory.mktemp("ala2")
-    result = simulate(system, steps=60_000, interval=20, out=out, seed=7, platform="Reference",
-                      equilibration_steps=2_000, progress=False)
+    result = simulate(
+        system,
+        steps=60_000,
+        interval=20,
+        out=out,
+        seed=7,
+        platform="Reference",
+        equilibration_steps=2_000,
+        progress=False,
+    )
     x = load(result.trajectory, result.topology, system=system, dtype=torch.float64)
     return system, x, mdtraj.load(str(result.trajectory), top=str(result.topology))
 
@@ -49,8 +58,13 @@ def circular_difference(a, b):
 def rotation(omega):
     """``exp([omega]_x)``, a rotation matrix differentiable in ``omega (3,)``."""
     zero = omega.new_zeros(())
-    skew = torch.stack([torch.stack([zero, -omega[2], omega[1]]), torch.stack([omega[2], zero, -omega[0]]),
-                        torch.stack([-omega[1], omega[0], zero])])
+    skew = torch.stack(
+        [
+            torch.stack([zero, -omega[2], omega[1]]),
+            torch.stack([omega[2], zero, -omega[0]]),
+            torch.stack([-omega[1], omega[0], zero]),
+        ]
+    )
     return torch.linalg.matrix_exp(skew)
 
 
@@ -58,6 +72,7 @@ def rigid_log_det(to_positions, u):
     """``log|det|`` of ``(u, T, omega) -> T + R(omega) to_positions(u)`` at ``T = omega = 0`` by
     autograd: the Jacobian of Cartesian positions with respect to internal plus rigid-body
     coordinates (the exponential map's Haar density is 1 at the identity)."""
+
     def full(v):
         pos = to_positions(v[:-6].unsqueeze(0)).reshape(N_ATOMS, 3)
         return (pos @ rotation(v[-3:]).T + v[-6:-3]).reshape(-1)

@@ -4,14 +4,19 @@ never imports OpenMM, nothing imports another module's private names, and no wor
 Every ``import`` statement of every module is read from the source (function bodies included), so an
 import hidden inside a function to dodge a cycle counts like any other.
 """
+
 import ast
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = {"openflow": ROOT / "openflow", "openflow.systems": ROOT / "systems", "openflow.plugins": ROOT / "plugins",
-            "openflow.benchmarks": ROOT / "benchmarks"}
+PACKAGES = {
+    "openflow": ROOT / "openflow",
+    "openflow.systems": ROOT / "systems",
+    "openflow.plugins": ROOT / "plugins",
+    "openflow.benchmarks": ROOT / "benchmarks",
+}
 LAYERS = ["systems", "core", "plugins", "workflows", "cli"]  # each may import only itself and the layers before it
 
 
@@ -64,8 +69,14 @@ ALL = modules()
 
 
 def test_the_walk_sees_the_whole_package():
-    assert {"openflow.nct", "openflow.plugins.openmm.md", "openflow.systems.base", "openflow.workflows.quickstart",
-            "openflow.cli", "openflow.plugins.openmm.forcefield"} <= set(ALL)
+    assert {
+        "openflow.nct",
+        "openflow.plugins.openmm.md",
+        "openflow.systems.base",
+        "openflow.workflows.quickstart",
+        "openflow.cli",
+        "openflow.plugins.openmm.forcefield",
+    } <= set(ALL)
 
 
 @pytest.mark.parametrize("module", sorted(ALL))

@@ -1,4 +1,5 @@
 """LinearExp: invertibility, log-determinant against autograd, the orthogonal variant."""
+
 import pytest
 import torch
 

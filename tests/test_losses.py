@@ -1,5 +1,6 @@
 """Losses against closed forms: Gaussian free energies and cross-entropies, the optimal
 flow-matching velocity between two Gaussians, and the handling of non-finite energies."""
+
 import math
 
 import pytest
@@ -305,7 +306,9 @@ def test_flow_matching_prefers_the_true_velocity_over_wrong_ones():
     grid = torch.linspace(0, 1, 20001, dtype=torch.float64)
     assert best.item() == pytest.approx(torch.trapezoid(minimal_loss(grid), grid).item(), rel=0.02)
     mean_only = flow_matching(lambda t, x: MU.expand_as(x), x0, x1, generator=torch.Generator().manual_seed(9))
-    shifted = flow_matching(lambda t, x: optimal_velocity(t, x) + 0.2, x0, x1, generator=torch.Generator().manual_seed(9))
+    shifted = flow_matching(
+        lambda t, x: optimal_velocity(t, x) + 0.2, x0, x1, generator=torch.Generator().manual_seed(9)
+    )
     assert mean_only.item() > best.item() + 0.5
     assert shifted.item() == pytest.approx(best.item() + DIM * 0.04, abs=0.02)
 
@@ -317,14 +320,20 @@ def test_flow_matching_weights_are_normalised():
     w = torch.tensor([0.0, 1.0, 3.0, 0.5, 0.0, 2.0, 1.0, 0.5], dtype=torch.float64)
     weighted = flow_matching(optimal_velocity, x0, x1, t=t, weights=w)
     assert weighted.item() == pytest.approx(((w * per_sample).sum() / w.sum()).item(), abs=1e-12)
-    assert flow_matching(optimal_velocity, x0, x1, t=t, weights=1e6 * w).item() == pytest.approx(weighted.item(), abs=1e-12)
+    assert flow_matching(optimal_velocity, x0, x1, t=t, weights=1e6 * w).item() == pytest.approx(
+        weighted.item(), abs=1e-12
+    )
     uniform = flow_matching(optimal_velocity, x0, x1, t=t, weights=torch.full((8,), 0.3, dtype=torch.float64))
     assert uniform.item() == pytest.approx(flow_matching(optimal_velocity, x0, x1, t=t).item(), abs=1e-12)
     keep = w > 0
     subset = flow_matching(optimal_velocity, x0[keep], x1[keep], t=t[keep], weights=w[keep])
     assert subset.item() == pytest.approx(weighted.item(), abs=1e-12)
-    for bad, message in ((-w, "non-negative"), (torch.zeros(8), "all be zero"), (w[:5], "shape"),
-                         (torch.full((8,), math.nan), "finite")):
+    for bad, message in (
+        (-w, "non-negative"),
+        (torch.zeros(8), "all be zero"),
+        (w[:5], "shape"),
+        (torch.full((8,), math.nan), "finite"),
+    ):
         with pytest.raises(ValueError, match=message):
             flow_matching(optimal_velocity, x0, x1, t=t, weights=bad)
 

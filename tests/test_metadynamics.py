@@ -1,24 +1,31 @@
 """Metadynamics with openmm.app.Metadynamics: a short biased run of alanine dipeptide with an exported
 learned CV (bias deposited, COLVAR columns against torch/mdtraj, continuation), the well-tempered
 FES formula and the reweighting constant c(t) against closed forms, and the COLVAR reporter."""
+
 import mdtraj
 import numpy as np
 import openmm.unit as unit
 import pytest
 import torch
+from helpers import WORKFLOWS
 from scipy.special import i0
 
+from openflow import analysis
 from openflow.cli import main
 from openflow.cv import CVModel
 from openflow.features import distance_features
-from openflow import analysis
 from openflow.plugins.openmm.export import save_cv_force, to_custom_cv_force
-from openflow.plugins.openmm.metadynamics import (fes_from_bias, fes_state_delta_f, learned_bias_variables, reweighting_constant,
-                                                  run_metadynamics, torsion_bias_variables)
+from openflow.plugins.openmm.metadynamics import (
+    fes_from_bias,
+    fes_state_delta_f,
+    learned_bias_variables,
+    reweighting_constant,
+    run_metadynamics,
+    torsion_bias_variables,
+)
 from openflow.plugins.openmm.reporters import read_colvar
 from openflow.systems import alanine_dipeptide
 from openflow.systems.alanine_dipeptide import PHI_CORE_MARGIN, backbone_torsions, phi_psi_observables, phi_states
-from helpers import WORKFLOWS
 
 STEPS, INTERVAL, FREQUENCY = 3000, 50, 100
 
@@ -35,11 +42,14 @@ def phi_psi_bias_variables(system, width: float = 0.35):
 
 @pytest.fixture(scope="module")
 def learned_cv(ala):
-    """A seeded 45 distances -> 4 tanh -> 1 CV (exported as a Lepton CustomCVForce), standardised on the start structure's scale."""
+    """A seeded 45 distances -> 4 tanh -> 1 CV (exported as a Lepton CustomCVForce), standardised on the
+    start structure's scale."""
     cv = CVModel(distance_features(ala), hidden=(4,), seed=3).double()
     with torch.no_grad():
         cv.std.fill_(0.02)  # distances move ~0.02 nm: a CV that changes on this scale
-        cv.mean.copy_(cv.features(torch.as_tensor(ala.positions.value_in_unit(unit.nanometer), dtype=torch.float64)[None])[0])
+        cv.mean.copy_(
+            cv.features(torch.as_tensor(ala.positions.value_in_unit(unit.nanometer), dtype=torch.float64)[None])[0]
+        )
     return cv
 
 
@@ -48,10 +58,34 @@ def run(ala, learned_cv, tmp_path_factory):
     out = tmp_path_factory.mktemp("metad")
     lo, hi = (float(v[0]) for v in learned_cv.bounds())
     variables = learned_bias_variables([learned_cv], width=(hi - lo) / 100)
-    first = run_metadynamics(ala, variables, steps=STEPS, out=out / "first", height=2.0, bias_factor=5.0, frequency=FREQUENCY,
-                             interval=INTERVAL, platform="Reference", seed=11, observables=phi_psi_observables(), progress=False)
-    second = run_metadynamics(ala, variables, steps=1000, out=out / "second", height=2.0, bias_factor=5.0, frequency=FREQUENCY,
-                              interval=INTERVAL, platform="Reference", seed=12, progress=False, continue_from=out / "first")
+    first = run_metadynamics(
+        ala,
+        variables,
+        steps=STEPS,
+        out=out / "first",
+        height=2.0,
+        bias_factor=5.0,
+        frequency=FREQUENCY,
+        interval=INTERVAL,
+        platform="Reference",
+        seed=11,
+        observables=phi_psi_observables(),
+        progress=False,
+    )
+    second = run_metadynamics(
+        ala,
+        variables,
+        steps=1000,
+        out=out / "second",
+        height=2.0,
+        bias_factor=5.0,
+        frequency=FREQUENCY,
+        interval=INTERVAL,
+        platform="Reference",
+        seed=12,
+        progress=False,
+        continue_from=out / "first",
+    )
     return first, second, variables
 
 
@@ -100,17 +134,45 @@ def test_continuation_keeps_and_adds_to_the_bias(run):
 def test_bad_continuations_are_refused(run, ala):
     first, _, _ = run
     with pytest.raises(ValueError, match="differ"):
-        run_metadynamics(ala, phi_psi_bias_variables(ala), steps=100, interval=10, out=first.out.parent / "other", platform="Reference",
-                         seed=1, progress=False, continue_from=first.out)
+        run_metadynamics(
+            ala,
+            phi_psi_bias_variables(ala),
+            steps=100,
+            interval=10,
+            out=first.out.parent / "other",
+            platform="Reference",
+            seed=1,
+            progress=False,
+            continue_from=first.out,
+        )
     with pytest.raises(ValueError, match="new folder"):
-        run_metadynamics(ala, run[2], steps=100, interval=10, out=first.out, platform="Reference", seed=1, progress=False,
-                         continue_from=first.out)
+        run_metadynamics(
+            ala,
+            run[2],
+            steps=100,
+            interval=10,
+            out=first.out,
+            platform="Reference",
+            seed=1,
+            progress=False,
+            continue_from=first.out,
+        )
 
 
 def test_phi_psi_bias_lands_where_the_run_was(ala, tmp_path):
     """The bias grid is indexed [phi, psi]: its maximum sits at the visited (phi, psi)."""
-    result = run_metadynamics(ala, phi_psi_bias_variables(ala, width=0.3), steps=1000, out=tmp_path, frequency=100, interval=100,
-                              platform="Reference", seed=4, observables=phi_psi_observables(), progress=False)
+    result = run_metadynamics(
+        ala,
+        phi_psi_bias_variables(ala, width=0.3),
+        steps=1000,
+        out=tmp_path,
+        frequency=100,
+        interval=100,
+        platform="Reference",
+        seed=4,
+        observables=phi_psi_observables(),
+        progress=False,
+    )
     grid = np.load(result.files["bias"])
     i, j = np.unravel_index(grid["bias_kjmol"].argmax(), grid["bias_kjmol"].shape)
     data = read_colvar(result.files["colvar"])
@@ -172,10 +234,38 @@ def test_state_delta_f_from_a_known_fes():
 
 def test_metad_command_with_an_xml_cv(tmp_path, learned_cv):
     path = save_cv_force(to_custom_cv_force(learned_cv), tmp_path / "cv.xml")
-    assert main(["metad", "--system", "alanine_dipeptide", "--cv", str(path), "--steps", "10", "--out", str(tmp_path / "o")]) == 2  # no --cv-range
+    assert (
+        main(
+            ["metad", "--system", "alanine_dipeptide", "--cv", str(path), "--steps", "10", "--out", str(tmp_path / "o")]
+        )
+        == 2
+    )  # no --cv-range
     lo, hi = (float(v[0]) for v in learned_cv.bounds())
-    status = main(["metad", "--system", "alanine_dipeptide", "--cv", str(path), "--cv-range", str(lo), str(hi), "--steps", "400", "--interval", "50",
-                   "--frequency", "50", "--platform", "Reference", "--seed", "1", "--no-progress", "--out", str(tmp_path / "run")])
+    status = main(
+        [
+            "metad",
+            "--system",
+            "alanine_dipeptide",
+            "--cv",
+            str(path),
+            "--cv-range",
+            str(lo),
+            str(hi),
+            "--steps",
+            "400",
+            "--interval",
+            "50",
+            "--frequency",
+            "50",
+            "--platform",
+            "Reference",
+            "--seed",
+            "1",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
     assert status == 0
     data = read_colvar(tmp_path / "run" / "COLVAR")
     assert data["cv1"].size == 8 and data["bias"].max() > 0
@@ -188,14 +278,25 @@ def test_workflow_smoke(tmp_path, source):
     stand-in: every run writes its files, metrics agree with the COLVARs."""
     from openflow.workflows import run as run_workflow
 
-    overrides = {"md": {"ns": 0.004, "interval": 100, "platform": "Reference", "equilibration_steps": 100},
-                 "metad": {"frequency": 100}, "cv": {"source": source, "epochs": 5, "features": "phi_psi"},
-                 "learn": {"data": {"ns": 0.02, "interval": 100, "platform": "Reference"},
-                           "nct": {"steps": 4, "batch": 64, "hidden": [8], "layers": 2}, "cv": {"hidden": [8], "epochs": 3, "export_frames": 20}},
-                 "speed": {"steps": 200, "repeats": 1}, "progress": False}
+    overrides = {
+        "md": {"ns": 0.004, "interval": 100, "platform": "Reference", "equilibration_steps": 100},
+        "metad": {"frequency": 100},
+        "cv": {"source": source, "epochs": 5, "features": "phi_psi"},
+        "learn": {
+            "data": {"ns": 0.02, "interval": 100, "platform": "Reference"},
+            "nct": {"steps": 4, "batch": 64, "hidden": [8], "layers": 2},
+            "cv": {"hidden": [8], "epochs": 3, "export_frames": 20},
+        },
+        "speed": {"steps": 200, "repeats": 1},
+        "progress": False,
+    }
     metrics = run_workflow(WORKFLOWS / "metadynamics.yaml", tmp_path, overrides)
     if source == "nct":
-        assert (tmp_path / "learn" / "cv_q1.xml").is_file() and metrics["nct_steps"] == 4 and metrics["cv_export_max_value_error"] < 1e-4
+        assert (
+            (tmp_path / "learn" / "cv_q1.xml").is_file()
+            and metrics["nct_steps"] == 4
+            and metrics["cv_export_max_value_error"] < 1e-4
+        )
     for name in ("unbiased", "phipsi", "learned"):
         phi = read_colvar(tmp_path / name / "COLVAR")["phi"]
         assert phi.size == 40
@@ -205,7 +306,9 @@ def test_workflow_smoke(tmp_path, source):
     assert 0 < metrics["phipsi_speed_relative_to_bare_md"] and (tmp_path / "metrics.json").exists()
 
 
-@pytest.mark.parametrize("cv, message", [({"source": "flow"}, "cv.source must be"), ({"source": "xml"}, "needs cv.xml")])
+@pytest.mark.parametrize(
+    "cv, message", [({"source": "flow"}, "cv.source must be"), ({"source": "xml"}, "needs cv.xml")]
+)
 def test_workflow_refuses_a_bad_cv_source_before_any_md(tmp_path, cv, message):
     from openflow.workflows import run as run_workflow
 
@@ -223,7 +326,14 @@ def test_workflow_reads_one_or_several_xml_cvs(tmp_path, learned_cv, ala):
     forces, ranges = xml_cvs([str(p) for p in paths], [[-1, 2], [0, 3.5]])
     assert len(forces) == 2 and ranges == [(-1.0, 2.0), (0.0, 3.5)]
     variables = learned_bias_variables(forces, [0.1, 0.2], 20, ranges)  # two non-periodic axes
-    assert [(v.minValue, v.maxValue, v.biasWidth, v.periodic) for v in variables] == [(-1.0, 2.0, 0.1, False), (0.0, 3.5, 0.2, False)]
-    for paths_, range_ in (([str(p) for p in paths], [-1, 2]), (str(paths[0]), None), ([str(paths[0])] * 4, [[0, 1]] * 4)):
+    assert [(v.minValue, v.maxValue, v.biasWidth, v.periodic) for v in variables] == [
+        (-1.0, 2.0, 0.1, False),
+        (0.0, 3.5, 0.2, False),
+    ]
+    for paths_, range_ in (
+        ([str(p) for p in paths], [-1, 2]),
+        (str(paths[0]), None),
+        ([str(paths[0])] * 4, [[0, 1]] * 4),
+    ):
         with pytest.raises(ValueError, match="cv.range"):
             xml_cvs(paths_, range_)

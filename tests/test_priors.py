@@ -1,4 +1,5 @@
 """Latent priors: exact normalisation, sampling moments, parameter checks, slow-mode order."""
+
 import math
 
 import numpy as np

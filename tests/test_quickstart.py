@@ -1,5 +1,6 @@
 """The quickstart workflow end to end at tiny scale: every file is written, each exported output of the
 two-mode CV equals torch, and the biased run's COLVAR is that CV on the saved frames."""
+
 import json
 
 import mdtraj
@@ -7,16 +8,15 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import WORKFLOWS
 
+from openflow import analysis, estimators, nct
 from openflow.plugins.openmm.export import VALUE_TOLERANCE, check_export, load_cv_force
 from openflow.plugins.openmm.reporters import read_colvar
 from openflow.systems import alanine_dipeptide
-from openflow.workflows import run
-from openflow import analysis, estimators, nct
 from openflow.systems.alanine_dipeptide import PHI_CORE_MARGIN, phi_states
+from openflow.workflows import run
 from openflow.workflows.quickstart import DEFAULTS, cv_model, fit_and_export
-
-from helpers import WORKFLOWS
 
 TINY = {
     "data": {"ns": 0.02, "interval": 100, "platform": "Reference"},  # 200 frames
@@ -43,9 +43,20 @@ def _trained_cv(out):
 
 def test_every_file_is_written(tiny_run):
     out, metrics = tiny_run
-    for name in ("config.yaml", "metrics.json", "md/trajectory.dcd", "md/topology.pdb", "nct/checkpoint.pt", "cv_q1.xml",
-                 "cv_q2.xml", "cv.pt", "metadynamics/trajectory.dcd", "metadynamics/topology.pdb", "metadynamics/COLVAR",
-                 "metadynamics/weights.npy"):
+    for name in (
+        "config.yaml",
+        "metrics.json",
+        "md/trajectory.dcd",
+        "md/topology.pdb",
+        "nct/checkpoint.pt",
+        "cv_q1.xml",
+        "cv_q2.xml",
+        "cv.pt",
+        "metadynamics/trajectory.dcd",
+        "metadynamics/topology.pdb",
+        "metadynamics/COLVAR",
+        "metadynamics/weights.npy",
+    ):
         assert (out / name).is_file(), name
     assert (out / "ramachandran.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((out / "metrics.json").read_text())
@@ -53,8 +64,12 @@ def test_every_file_is_written(tiny_run):
     assert saved["nct_steps"] == 4
     assert saved["nct_omega_1_per_ps"] <= saved["nct_omega_2_per_ps"] <= saved["nct_omega_4_per_ps"]
     assert saved["cv_features"] == "torsions" and saved["cv_export_method"] == "table"
-    assert saved["metad_speed_relative_to_bare_md"] == pytest.approx(saved["bare_md_us_per_step"] / saved["metad_biased_us_per_step"])
-    assert all(saved[f"time_{stage}_s"] > 0 for stage in ("simulate", "train_nct", "fit_export_cv", "metadynamics", "plot"))
+    assert saved["metad_speed_relative_to_bare_md"] == pytest.approx(
+        saved["bare_md_us_per_step"] / saved["metad_biased_us_per_step"]
+    )
+    assert all(
+        saved[f"time_{stage}_s"] > 0 for stage in ("simulate", "train_nct", "fit_export_cv", "metadynamics", "plot")
+    )
 
 
 def test_saved_cv_forces_equal_torch_on_biased_frames(tiny_run):
@@ -75,13 +90,17 @@ def test_metadynamics_biased_both_exported_outputs(tiny_run):
     with torch.no_grad():
         values = _trained_cv(out)(torch.as_tensor(frames.xyz, dtype=torch.float64)).numpy()
     for k in range(2):
-        np.testing.assert_allclose(colvar[f"q{k + 1}"], values[:, k], atol=1e-4)  # COLVAR is written in text, DCD in float32
+        np.testing.assert_allclose(
+            colvar[f"q{k + 1}"], values[:, k], atol=1e-4
+        )  # COLVAR is written in text, DCD in float32
     assert colvar["bias"][-1] > 0  # Gaussians were deposited
     bias = np.load(out / "metadynamics/bias.npz")
     assert bias["bias_kjmol"].shape == (DEFAULTS["metad"]["grid"],) * 2  # one axis per mode
     for k in range(2):  # each axis spans the CV's guaranteed range
         axis = bias[f"axis_{k}"]
-        assert axis[0] == pytest.approx(metrics[f"cv_lo_q{k + 1}"]) and axis[-1] == pytest.approx(metrics[f"cv_hi_q{k + 1}"])
+        assert axis[0] == pytest.approx(metrics[f"cv_lo_q{k + 1}"]) and axis[-1] == pytest.approx(
+            metrics[f"cv_hi_q{k + 1}"]
+        )
     weights = np.load(out / "metadynamics/weights.npy")
     assert metrics["metad_transitions"] == analysis.count_transitions(phi_states(colvar["phi"], PHI_CORE_MARGIN))
     assert metrics["metad_ess_fraction"] == pytest.approx(estimators.effective_sample_size(np.log(weights)), rel=1e-9)
@@ -108,7 +127,9 @@ def test_distance_features_export_through_lepton(tiny_run, tmp_path):
 
 def test_slowest_modes_are_the_smallest_frequency_latent_positions(tmp_path):
     generator = torch.Generator().manual_seed(0)
-    q = torch.randn(64, 24, generator=generator, dtype=torch.float64) * torch.linspace(1.0, 0.1, 24, dtype=torch.float64)
+    q = torch.randn(64, 24, generator=generator, dtype=torch.float64) * torch.linspace(
+        1.0, 0.1, 24, dtype=torch.float64
+    )
     p = torch.randn(64, 24, generator=generator, dtype=torch.float64)
     settings = dict(DEFAULTS["nct"], steps=2, batch=32, hidden=[8], layers=2)
     model, _ = nct.train_nct(p, q, q.var(0), settings, 0, tmp_path, progress=False)

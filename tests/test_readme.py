@@ -1,4 +1,5 @@
 """The README's Python examples run as written, and its two commands are the ones CI uses."""
+
 import re
 from pathlib import Path
 

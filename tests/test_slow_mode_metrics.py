@@ -1,6 +1,7 @@
 """Slow-mode quality metrics against exact answers: KSG mutual information (Gaussian and circular
 closed forms), ROC AUC (Mann-Whitney, binormal closed form), TICA / VAMP-2 / implied timescales on
 an AR(1) process whose eigenfunctions and eigenvalues are known, and deeptime as a cross-check."""
+
 import numpy as np
 import pytest
 from scipy.signal import lfilter
@@ -77,15 +78,18 @@ def test_mi_of_wrapped_variable_equals_unwrapped_exactly():
     assert mutual_information(wrapped + 3 * TWO_PI, x, period_x=TWO_PI) == pytest.approx(reference, abs=1e-9)
 
 
-@pytest.mark.parametrize("x, y, kwargs, message", [
-    (np.zeros(10), np.zeros(11), {}, "differ in length"),
-    (np.arange(3.0), np.arange(3.0), {}, "more samples than k"),
-    (np.array([0.0, np.nan, 1.0, 2.0, 3.0]), np.arange(5.0), {}, "non-finite"),
-    (np.arange(5.0), np.arange(5.0), {"k": 0}, "k must be"),
-    (np.arange(5.0), np.arange(5.0), {"k": 1.5}, "k must be"),
-    (np.arange(5.0), np.arange(5.0), {"period_y": 0.0}, "period_y"),
-    (np.zeros((5, 2, 2)), np.arange(5.0), {}, "x must be"),
-])
+@pytest.mark.parametrize(
+    "x, y, kwargs, message",
+    [
+        (np.zeros(10), np.zeros(11), {}, "differ in length"),
+        (np.arange(3.0), np.arange(3.0), {}, "more samples than k"),
+        (np.array([0.0, np.nan, 1.0, 2.0, 3.0]), np.arange(5.0), {}, "non-finite"),
+        (np.arange(5.0), np.arange(5.0), {"k": 0}, "k must be"),
+        (np.arange(5.0), np.arange(5.0), {"k": 1.5}, "k must be"),
+        (np.arange(5.0), np.arange(5.0), {"period_y": 0.0}, "period_y"),
+        (np.zeros((5, 2, 2)), np.arange(5.0), {}, "x must be"),
+    ],
+)
 def test_mi_rejects_bad_input(x, y, kwargs, message):
     with pytest.raises(ValueError, match=message):
         mutual_information(x, y, **kwargs)
@@ -126,12 +130,15 @@ def test_auc_counts_ties_as_half():
     assert roc_auc(scores, 2 * labels - 1) == roc_auc(scores, labels.astype(bool)) == roc_auc(scores, labels)
 
 
-@pytest.mark.parametrize("scores, labels, message", [
-    ([1.0, 2.0, 3.0], [1, 1, 1], "two classes"),
-    ([1.0, 2.0, 3.0], [-1, 0, 1], "two classes"),
-    ([1.0, 2.0, 3.0], [0, 1], "shape"),
-    ([1.0, np.nan, 3.0], [0, 1, 1], "non-finite"),
-])
+@pytest.mark.parametrize(
+    "scores, labels, message",
+    [
+        ([1.0, 2.0, 3.0], [1, 1, 1], "two classes"),
+        ([1.0, 2.0, 3.0], [-1, 0, 1], "two classes"),
+        ([1.0, 2.0, 3.0], [0, 1], "shape"),
+        ([1.0, np.nan, 3.0], [0, 1, 1], "non-finite"),
+    ],
+)
 def test_auc_rejects_bad_input(scores, labels, message):
     with pytest.raises(ValueError, match=message):
         roc_auc(scores, labels)
@@ -249,6 +256,7 @@ def test_vamp2_score_of_exact_eigenfunctions(process):
 
 def test_matches_deeptime(process):
     import deeptime  # a test dependency (.[test]): the cross-check always runs
+
     _, x = process
     lag = 3
     segments = [x[:70_000], x[70_000:150_000], x[150_000:]]
@@ -261,19 +269,22 @@ def test_matches_deeptime(process):
     assert vamp2_score(segments, lag, dim=1) == pytest.approx(vamp.score(2, dim=1), abs=1e-6)
 
 
-@pytest.mark.parametrize("segments, kwargs, message", [
-    (np.zeros((100, 2, 2)), {}, "must be \\(T, d\\)"),
-    (np.zeros(100), {}, "must be \\(T, d\\)"),
-    ([np.ones((50, 2)), np.ones((50, 3))], {}, "feature dimension"),
-    (np.full((50, 2), np.nan), {}, "non-finite"),
-    ([], {}, "empty"),
-    (np.ones((50, 2)), {"lag": 0}, "lag must be"),
-    (np.ones((50, 2)), {"lag": 1.5}, "lag must be"),
-    ([np.ones((3, 2)), np.ones((4, 2))], {"lag": 4}, "no segment is longer"),
-    (np.ones((50, 2)), {"dim": 3}, "dim must be"),
-    (np.ones((50, 2)), {"epsilon": -1.0}, "epsilon"),
-    (np.ones((50, 2)), {}, "constant"),
-])
+@pytest.mark.parametrize(
+    "segments, kwargs, message",
+    [
+        (np.zeros((100, 2, 2)), {}, "must be \\(T, d\\)"),
+        (np.zeros(100), {}, "must be \\(T, d\\)"),
+        ([np.ones((50, 2)), np.ones((50, 3))], {}, "feature dimension"),
+        (np.full((50, 2), np.nan), {}, "non-finite"),
+        ([], {}, "empty"),
+        (np.ones((50, 2)), {"lag": 0}, "lag must be"),
+        (np.ones((50, 2)), {"lag": 1.5}, "lag must be"),
+        ([np.ones((3, 2)), np.ones((4, 2))], {"lag": 4}, "no segment is longer"),
+        (np.ones((50, 2)), {"dim": 3}, "dim must be"),
+        (np.ones((50, 2)), {"epsilon": -1.0}, "epsilon"),
+        (np.ones((50, 2)), {}, "constant"),
+    ],
+)
 def test_tica_and_vamp_reject_bad_input(segments, kwargs, message):
     kwargs = {"lag": 1, **kwargs}
     for function in (tica, vamp2_score):

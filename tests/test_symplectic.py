@@ -1,5 +1,6 @@
 """Neural canonical transformations: symplecticity, exact inverses, exact densities, and the normal
 modes of a harmonic chain learned by maximum likelihood. All physics in float64."""
+
 import math
 
 import pytest

@@ -1,4 +1,5 @@
 """The three systems: OpenMM energies and forces against the analytic formulas, exact chain physics."""
+
 import numpy as np
 import openmm
 import openmm.unit as unit
@@ -82,7 +83,10 @@ def test_inactive_components_are_tethered_outside_the_energy_groups():
     assert not any(f.getForceGroup() == INACTIVE_FORCE_GROUP for f in alanine_dipeptide().system.getForces())
 
 
-@pytest.mark.parametrize("boundary,mode", [("fixed-fixed", lambda j, n: j / (2 * (n + 1))), ("fixed-free", lambda j, n: (2 * j - 1) / (2 * (2 * n + 1)))])
+@pytest.mark.parametrize(
+    "boundary,mode",
+    [("fixed-fixed", lambda j, n: j / (2 * (n + 1))), ("fixed-free", lambda j, n: (2 * j - 1) / (2 * (2 * n + 1)))],
+)
 def test_chain_exact_frequencies_are_the_textbook_dispersion(boundary, mode):
     n, k, m = 32, 2.0, 0.5
     sys = harmonic_chain(n, boundary=boundary, k=k, mass=m)
@@ -111,10 +115,16 @@ def test_reduced_temperature_and_bad_parameters():
     sys = harmonic_chain(3, temperature=2.5)
     assert sys.kT.value_in_unit(unit.kilojoule_per_mole) == pytest.approx(2.5)
     assert coulomb_cluster(3, temperature=300 * unit.kelvin).temperature == 300 * unit.kelvin
-    for bad in [lambda: harmonic_chain(0), lambda: harmonic_chain(3, boundary="free"), lambda: harmonic_chain(3, k=-1),
-                lambda: coulomb_cluster(3, dim=4), lambda: coulomb_cluster(3, temperature=-1.0),
-                lambda: alanine_dipeptide(solvent="water"), lambda: alanine_dipeptide(forcefield="charmm"),
-                lambda: build("argon")]:
+    for bad in [
+        lambda: harmonic_chain(0),
+        lambda: harmonic_chain(3, boundary="free"),
+        lambda: harmonic_chain(3, k=-1),
+        lambda: coulomb_cluster(3, dim=4),
+        lambda: coulomb_cluster(3, temperature=-1.0),
+        lambda: alanine_dipeptide(solvent="water"),
+        lambda: alanine_dipeptide(forcefield="charmm"),
+        lambda: build("argon"),
+    ]:
         with pytest.raises(ValueError):
             bad()
 

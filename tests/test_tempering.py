@@ -1,12 +1,13 @@
 """Parallel tempering with OpenMM: the lowest-temperature stream is Boltzmann at that temperature."""
+
 import json
 
 import numpy as np
 import openmm.unit as unit
 import pytest
 
-from openflow.systems import harmonic_chain
 from openflow.plugins.openmm.tempering import geometric_temperatures, simulate_tempering, update_round_trips
+from openflow.systems import harmonic_chain
 
 
 @pytest.fixture(scope="module")
@@ -14,8 +15,17 @@ def chain_run(tmp_path_factory):
     system = harmonic_chain(n=4, boundary="fixed-fixed")
     low = system.temperature.value_in_unit(unit.kelvin)
     out = tmp_path_factory.mktemp("pt")
-    run = simulate_tempering(system, geometric_temperatures(low, 4 * low, 4), steps=25000, interval=10,
-                             exchange_interval=100, out=out, seed=3, platform="Reference", progress=False)
+    run = simulate_tempering(
+        system,
+        geometric_temperatures(low, 4 * low, 4),
+        steps=25000,
+        interval=10,
+        exchange_interval=100,
+        out=out,
+        seed=3,
+        platform="Reference",
+        progress=False,
+    )
     return system, run
 
 
@@ -24,7 +34,7 @@ def test_lowest_temperature_frames_obey_equipartition(chain_run):
     (the hottest replica would give 4 times that)."""
     system, run = chain_run
     table = np.loadtxt(run.frames, delimiter=",", skiprows=1)
-    energy_kT = table[len(table) // 10:, 2] / system.kT_kjmol
+    energy_kT = table[len(table) // 10 :, 2] / system.kT_kjmol
     blocks = np.array([b.mean() for b in np.array_split(energy_kT, 20)])
     error = blocks.std(ddof=1) / np.sqrt(len(blocks))
     assert abs(energy_kT.mean() - 2.0) < 4 * error + 0.02, (energy_kT.mean(), error)
@@ -47,9 +57,18 @@ def test_swaps_happen_and_segments_follow_them(chain_run):
 
 def test_reuse_returns_the_finished_run(chain_run):
     system, run = chain_run
-    again = simulate_tempering(system, run.temperatures_K, steps=run.steps, interval=run.interval,
-                               exchange_interval=run.exchange_interval, out=run.trajectory.parent, seed=3,
-                               platform="Reference", progress=False, reuse=True)
+    again = simulate_tempering(
+        system,
+        run.temperatures_K,
+        steps=run.steps,
+        interval=run.interval,
+        exchange_interval=run.exchange_interval,
+        out=run.trajectory.parent,
+        seed=3,
+        platform="Reference",
+        progress=False,
+        reuse=True,
+    )
     assert again.wall_time_s == run.wall_time_s and np.array_equal(again.segments, run.segments)
 
 

@@ -6,10 +6,11 @@ agree to 1e-5 and forces to 1e-4, relative (errors divided by ``max(|E|, 1 kT)``
 configuration, by ``max(|F|, 1 kT/nm)`` with ``|.|`` the Euclidean norm over all components; the
 floor of 1 keeps configurations with E = 0 exactly, like the chain at rest, meaningful).
 """
+
 import dataclasses
 import pickle
 import warnings
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,6 @@ import torch
 
 import openflow.plugins.openmm.forcefield.energy as energy_module
 import openflow.plugins.openmm.forcefield.parallel as parallel_module
-
 from openflow.plugins.openmm import OpenMMEnergy
 from openflow.plugins.openmm.bridge import linear_log_cap
 from openflow.plugins.openmm.forcefield import (
@@ -37,18 +37,25 @@ ENERGY_RTOL, FORCE_RTOL = 1e-5, 1e-4
 
 VARIANTS = {
     **{
-        f"alanine-{solvent}-{ff}-{constraints}": (alanine_dipeptide, dict(solvent=solvent, forcefield=ff, constraints=constraints))
+        f"alanine-{solvent}-{ff}-{constraints}": (
+            alanine_dipeptide,
+            dict(solvent=solvent, forcefield=ff, constraints=constraints),
+        )
         for solvent in ("vacuum", "implicit")
         for ff in ("amber99sbildn", "amber14", "ff96")
         for constraints in (None, "hbonds")
     },
-    **{f"cluster-{dim}d-{n}": (coulomb_cluster, dict(n=n, dim=dim, temperature=1.3)) for dim in (2, 3) for n in (3, 6, 13)},
+    **{
+        f"cluster-{dim}d-{n}": (coulomb_cluster, dict(n=n, dim=dim, temperature=1.3))
+        for dim in (2, 3)
+        for n in (3, 6, 13)
+    },
     "chain-fixed-fixed": (harmonic_chain, dict(n=32, boundary="fixed-fixed", k=1.7, temperature=0.8)),
     "chain-fixed-free": (harmonic_chain, dict(n=7, boundary="fixed-free", k=1.7, temperature=0.8)),
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def build(name: str) -> System:
     builder, kwargs = VARIANTS[name]
     return builder(**kwargs)
@@ -67,7 +74,9 @@ def openmm_reduced(system: System, x: torch.Tensor) -> tuple[np.ndarray, np.ndar
         context.setPositions(positions * unit.nanometer)
         state = context.getState(energy=True, forces=True, groups=system.energy_groups())
         energies.append(state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole) / kT)
-        forces.append(state.getForces(asNumpy=True).value_in_unit(unit.kilojoule_per_mole / unit.nanometer)[system.active] / kT)
+        forces.append(
+            state.getForces(asNumpy=True).value_in_unit(unit.kilojoule_per_mole / unit.nanometer)[system.active] / kT
+        )
     return np.array(energies), np.array(forces)
 
 
@@ -151,11 +160,15 @@ def custom_force_system() -> System:
     torsion.addPerTorsionParameter("kt")
     torsion.addTorsion(0, 1, 2, 3, [3.0])
     torsion.addTorsion(5, 4, 3, 2, [1.5])
-    compound = openmm.CustomCompoundBondForce(4, "0.2*dihedral(p1,p2,p3,p4) + 0.5*angle(p1,p2,p3) + distance(p1,p4)^2 + c*x1*y2 - z3")
+    compound = openmm.CustomCompoundBondForce(
+        4, "0.2*dihedral(p1,p2,p3,p4) + 0.5*angle(p1,p2,p3) + distance(p1,p4)^2 + c*x1*y2 - z3"
+    )
     compound.addPerBondParameter("c")
     compound.addBond([0, 2, 4, 5], [0.8])
     compound.addBond([5, 3, 1, 0], [-0.3])
-    nonbonded = openmm.CustomNonbondedForce("4*eps*((sig/r)^12-(sig/r)^6) + f*q1*q2/r; sig=0.5*(s1+s2); eps=sqrt(e1*e2)")
+    nonbonded = openmm.CustomNonbondedForce(
+        "4*eps*((sig/r)^12-(sig/r)^6) + f*q1*q2/r; sig=0.5*(s1+s2); eps=sqrt(e1*e2)"
+    )
     nonbonded.addGlobalParameter("f", 1.4)
     for name in ("q", "s", "e"):
         nonbonded.addPerParticleParameter(name)
@@ -195,7 +208,9 @@ def custom_force_system() -> System:
 def test_every_custom_force_kind_matches_openmm():
     system = custom_force_system()
     generator = torch.Generator().manual_seed(3)
-    x = system.from_positions(system.positions) + 0.04 * torch.randn(6, system.dim, generator=generator, dtype=torch.float64)
+    x = system.from_positions(system.positions) + 0.04 * torch.randn(
+        6, system.dim, generator=generator, dtype=torch.float64
+    )
     u_ref, f_ref = openmm_reduced(system, x)
     energy = TorchEnergy(system)
     assert len(energy.terms) == 7
@@ -233,14 +248,28 @@ def test_lepton_expressions_evaluate_like_openmm(text):
     for point, value, grad in zip(points, values.detach().numpy(), xyz.grad.numpy()):
         context.setPositions([openmm.Vec3(*point)])
         state = context.getState(energy=True, forces=True)
-        assert value == pytest.approx(state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole), rel=1e-12, abs=1e-12)
+        assert value == pytest.approx(
+            state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole), rel=1e-12, abs=1e-12
+        )
         np.testing.assert_allclose(-grad, state.getForces(asNumpy=True)._value[0], rtol=1e-10, atol=1e-10)
     expression = LeptonExpression(text)  # its symbolic derivatives (the analytic forces of custom forces)
     nodes = [expression.derivative(("variable", v)) or ("number", 0.0) for v in "xyz"]
     slopes = expression.evaluate(nodes, {"x": xyz[:, 0].detach(), "y": xyz[:, 1].detach(), "z": xyz[:, 2].detach()})
-    np.testing.assert_allclose(torch.stack([torch.as_tensor(v, dtype=torch.float64).expand(5) for v in slopes], 1).numpy(), xyz.grad.numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        torch.stack([torch.as_tensor(v, dtype=torch.float64).expand(5) for v in slopes], 1).numpy(),
+        xyz.grad.numpy(),
+        rtol=1e-12,
+        atol=1e-12,
+    )
     # the compiled CPU kernel generated from the same text (every function and operator of Lepton)
-    wrapped = System("lepton", system, point_particle_topology(1, "LEP"), points[:1] * unit.nanometer, kelvin(300.0), np.ones((1, 3), bool))
+    wrapped = System(
+        "lepton",
+        system,
+        point_particle_topology(1, "LEP"),
+        points[:1] * unit.nanometer,
+        kelvin(300.0),
+        np.ones((1, 3), bool),
+    )
     energy = TorchEnergy(wrapped)
     assert energy._kernel_terms == list(energy.terms)
     u, f = energy.energy_and_forces(torch.as_tensor(points))
@@ -341,8 +370,12 @@ def test_analytic_gradients_equal_autograd(name):
     through its plain ``forward``; ``TorchEnergy``'s backward (one fused node) equals its forces."""
     system = custom_force_system() if name == "custom" else build(name)
     energy = TorchEnergy(system)
-    x = real_configurations(system) if name != "custom" else system.from_positions(system.positions) + 0.04 * torch.randn(
-        5, system.dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x = (
+        real_configurations(system)
+        if name != "custom"
+        else system.from_positions(system.positions)
+        + 0.04 * torch.randn(5, system.dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    )
     positions = energy._layout(x)
     for term in energy.terms:
         gradient = torch.zeros_like(positions)
@@ -351,7 +384,9 @@ def test_analytic_gradients_equal_autograd(name):
         u_autograd = term(exact)
         (g_autograd,) = torch.autograd.grad(u_autograd.sum(), exact)
         assert torch.allclose(u, u_autograd, rtol=1e-12, atol=1e-12), type(term).__name__
-        assert torch.allclose(gradient, g_autograd, rtol=1e-9, atol=1e-9 * float(g_autograd.abs().max())), type(term).__name__
+        assert torch.allclose(gradient, g_autograd, rtol=1e-9, atol=1e-9 * float(g_autograd.abs().max())), type(
+            term
+        ).__name__
     xg = x.clone().requires_grad_(True)
     energy(xg).sum().backward()
     u, f = energy.energy_and_forces(x, chunk_size=3)
@@ -381,7 +416,9 @@ def test_obc_engulfed_atom_matches_openmm():
     gb.setSoluteDielectric(2.0)
     system.addForce(gb)
     positions = np.array([[0.0, 0.0, 0.0], [0.05, 0.02, 0.0], [0.3, 0.1, 0.05]])
-    wrapped = System("obc", system, point_particle_topology(3, "OBC"), positions * unit.nanometer, kelvin(2.5), np.ones((3, 3), bool))
+    wrapped = System(
+        "obc", system, point_particle_topology(3, "OBC"), positions * unit.nanometer, kelvin(2.5), np.ones((3, 3), bool)
+    )
     shifts = np.linspace(0, 0.03, 4)[:, None, None] * np.array([[0, 1, 0], [1, 0, 0], [0, 0, 1]])  # (4, 3 atoms, 3)
     x = wrapped.from_positions(positions + shifts)
     u_ref, f_ref = openmm_reduced(wrapped, x)
@@ -480,19 +517,38 @@ def test_forces_without_terms_contribute_zero():
     nonbonded = openmm.NonbondedForce()
     for _ in range(3):
         nonbonded.addParticle(0.0, 0.3, 0.0)
-    empty = [openmm.HarmonicBondForce(), openmm.HarmonicAngleForce(), openmm.PeriodicTorsionForce(), nonbonded,
-             openmm.CustomExternalForce("x^2"), openmm.CustomBondForce("r"), openmm.CustomCompoundBondForce(2, "x1")]
+    empty = [
+        openmm.HarmonicBondForce(),
+        openmm.HarmonicAngleForce(),
+        openmm.PeriodicTorsionForce(),
+        nonbonded,
+        openmm.CustomExternalForce("x^2"),
+        openmm.CustomBondForce("r"),
+        openmm.CustomCompoundBondForce(2, "x1"),
+    ]
     for force in empty:
         system.addForce(force)
-    wrapped = System("empty", system, point_particle_topology(3, "X"), np.zeros((3, 3)) * unit.nanometer, kelvin(1.0), np.ones((3, 3), bool))
+    wrapped = System(
+        "empty",
+        system,
+        point_particle_topology(3, "X"),
+        np.zeros((3, 3)) * unit.nanometer,
+        kelvin(1.0),
+        np.ones((3, 3), bool),
+    )
     u, f = TorchEnergy(wrapped).energy_and_forces(torch.randn(4, 9, dtype=torch.float64))
     assert torch.all(u == 0) and torch.all(f == 0)
 
 
 # -- the compiled CPU kernels against the torch ops ---------------------------------------------
 KERNEL_VARIANTS = [
-    "alanine-vacuum-amber99sbildn-None", "alanine-implicit-amber99sbildn-hbonds", "alanine-implicit-amber14-None",
-    "cluster-2d-6", "cluster-3d-13", "chain-fixed-free", "custom",
+    "alanine-vacuum-amber99sbildn-None",
+    "alanine-implicit-amber99sbildn-hbonds",
+    "alanine-implicit-amber14-None",
+    "cluster-2d-6",
+    "cluster-3d-13",
+    "chain-fixed-free",
+    "custom",
 ]
 
 
@@ -508,7 +564,9 @@ def test_cpu_kernels_equal_torch_ops(name):
     assert kernels._kernel_terms == list(kernels.terms) and not kernels._cpu_torch_terms
     u, f = kernels.energy_and_forces(x)
     u_ops, f_ops = ops.energy_and_forces(x)
-    assert torch.allclose(u, u_ops, rtol=1e-12, atol=1e-12) and torch.allclose(f, f_ops, rtol=1e-10, atol=1e-10 * float(f_ops.abs().max()))
+    assert torch.allclose(u, u_ops, rtol=1e-12, atol=1e-12) and torch.allclose(
+        f, f_ops, rtol=1e-10, atol=1e-10 * float(f_ops.abs().max())
+    )
     assert torch.allclose(kernels.potential_energy(x), ops.potential_energy(x), rtol=1e-12)
     xg = x.clone().requires_grad_(True)
     kernels(xg).sum().backward()
@@ -533,7 +591,14 @@ def test_torsion_kernel_every_periodicity_and_phase_matches_openmm():
         torsions.addTorsion(4, 3, 2, 1, n, float(rng.uniform(-np.pi, np.pi)), float(rng.uniform(0.5, 3.0)))
     system.addForce(torsions)
     positions = rng.normal(scale=0.15, size=(5, 3))
-    wrapped = System("torsions", system, point_particle_topology(5, "TOR"), positions * unit.nanometer, kelvin(300.0), np.ones((5, 3), bool))
+    wrapped = System(
+        "torsions",
+        system,
+        point_particle_topology(5, "TOR"),
+        positions * unit.nanometer,
+        kelvin(300.0),
+        np.ones((5, 3), bool),
+    )
     x = wrapped.from_positions(positions[None] + rng.normal(scale=0.05, size=(9, 5, 3)))
     u_ref, f_ref = openmm_reduced(wrapped, x)
     for cpu_kernels in (True, False):
@@ -594,7 +659,14 @@ def _trap_system(text: str) -> System:
         force.addParticle(k, [])
     system.addForce(force)
     positions = np.array([[0.1, 0.2, 0.3], [-0.2, 0.1, 0.4]])
-    return System("trap", system, point_particle_topology(2, "TRP"), positions * unit.nanometer, kelvin(300.0), np.ones((2, 3), bool))
+    return System(
+        "trap",
+        system,
+        point_particle_topology(2, "TRP"),
+        positions * unit.nanometer,
+        kelvin(300.0),
+        np.ones((2, 3), bool),
+    )
 
 
 def test_generated_kernels_are_cached_on_disk_and_work_without_a_cache(tmp_path, monkeypatch):
@@ -617,7 +689,13 @@ def test_generated_kernels_are_cached_on_disk_and_work_without_a_cache(tmp_path,
         "from openflow.plugins.openmm.forcefield import TorchEnergy; s = _trap_system(sys.argv[1]); "
         "print(repr(TorchEnergy(s).energy_and_forces(s.from_positions(s.positions)[None])[0].item()))"
     )
-    result = subprocess.run([sys.executable, "-c", child, text], capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent)
+    result = subprocess.run(
+        [sys.executable, "-c", child, text],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parent.parent,
+    )
     assert result.returncode == 0, result.stderr
     assert float(result.stdout.strip().splitlines()[-1]) == u.item()
     assert sorted((tmp_path / "kernels").glob("*.py")) == modules

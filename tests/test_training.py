@@ -1,5 +1,6 @@
 """Trainer: exact resume, skipped non-finite steps, checkpoints and metrics files, schedules,
 energy-based training to a known free energy, and a 2D toy trained to its exact likelihood."""
+
 import json
 import math
 import random
@@ -88,8 +89,17 @@ def crashing(loss_fn, at_call):
 
 @pytest.mark.parametrize("kind", ["tensor", "loader", "energy"])
 def test_resumed_run_reproduces_the_uninterrupted_one_exactly(tmp_path, kind):
-    settings = dict(lr=3e-3, schedule="cosine", total_steps=20, grad_clip=5.0, seed=11,
-                    checkpoint_every=5, device="cpu", progress=False, config={"kind": kind})
+    settings = dict(
+        lr=3e-3,
+        schedule="cosine",
+        total_steps=20,
+        grad_clip=5.0,
+        seed=11,
+        checkpoint_every=5,
+        device="cpu",
+        progress=False,
+        config={"kind": kind},
+    )
     reference = make_run(kind, tmp_path / "a", model_seed=1, **settings)
     reference_history = reference.fit(20)
     losses = [r["loss"] for r in reference_history]
@@ -154,8 +164,7 @@ def test_nonfinite_losses_and_gradients_skip_the_step(tmp_path):
             return loss + torch.sqrt(((weight - weight.detach()) ** 2).sum())
         return loss
 
-    trainer = Trainer(small_flow_model(3), loss_fn, data, batch_size=64, device="cpu", progress=False,
-                      out_dir=tmp_path)
+    trainer = Trainer(small_flow_model(3), loss_fn, data, batch_size=64, device="cpu", progress=False, out_dir=tmp_path)
     history = trainer.fit(6)
     assert trainer.n_skipped == 2
     assert [r["skipped"] for r in history] == [False, True, False, True, False, False]
@@ -173,9 +182,19 @@ def test_nonfinite_losses_and_gradients_skip_the_step(tmp_path):
 
 
 def test_checkpoint_is_atomic_and_complete(tmp_path):
-    trainer = Trainer(small_flow_model(4), nll_loss, banana(256, seed=2), batch_size=64, device="cpu",
-                      progress=False, out_dir=tmp_path, checkpoint_every=3, schedule="step", step_size=2,
-                      config={"model": "real_nvp", "n_layers": 2})
+    trainer = Trainer(
+        small_flow_model(4),
+        nll_loss,
+        banana(256, seed=2),
+        batch_size=64,
+        device="cpu",
+        progress=False,
+        out_dir=tmp_path,
+        checkpoint_every=3,
+        schedule="step",
+        step_size=2,
+        config={"model": "real_nvp", "n_layers": 2},
+    )
     trainer.fit(4)
     path = tmp_path / "checkpoint.pt"
     assert path.exists() and not (tmp_path / "checkpoint.pt.tmp").exists()
@@ -202,8 +221,17 @@ def test_checkpoint_is_atomic_and_complete(tmp_path):
 
 def test_metrics_and_energy_based_training_reach_the_free_energy(tmp_path):
     """Reverse KL without data on a diagonal Gaussian target: the exact free energy is -log(2 pi)."""
-    trainer = Trainer(diagonal_gaussian_model(), energy_loss, None, lr=0.05, device="cpu", seed=5,
-                      progress=False, out_dir=tmp_path, log_every=10)
+    trainer = Trainer(
+        diagonal_gaussian_model(),
+        energy_loss,
+        None,
+        lr=0.05,
+        device="cpu",
+        seed=5,
+        progress=False,
+        out_dir=tmp_path,
+        log_every=10,
+    )
     history = trainer.fit(400)
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
@@ -222,8 +250,18 @@ def test_metrics_and_energy_based_training_reach_the_free_energy(tmp_path):
 def test_two_dimensional_toy_reaches_the_exact_likelihood():
     """RealNVP on the banana (exactly representable by one coupling): held-out NLL -> entropy."""
     model = small_flow_model(6, n_layers=3, hidden=(32,))
-    trainer = Trainer(model, nll_loss, banana(20_000, seed=7), batch_size=256, lr=1e-2,
-                      schedule="cosine", total_steps=200, device="cpu", progress=False, seed=8)
+    trainer = Trainer(
+        model,
+        nll_loss,
+        banana(20_000, seed=7),
+        batch_size=256,
+        lr=1e-2,
+        schedule="cosine",
+        total_steps=200,
+        device="cpu",
+        progress=False,
+        seed=8,
+    )
     trainer.fit(200)
     model.eval()
     test = banana(50_000, seed=9)
@@ -237,19 +275,30 @@ def test_two_dimensional_toy_reaches_the_exact_likelihood():
 
 def test_schedules_follow_their_closed_forms():
     model = diagonal_gaussian_model()
-    cosine = Trainer(model, energy_loss, None, lr=0.1, schedule="cosine", total_steps=8, min_lr=0.02,
-                     device="cpu", progress=False)
+    cosine = Trainer(
+        model, energy_loss, None, lr=0.1, schedule="cosine", total_steps=8, min_lr=0.02, device="cpu", progress=False
+    )
     lrs = [r["lr"] for r in cosine.fit(8)]
     expected = [0.02 + 0.08 * (1 + math.cos(math.pi * k / 8)) / 2 for k in range(8)]
     assert lrs == pytest.approx(expected, rel=1e-12)
-    step = Trainer(diagonal_gaussian_model(), energy_loss, None, lr=0.1, schedule="step", step_size=3,
-                   gamma=0.5, device="cpu", progress=False)
+    step = Trainer(
+        diagonal_gaussian_model(),
+        energy_loss,
+        None,
+        lr=0.1,
+        schedule="step",
+        step_size=3,
+        gamma=0.5,
+        device="cpu",
+        progress=False,
+    )
     assert [r["lr"] for r in step.fit(7)] == pytest.approx([0.1] * 3 + [0.05] * 3 + [0.025])
 
 
 def test_gradient_clipping_bounds_the_applied_gradient():
-    trainer = Trainer(small_flow_model(7), nll_loss, banana(256, seed=4), batch_size=64, grad_clip=1e-3,
-                      device="cpu", progress=False)
+    trainer = Trainer(
+        small_flow_model(7), nll_loss, banana(256, seed=4), batch_size=64, grad_clip=1e-3, device="cpu", progress=False
+    )
     (record,) = trainer.fit(1)
     assert record["grad_norm"] > 1e-2
     applied = torch.sqrt(sum(p.grad.pow(2).sum() for p in trainer.params if p.grad is not None))
@@ -278,8 +327,14 @@ def test_trainer_rejects_bad_configuration(tmp_path):
     with pytest.raises(TypeError, match="require grad"):
         Trainer(small_flow_model(0), lambda m, b: torch.tensor(1.0), data, batch_size=10, device="cpu").fit(1)
     with pytest.raises(ValueError, match="reserved"):
-        Trainer(small_flow_model(0), lambda m, b: (nll(m, b), {"loss": 1.0}), data, batch_size=10,
-                device="cpu", progress=False).fit(1)
+        Trainer(
+            small_flow_model(0),
+            lambda m, b: (nll(m, b), {"loss": 1.0}),
+            data,
+            batch_size=10,
+            device="cpu",
+            progress=False,
+        ).fit(1)
     with pytest.raises(FileNotFoundError):
         Trainer(small_flow_model(0), nll_loss, data, batch_size=10, device="cpu", out_dir=tmp_path).resume()
 
@@ -319,8 +374,15 @@ def test_lbfgs_reaches_the_exact_maximum_likelihood_of_a_full_batch(tmp_path):
             return torch.distributions.Normal(self.mean, self.log_std.exp()).log_prob(x).sum(1)
 
     model = Gaussian()
-    trainer = Trainer(model, lambda m, _: -m.log_prob(data).mean(), optimizer="lbfgs", lr=1.0,
-                      device="cpu", out_dir=tmp_path, progress=False)
+    trainer = Trainer(
+        model,
+        lambda m, _: -m.log_prob(data).mean(),
+        optimizer="lbfgs",
+        lr=1.0,
+        device="cpu",
+        out_dir=tmp_path,
+        progress=False,
+    )
     trainer.fit(40)
     torch.testing.assert_close(model.mean.detach(), data.mean(0), rtol=0, atol=1e-8)
     torch.testing.assert_close(model.log_std.exp().detach(), data.std(0, unbiased=False), rtol=0, atol=1e-8)
@@ -335,7 +397,9 @@ def test_more_steps_continue_the_checkpoint_and_fewer_start_afresh(tmp_path, cap
     longer = make_run("tensor", tmp_path, model_seed=2, config={"layers": 2}, **settings)
     history = longer.fit(15, resume=True)
     assert [r["step"] for r in history] == list(range(1, 16)) and longer.step == 15
-    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == list(range(1, 16))
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == list(
+        range(1, 16)
+    )
     capsys.readouterr()
     shorter = make_run("tensor", tmp_path, model_seed=2, config={"layers": 2}, **settings)
     assert [r["step"] for r in shorter.fit(4, resume=True)] == [1, 2, 3, 4]

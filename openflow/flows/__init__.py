@@ -1,4 +1,5 @@
 """Flows: one protocol (``base.Flow``), couplings, canonical transformations, continuous flows, priors."""
+
 from .base import BoltzmannGenerator, Flow, InverseFlow, SequentialFlow, SubsetFlow
 from .circular import CircularSplineCoupling, GaussianToCircle, circular_flow
 from .cnf import ContinuousFlow, MLPPotential, MLPVelocity, MongeAmpereFlow, SymmetricPotential
@@ -17,10 +18,38 @@ from .symplectic import (
 )
 
 __all__ = [
-    "ActNorm", "AffineCoupling", "BoltzmannGenerator", "CanonicalSequential", "CircularSplineCoupling", "ContinuousFlow", "Flow",
-    "GaussianToCircle", "SubsetFlow", "circular_flow",
-    "HamiltonianFlow", "InternalCoordinates", "IsotropicNormal", "InternalCoordinatesFlow", "InverseFlow", "LatentHarmonicPrior", "LinearExp", "LinearSymplectic", "MLPPotential",
-    "MLPVelocity", "MongeAmpereFlow", "NeuralCanonicalTransformation", "PointTransformation", "SequentialFlow", "SplineCoupling",
-    "StandardNormal", "SymmetricPotential", "SymplecticScaling", "ZMatrix", "moment_matched_normal", "rational_quadratic_spline", "real_nvp",
-    "spline_flow", "zmatrix_from_topology",
+    "ActNorm",
+    "AffineCoupling",
+    "BoltzmannGenerator",
+    "CanonicalSequential",
+    "CircularSplineCoupling",
+    "ContinuousFlow",
+    "Flow",
+    "GaussianToCircle",
+    "SubsetFlow",
+    "circular_flow",
+    "HamiltonianFlow",
+    "InternalCoordinates",
+    "IsotropicNormal",
+    "InternalCoordinatesFlow",
+    "InverseFlow",
+    "LatentHarmonicPrior",
+    "LinearExp",
+    "LinearSymplectic",
+    "MLPPotential",
+    "MLPVelocity",
+    "MongeAmpereFlow",
+    "NeuralCanonicalTransformation",
+    "PointTransformation",
+    "SequentialFlow",
+    "SplineCoupling",
+    "StandardNormal",
+    "SymmetricPotential",
+    "SymplecticScaling",
+    "ZMatrix",
+    "moment_matched_normal",
+    "rational_quadratic_spline",
+    "real_nvp",
+    "spline_flow",
+    "zmatrix_from_topology",
 ]

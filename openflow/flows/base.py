@@ -7,6 +7,7 @@ Every flow maps a batch of latent points ``z`` of shape ``(B, d)`` to ``x`` of s
 
 so that ``inverse(forward(z)[0])[1] == -forward(z)[1]``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -44,7 +45,11 @@ class SubsetFlow(Flow):
     def __init__(self, flow: Flow, indices, dim: int):
         super().__init__()
         indices = torch.as_tensor(indices, dtype=torch.long).flatten()
-        if indices.numel() == 0 or len(set(indices.tolist())) != indices.numel() or not 0 <= int(indices.min()) <= int(indices.max()) < dim:
+        if (
+            indices.numel() == 0
+            or len(set(indices.tolist())) != indices.numel()
+            or not 0 <= int(indices.min()) <= int(indices.max()) < dim
+        ):
             raise ValueError(f"indices must be distinct columns in [0, {dim}), got {indices.tolist()}")
         self.flow = flow
         self.dim = int(dim)

@@ -10,6 +10,7 @@ at ``+-pi``) followed by a rotation, each angle conditioned on the others throug
 ``(cos, sin)``. Nothing is cut open: densities and their derivatives are continuous across ``+-pi``.
 All layers follow the protocol of :mod:`openflow.flows.base`.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,9 +19,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .base import Flow, SequentialFlow
 from openflow.geometry import wrap_angle
 
+from .base import Flow, SequentialFlow
 from .coupling import MaskedCoupling, check_batch, coupling_masks, mlp
 from .spline import check_bins_and_bound, rational_quadratic_spline
 
@@ -79,8 +80,9 @@ class CircularSplineCoupling(MaskedCoupling):
         theta = y.index_select(1, self.trans_idx)
         if inverse:
             theta = theta - shift.squeeze(-1)
-        out, logabsdet = rational_quadratic_spline(theta, widths, heights, derivatives, inverse=inverse,
-                                                   bound=math.pi, periodic=True)
+        out, logabsdet = rational_quadratic_spline(
+            theta, widths, heights, derivatives, inverse=inverse, bound=math.pi, periodic=True
+        )
         if not inverse:
             out = out + shift.squeeze(-1)
         return y.index_copy(1, self.trans_idx, wrap_angle(out)), logabsdet.sum(dim=1)
@@ -102,5 +104,8 @@ def circular_flow(
         raise ValueError(f"n_layers must be >= 1, got {n_layers}")
     return SequentialFlow(
         GaussianToCircle(dim),
-        *(CircularSplineCoupling(m, hidden, activation, bins) for m in coupling_masks(int(dim), int(n_layers), "alternate")),
+        *(
+            CircularSplineCoupling(m, hidden, activation, bins)
+            for m in coupling_masks(int(dim), int(n_layers), "alternate")
+        ),
     )

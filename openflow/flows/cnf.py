@@ -13,10 +13,11 @@ Call conventions (all tensors on the device/dtype of the input):
   integration) or a ``(B,)`` tensor (flow matching, one time per sample);
 * potential: ``potential(t, x) -> (B,)``, same ``t`` convention.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -25,20 +26,34 @@ from torchdiffeq import odeint, odeint_adjoint
 from .base import Flow
 
 DIVERGENCES = ("exact", "hutchinson")
-SOLVERS = ("dopri8", "dopri5", "bosh3", "fehlberg2", "adaptive_heun", "euler", "midpoint",
-           "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams", "fixed_adams", "scipy_solver")
+SOLVERS = (
+    "dopri8",
+    "dopri5",
+    "bosh3",
+    "fehlberg2",
+    "adaptive_heun",
+    "euler",
+    "midpoint",
+    "heun2",
+    "heun3",
+    "rk4",
+    "explicit_adams",
+    "implicit_adams",
+    "fixed_adams",
+    "scipy_solver",
+)
 
 
 # ----------------------------------------------------------------------------------------------
 # divergence estimators
 # ----------------------------------------------------------------------------------------------
 
+
 def _gradient(output: torch.Tensor, x: torch.Tensor, create_graph: bool) -> torch.Tensor:
     """``d output.sum() / dx``; zeros where ``output`` does not depend on ``x``."""
     if not output.requires_grad:
         return torch.zeros_like(x)
-    grad, = torch.autograd.grad(output.sum(), x, retain_graph=True, create_graph=create_graph,
-                                allow_unused=True)
+    (grad,) = torch.autograd.grad(output.sum(), x, retain_graph=True, create_graph=create_graph, allow_unused=True)
     return torch.zeros_like(x) if grad is None else grad
 
 
@@ -51,8 +66,9 @@ def exact_divergence(v: torch.Tensor, x: torch.Tensor, create_graph: bool = Fals
     return sum(_gradient(v[:, i], x, create_graph)[:, i] for i in range(x.shape[1]))
 
 
-def hutchinson_divergence(v: torch.Tensor, x: torch.Tensor, noise: torch.Tensor,
-                          create_graph: bool = False) -> torch.Tensor:
+def hutchinson_divergence(
+    v: torch.Tensor, x: torch.Tensor, noise: torch.Tensor, create_graph: bool = False
+) -> torch.Tensor:
     """Unbiased estimate ``eps^T (dv/dx) eps`` of ``div v`` (shape ``(B,)``), one backward pass.
 
     ``noise (B, d)`` holds probe vectors with ``E[eps eps^T] = I`` (e.g. Rademacher).
@@ -60,8 +76,7 @@ def hutchinson_divergence(v: torch.Tensor, x: torch.Tensor, noise: torch.Tensor,
     return (_gradient((v * noise).sum(dim=1), x, create_graph) * noise).sum(dim=1)
 
 
-def rademacher(shape: Sequence[int], like: torch.Tensor,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+def rademacher(shape: Sequence[int], like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Random signs ``+-1`` of ``shape`` on the device and dtype of ``like``."""
     bits = torch.randint(0, 2, tuple(shape), generator=generator, device=like.device)
     return (2 * bits - 1).to(like.dtype)
@@ -70,6 +85,7 @@ def rademacher(shape: Sequence[int], like: torch.Tensor,
 # ----------------------------------------------------------------------------------------------
 # the continuous flow
 # ----------------------------------------------------------------------------------------------
+
 
 class _AugmentedDynamics(nn.Module):
     """Right-hand side of the augmented ODE ``d(x, l)/dt = (v(t, x), div v(t, x))`` of one solve.
@@ -126,15 +142,25 @@ class ContinuousFlow(Flow):
     loss regresses. A Hutchinson ``generator`` must live on the device of the input.
     """
 
-    def __init__(self, velocity: Callable, t0: float = 0.0, t1: float = 1.0, method: str = "dopri5",
-                 rtol: float = 1e-5, atol: float = 1e-5, divergence: str = "exact",
-                 adjoint: bool = False, options: dict | None = None):
+    def __init__(
+        self,
+        velocity: Callable,
+        t0: float = 0.0,
+        t1: float = 1.0,
+        method: str = "dopri5",
+        rtol: float = 1e-5,
+        atol: float = 1e-5,
+        divergence: str = "exact",
+        adjoint: bool = False,
+        options: dict | None = None,
+    ):
         super().__init__()
         if not callable(velocity):
             raise TypeError(f"velocity must be callable as velocity(t, x), got {type(velocity).__name__}")
         if adjoint and not isinstance(velocity, nn.Module):
-            raise TypeError("adjoint=True needs the velocity to be an nn.Module (its parameters "
-                            "are the adjoint parameters)")
+            raise TypeError(
+                "adjoint=True needs the velocity to be an nn.Module (its parameters are the adjoint parameters)"
+            )
         if divergence not in DIVERGENCES:
             raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
         if method not in SOLVERS:
@@ -159,18 +185,19 @@ class ContinuousFlow(Flow):
         """``x (B, d) -> z (B, d), log|det dz/dx| (B,)``; ``generator`` draws Hutchinson probes."""
         return self._solve(x, self.t1, self.t0, generator)
 
-    def _solve(self, x: torch.Tensor, t_start: float, t_end: float,
-               generator: torch.Generator | None):
+    def _solve(self, x: torch.Tensor, t_start: float, t_end: float, generator: torch.Generator | None):
         if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_floating_point():
-            raise ValueError("expected a floating-point tensor of shape (B, d), got "
-                             f"{getattr(x, 'shape', type(x).__name__)}")
+            raise ValueError(
+                f"expected a floating-point tensor of shape (B, d), got {getattr(x, 'shape', type(x).__name__)}"
+            )
         dynamics = self._dynamics(x, generator)
         times = torch.tensor([t_start, t_end], dtype=x.dtype, device=x.device)
         state = (x, x.new_zeros(x.shape[0]))
         settings = dict(rtol=self.rtol, atol=self.atol, method=self.method, options=self.options)
         if self.adjoint:
-            xs, logdets = odeint_adjoint(dynamics, state, times,
-                                         adjoint_params=tuple(self.velocity.parameters()), **settings)
+            xs, logdets = odeint_adjoint(
+                dynamics, state, times, adjoint_params=tuple(self.velocity.parameters()), **settings
+            )
         else:
             xs, logdets = odeint(dynamics, state, times, **settings)
         self.nfe = dynamics.calls
@@ -182,16 +209,20 @@ class ContinuousFlow(Flow):
         return _AugmentedDynamics(self.velocity, noise)
 
     def extra_repr(self) -> str:
-        return (f"t=({self.t0}, {self.t1}), method={self.method!r}, rtol={self.rtol}, "
-                f"atol={self.atol}, divergence={self.divergence!r}, adjoint={self.adjoint}")
+        return (
+            f"t=({self.t0}, {self.t1}), method={self.method!r}, rtol={self.rtol}, "
+            f"atol={self.atol}, divergence={self.divergence!r}, adjoint={self.adjoint}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
 # networks: time embedding, velocity and potentials
 # ----------------------------------------------------------------------------------------------
 
-def _mlp(n_in: int, hidden: Sequence[int], n_out: int, activation: type[nn.Module],
-         final_bias: bool = True) -> nn.Sequential:
+
+def _mlp(
+    n_in: int, hidden: Sequence[int], n_out: int, activation: type[nn.Module], final_bias: bool = True
+) -> nn.Sequential:
     sizes = [n_in, *hidden]
     layers: list[nn.Module] = []
     for a, b in zip(sizes[:-1], sizes[1:]):
@@ -245,15 +276,23 @@ class _TimeConditionedMLP(nn.Module):
     """``MLP([x, emb(t)])`` on ``x (B, dim)`` with ``t`` a scalar or ``(B,)``: the shared body of
     the velocity and potential networks."""
 
-    def __init__(self, dim: int, hidden: Sequence[int], time_embedding: int, activation: type[nn.Module],
-                 n_out: int, final_bias: bool = True):
+    def __init__(
+        self,
+        dim: int,
+        hidden: Sequence[int],
+        time_embedding: int,
+        activation: type[nn.Module],
+        n_out: int,
+        final_bias: bool = True,
+    ):
         super().__init__()
         if int(dim) != dim or dim < 1:
             raise ValueError(f"dim must be a positive int, got {dim}")
         self.dim = int(dim)
         self.embed = TimeEmbedding(time_embedding)
-        self.net = _mlp(self.dim + self.embed.out_features, _check_hidden(hidden), n_out, activation,
-                        final_bias=final_bias)
+        self.net = _mlp(
+            self.dim + self.embed.out_features, _check_hidden(hidden), n_out, activation, final_bias=final_bias
+        )
 
     def _evaluate(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.dim)
@@ -266,8 +305,9 @@ class MLPVelocity(_TimeConditionedMLP):
     Smooth activations (default SiLU) keep the divergence differentiable for training.
     """
 
-    def __init__(self, dim: int, hidden: Sequence[int] = (64, 64), time_embedding: int = 4,
-                 activation: type[nn.Module] = nn.SiLU):
+    def __init__(
+        self, dim: int, hidden: Sequence[int] = (64, 64), time_embedding: int = 4, activation: type[nn.Module] = nn.SiLU
+    ):
         super().__init__(dim, hidden, time_embedding, activation, n_out=int(dim))
 
     def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -277,8 +317,9 @@ class MLPVelocity(_TimeConditionedMLP):
 class MLPPotential(_TimeConditionedMLP):
     """Scalar potential ``phi(t, x) = MLP([x, emb(t)])``: ``(B, dim) -> (B,)``."""
 
-    def __init__(self, dim: int, hidden: Sequence[int] = (64, 64), time_embedding: int = 4,
-                 activation: type[nn.Module] = nn.SiLU):
+    def __init__(
+        self, dim: int, hidden: Sequence[int] = (64, 64), time_embedding: int = 4, activation: type[nn.Module] = nn.SiLU
+    ):
         # no bias on the output: a constant offset of phi moves nothing
         super().__init__(dim, hidden, time_embedding, activation, n_out=1, final_bias=False)
 
@@ -302,9 +343,16 @@ class SymmetricPotential(nn.Module):
     Returns ``(B,)``.
     """
 
-    def __init__(self, n_particles: int, spatial_dim: int, hidden: Sequence[int] = (64, 64),
-                 rotation_invariant: bool = False, softening: float = 0.1, time_embedding: int = 4,
-                 activation: type[nn.Module] = nn.SiLU):
+    def __init__(
+        self,
+        n_particles: int,
+        spatial_dim: int,
+        hidden: Sequence[int] = (64, 64),
+        rotation_invariant: bool = False,
+        softening: float = 0.1,
+        time_embedding: int = 4,
+        activation: type[nn.Module] = nn.SiLU,
+    ):
         super().__init__()
         if int(n_particles) != n_particles or n_particles < 2:
             raise ValueError(f"n_particles must be an int >= 2, got {n_particles}")
@@ -334,7 +382,7 @@ class SymmetricPotential(nn.Module):
         emb = self.embed(t, batch, x)
         single = (r * r).sum(dim=2, keepdim=True) if self.rotation_invariant else r
         diff = r[:, self.pair_i] - r[:, self.pair_j]
-        pair = torch.sqrt((diff * diff).sum(dim=2, keepdim=True) + self.softening ** 2)
+        pair = torch.sqrt((diff * diff).sum(dim=2, keepdim=True) + self.softening**2)
         n_pairs = pair.shape[1]
         psi = self.psi(torch.cat([single, emb.unsqueeze(1).expand(-1, self.n_particles, -1)], dim=2))
         chi = self.chi(torch.cat([pair, emb.unsqueeze(1).expand(-1, n_pairs, -1)], dim=2))
@@ -371,13 +419,31 @@ class MongeAmpereFlow(ContinuousFlow):
     invariant prior, an invariant density. Other arguments as in ``ContinuousFlow``.
     """
 
-    def __init__(self, potential: nn.Module, t0: float = 0.0, t1: float = 1.0, method: str = "dopri5",
-                 rtol: float = 1e-5, atol: float = 1e-5, divergence: str = "exact",
-                 adjoint: bool = False, options: dict | None = None):
+    def __init__(
+        self,
+        potential: nn.Module,
+        t0: float = 0.0,
+        t1: float = 1.0,
+        method: str = "dopri5",
+        rtol: float = 1e-5,
+        atol: float = 1e-5,
+        divergence: str = "exact",
+        adjoint: bool = False,
+        options: dict | None = None,
+    ):
         if not isinstance(potential, nn.Module):
             raise TypeError(f"potential must be an nn.Module, got {type(potential).__name__}")
-        super().__init__(PotentialVelocity(potential), t0=t0, t1=t1, method=method, rtol=rtol,
-                         atol=atol, divergence=divergence, adjoint=adjoint, options=options)
+        super().__init__(
+            PotentialVelocity(potential),
+            t0=t0,
+            t1=t1,
+            method=method,
+            rtol=rtol,
+            atol=atol,
+            divergence=divergence,
+            adjoint=adjoint,
+            options=options,
+        )
 
     @property
     def potential(self) -> nn.Module:
@@ -387,6 +453,7 @@ class MongeAmpereFlow(ContinuousFlow):
 # ----------------------------------------------------------------------------------------------
 # pair potential with analytic gradient and Laplacian (cheap symmetric Monge-Ampère flow)
 # ----------------------------------------------------------------------------------------------
+
 
 class PairPotential(nn.Module):
     """Permutation- and rotation-invariant potential of ``n`` particles in ``D`` dimensions,
@@ -406,8 +473,16 @@ class PairPotential(nn.Module):
     ``r_max`` and ``softening`` (``eps``) are in the units of ``x``.
     """
 
-    def __init__(self, n_particles: int, spatial_dim: int, n_basis: int = 16, r_max: float = 3.0,
-                 softening: float = 0.1, hidden: Sequence[int] = (32,), time_embedding: int = 4):
+    def __init__(
+        self,
+        n_particles: int,
+        spatial_dim: int,
+        n_basis: int = 16,
+        r_max: float = 3.0,
+        softening: float = 0.1,
+        hidden: Sequence[int] = (32,),
+        time_embedding: int = 4,
+    ):
         super().__init__()
         if int(n_particles) != n_particles or n_particles < 1:
             raise ValueError(f"n_particles must be a positive int, got {n_particles}")
@@ -423,8 +498,7 @@ class PairPotential(nn.Module):
         self.register_buffer("centres", torch.linspace(0.0, float(r_max), self.n_basis))
         self.width = float(r_max) / (self.n_basis - 1)
         self.embed = TimeEmbedding(time_embedding)
-        self.coefficients = _mlp(self.embed.out_features, _check_hidden(hidden),
-                                 2 * (self.n_basis + 1), nn.SiLU)
+        self.coefficients = _mlp(self.embed.out_features, _check_hidden(hidden), 2 * (self.n_basis + 1), nn.SiLU)
         nn.init.zeros_(self.coefficients[-1].weight)
         nn.init.zeros_(self.coefficients[-1].bias)
         i, j = torch.triu_indices(self.n_particles, self.n_particles, offset=1)
@@ -436,12 +510,12 @@ class PairPotential(nn.Module):
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device)
         batch = 1 if t.dim() == 0 else x.shape[0]
         c = self.coefficients(self.embed(t, batch, x))
-        return c[:, : self.n_basis + 1], c[:, self.n_basis + 1:]
+        return c[:, : self.n_basis + 1], c[:, self.n_basis + 1 :]
 
     def _bumps(self, s: torch.Tensor):
         """Softened distance ``u = sqrt(s + eps^2)`` of ``s (B, m)``, scaled offsets ``z`` and
         Gaussian bumps ``b``, both ``(B, m, n_basis)``."""
-        u = torch.sqrt(s + self.softening ** 2)
+        u = torch.sqrt(s + self.softening**2)
         z = (u.unsqueeze(-1) - self.centres) / self.width
         return u, z, torch.exp(-0.5 * z * z)
 
@@ -464,8 +538,8 @@ class PairPotential(nn.Module):
         bz = bump * z
         h0, h1, h2 = self._contract(bump, a), self._contract(bz, a), self._contract(bz * z, a)
         dh = -h1 / self.width  # h(u) = sum_k a_k b_k(u)
-        d2h = (h2 - h0) / self.width ** 2
-        return dh / (2 * u) + c[:, -1:], d2h / (4 * u * u) - dh / (4 * u ** 3)
+        d2h = (h2 - h0) / self.width**2
+        return dh / (2 * u) + c[:, -1:], d2h / (4 * u * u) - dh / (4 * u**3)
 
     def _geometry(self, x: torch.Tensor):
         _check_input(x, self.dim)
@@ -527,15 +601,32 @@ class PairMongeAmpereFlow(ContinuousFlow):
     ``self.velocity`` (a :class:`PairPotentialVelocity`) is what flow matching regresses.
     """
 
-    def __init__(self, potential: PairPotential, t0: float = 0.0, t1: float = 1.0, method: str = "rk4",
-                 rtol: float = 1e-5, atol: float = 1e-5, adjoint: bool = False,
-                 options: dict | None = None):
+    def __init__(
+        self,
+        potential: PairPotential,
+        t0: float = 0.0,
+        t1: float = 1.0,
+        method: str = "rk4",
+        rtol: float = 1e-5,
+        atol: float = 1e-5,
+        adjoint: bool = False,
+        options: dict | None = None,
+    ):
         if not isinstance(potential, PairPotential):
             raise TypeError(f"potential must be a PairPotential, got {type(potential).__name__}")
         if options is None and method == "rk4":
             options = {"step_size": abs(t1 - t0) / 32}
-        super().__init__(PairPotentialVelocity(potential), t0=t0, t1=t1, method=method, rtol=rtol,
-                         atol=atol, divergence="exact", adjoint=adjoint, options=options)
+        super().__init__(
+            PairPotentialVelocity(potential),
+            t0=t0,
+            t1=t1,
+            method=method,
+            rtol=rtol,
+            atol=atol,
+            divergence="exact",
+            adjoint=adjoint,
+            options=options,
+        )
 
     @property
     def potential(self) -> PairPotential:

@@ -3,6 +3,7 @@
 All layers follow the protocol of :mod:`openflow.flows.base` on batches ``(B, d)``:
 ``forward(z) -> (x, log|det dx/dz|)`` and ``inverse(x) -> (z, log|det dz/dx|)``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -38,8 +39,7 @@ def _activation(activation: str | Callable[[], nn.Module]) -> Callable[[], nn.Mo
             return _ACTIVATIONS[activation.lower()]
         except KeyError:
             raise ValueError(
-                f"unknown activation {activation!r}; choose one of {sorted(_ACTIVATIONS)} "
-                "or pass an nn.Module class"
+                f"unknown activation {activation!r}; choose one of {sorted(_ACTIVATIONS)} or pass an nn.Module class"
             ) from None
     if callable(activation):
         return activation
@@ -133,8 +133,10 @@ class MaskedCoupling(Flow):
 
     def _refuse_transformed_angles(self) -> None:
         if self.transformed_angle_idx.numel():
-            raise ValueError(f"{type(self).__name__} cannot transform the circular dimensions "
-                             f"{self.transformed_angle_idx.tolist()}: give them mask 1 (conditioning)")
+            raise ValueError(
+                f"{type(self).__name__} cannot transform the circular dimensions "
+                f"{self.transformed_angle_idx.tolist()}: give them mask 1 (conditioning)"
+            )
 
 
 class AffineCoupling(MaskedCoupling):
@@ -205,7 +207,7 @@ class ActNorm(Flow):
         self.register_load_state_dict_post_hook(ActNorm._recheck_after_load)
 
     @staticmethod
-    def _recheck_after_load(module: "ActNorm", incompatible_keys) -> None:
+    def _recheck_after_load(module: ActNorm, incompatible_keys) -> None:
         module._maybe_uninitialized = True
 
     @torch.no_grad()
@@ -232,7 +234,9 @@ class ActNorm(Flow):
         return (x - self.shift) * torch.exp(-self.log_scale), (-self.log_scale.sum()).expand(x.shape[0])
 
 
-def coupling_masks(dim: int, n_layers: int, mask: str | torch.Tensor | Sequence, conditioning: Sequence[int] = ()) -> torch.Tensor:
+def coupling_masks(
+    dim: int, n_layers: int, mask: str | torch.Tensor | Sequence, conditioning: Sequence[int] = ()
+) -> torch.Tensor:
     """The ``(n_layers, dim)`` boolean masks of a coupling stack; the ``conditioning`` dimensions are
     1 (never transformed) in every layer."""
     masks = _alternating_masks(dim, n_layers, mask).bool().clone()

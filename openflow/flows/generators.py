@@ -8,6 +8,7 @@ torsions, kept as plain angles, and spline couplings that condition every layer 
 ``(cos, sin)`` and never transform them. :func:`marginal_generator` returns that torus part as a
 generator of its own, sharing the parameters (to fit or freeze it separately).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -22,9 +23,17 @@ from .priors import StandardNormal
 from .spline import spline_flow
 
 
-def internal_coordinate_generator(zmatrix: ZMatrix, x_train: torch.Tensor, coupling: str = "spline", layers: int = 6,
-                                  hidden: Sequence[int] = (64, 64), bins: int = 8, marginal_torsions: Sequence[int] = (),
-                                  marginal: dict | None = None, seed: int = 0) -> BoltzmannGenerator:
+def internal_coordinate_generator(
+    zmatrix: ZMatrix,
+    x_train: torch.Tensor,
+    coupling: str = "spline",
+    layers: int = 6,
+    hidden: Sequence[int] = (64, 64),
+    bins: int = 8,
+    marginal_torsions: Sequence[int] = (),
+    marginal: dict | None = None,
+    seed: int = 0,
+) -> BoltzmannGenerator:
     """A generator of Cartesian positions ``(B, 3n)`` nm of the molecule of ``zmatrix``.
 
     ``x_train (T, 3n)``: frames that fix the internal coordinates' standardisation and torsion cuts;
@@ -36,14 +45,18 @@ def internal_coordinate_generator(zmatrix: ZMatrix, x_train: torch.Tensor, coupl
     marginal_torsions = list(marginal_torsions) if marginal else []
     internal = InternalCoordinatesFlow(zmatrix, circular_torsions=marginal_torsions).fit(x_train)
     if coupling == "spline":
-        couplings = spline_flow(internal.dim, n_layers=layers, hidden=hidden, bins=bins, circular=internal.circular_dims)
+        couplings = spline_flow(
+            internal.dim, n_layers=layers, hidden=hidden, bins=bins, circular=internal.circular_dims
+        )
     elif coupling == "affine" and not marginal_torsions:
         couplings = real_nvp(internal.dim, n_layers=layers, hidden=hidden)
     else:
         raise ValueError(f"coupling must be 'spline' or 'affine' (affine only without a marginal), got {coupling!r}")
     flows = [couplings, internal]
     if marginal_torsions:
-        torus = circular_flow(len(marginal_torsions), n_layers=marginal["layers"], hidden=marginal["hidden"], bins=marginal["bins"])
+        torus = circular_flow(
+            len(marginal_torsions), n_layers=marginal["layers"], hidden=marginal["hidden"], bins=marginal["bins"]
+        )
         flows.insert(0, SubsetFlow(torus, internal.circular_dims, internal.dim))
     return BoltzmannGenerator(StandardNormal(internal.dim), SequentialFlow(*flows)).float()
 

@@ -42,6 +42,7 @@ data's values, ``s = (t - cut) mod 2 pi``, then ``logit(s / 2 pi)``. The map is 
 R^{3n-6} and the valid domain (b > 0, 0 < theta < pi, t != cut); a torsion exactly at its cut (a
 set of measure zero, away from the data by construction) maps to +-inf.
 """
+
 from __future__ import annotations
 
 import math
@@ -167,8 +168,10 @@ def _default_anchors(neighbours: list[set], heavy: set) -> tuple[int, int, int]:
         candidates = sorted(neighbours[u] - {previous})
         if not candidates:
             return None
-        return max(candidates, key=lambda v: (len(neighbours[v] - {u}) > 0, v in core,
-                                              _branch_size(neighbours, v, u, core), -v))
+        return max(
+            candidates,
+            key=lambda v: (len(neighbours[v] - {u}) > 0, v in core, _branch_size(neighbours, v, u, core), -v),
+        )
 
     a1 = next_anchor(a0, -1)
     a2 = None if a1 is None else next_anchor(a1, a0)
@@ -234,8 +237,11 @@ def zmatrix_from_topology(topology, anchors: tuple[int, int, int] | None = None)
     for i in order[3:]:
         j = parent[i]
         k = placed_before(i, neighbours[j], {i})[0]
-        l = (placed_before(i, neighbours[j], {i, k}) or placed_before(i, neighbours[k], {i, j})
-             or placed_before(i, order, {i, j, k}))[0]
+        l = (
+            placed_before(i, neighbours[j], {i, k})
+            or placed_before(i, neighbours[k], {i, j})
+            or placed_before(i, order, {i, j, k})
+        )[0]
         rows.append((i, j, k, l))
     names = tuple(f"{a.residue.name}{a.residue.index + 1}-{a.name}" for a in atoms)
     return ZMatrix(anchors=anchors, rows=np.asarray(rows, dtype=np.int64), atom_names=names)
@@ -257,8 +263,9 @@ def place_atoms(xj, xk, xl, bond, angle, torsion) -> torch.Tensor:
     in_plane = torch.cross(normal, axis, dim=-1)
     radial = bond * torch.sin(angle)
     along = (-bond * torch.cos(angle)).unsqueeze(-1) * axis
-    around = (radial * torch.cos(torsion)).unsqueeze(-1) * in_plane \
-        + (radial * torch.sin(torsion)).unsqueeze(-1) * normal
+    around = (radial * torch.cos(torsion)).unsqueeze(-1) * in_plane + (radial * torch.sin(torsion)).unsqueeze(
+        -1
+    ) * normal
     return xj + along + around
 
 
@@ -310,15 +317,18 @@ class InternalCoordinates(torch.nn.Module):
         batch = bonds.shape[0]
         zero = bonds.new_zeros(batch)
         b1, b2, theta = bonds[:, 0], bonds[:, 1], angles[:, 0]
-        anchor_xyz = torch.stack([
-            torch.stack([zero, zero, zero], 1),
-            torch.stack([b1, zero, zero], 1),
-            torch.stack([b1 - b2 * torch.cos(theta), b2 * torch.sin(theta), zero], 1),
-        ], 1)
+        anchor_xyz = torch.stack(
+            [
+                torch.stack([zero, zero, zero], 1),
+                torch.stack([b1, zero, zero], 1),
+                torch.stack([b1 - b2 * torch.cos(theta), b2 * torch.sin(theta), zero], 1),
+            ],
+            1,
+        )
         pos = bonds.new_zeros(batch, n, 3).index_copy(1, self.anchors, anchor_xyz)
         start = 0
         for size in self.level_sizes:
-            level = self.level_order[start:start + size]
+            level = self.level_order[start : start + size]
             start += size
             i, j, k, l = self.rows[level].unbind(1)
             internal = bonds[:, 2 + level], angles[:, 1 + level], torsions[:, level]
@@ -408,7 +418,7 @@ class InternalCoordinatesFlow(Flow):
             self.fit(data)
 
     @torch.no_grad()
-    def fit(self, x: torch.Tensor) -> "InternalCoordinatesFlow":
+    def fit(self, x: torch.Tensor) -> InternalCoordinatesFlow:
         """Set the torsion cuts and the standardisation from positions ``x (N, 3n)`` nm, ``N >= 2``."""
         check_batch(x, 3 * self.transform.n_atoms, "x")
         if x.shape[0] < 2:

@@ -4,6 +4,7 @@
 preserving orthogonal map is reachable (``A`` antisymmetric), which is what a point
 transformation needs to represent normal modes exactly.
 """
+
 from __future__ import annotations
 
 import torch

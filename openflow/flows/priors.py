@@ -2,6 +2,7 @@
 
 Both follow the device and dtype of the module (``.to(device)``, ``.double()``).
 """
+
 from __future__ import annotations
 
 import math
@@ -27,9 +28,7 @@ class StandardNormal(nn.Module):
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``n`` independent draws, shape ``(n, d)``."""
-        return torch.randn(
-            int(n), self.dim, generator=generator, device=self._anchor.device, dtype=self._anchor.dtype
-        )
+        return torch.randn(int(n), self.dim, generator=generator, device=self._anchor.device, dtype=self._anchor.dtype)
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         """Normalised log-density of ``z (B, d)``, shape ``(B,)``."""
@@ -53,7 +52,9 @@ class IsotropicNormal(nn.Module):
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``n`` independent draws, shape ``(n, d)``."""
-        return self.scale * torch.randn(int(n), self.dim, generator=generator, dtype=self.scale.dtype, device=self.scale.device)
+        return self.scale * torch.randn(
+            int(n), self.dim, generator=generator, dtype=self.scale.dtype, device=self.scale.device
+        )
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         """Normalised log-density of ``z (B, d)``, shape ``(B,)``."""
@@ -124,8 +125,9 @@ class LatentHarmonicPrior(nn.Module):
         return order, omega_sorted
 
 
-def moment_matched_normal(n: int, dim: int, generator: torch.Generator | None = None,
-                          dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
+def moment_matched_normal(
+    n: int, dim: int, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float64, device=None
+) -> torch.Tensor:
     """``n`` standard-normal draws ``(n, dim)`` whitened so that their sample mean is exactly 0
     and their sample covariance exactly the identity (needs ``n > dim``).
 

@@ -8,6 +8,7 @@ can turn a unimodal marginal into a multimodal one (e.g. torsion angles).
 All layers follow the protocol of :mod:`openflow.flows.base` on batches ``(B, d)``:
 ``forward(z) -> (x, log|det dx/dz|)`` and ``inverse(x) -> (z, log|det dz/dx|)``.
 """
+
 from __future__ import annotations
 
 import math
@@ -79,10 +80,16 @@ def rational_quadratic_spline(
     if not 2 <= n_bins < 1.0 / max(MIN_BIN_WIDTH, MIN_BIN_HEIGHT):
         raise ValueError(f"the number of bins must be in [2, {int(1 / MIN_BIN_WIDTH) - 1}], got {n_bins}")
     n_slopes = n_bins if periodic else n_bins - 1
-    expected = {"widths": (*inputs.shape, n_bins), "heights": (*inputs.shape, n_bins), "derivatives": (*inputs.shape, n_slopes)}
+    expected = {
+        "widths": (*inputs.shape, n_bins),
+        "heights": (*inputs.shape, n_bins),
+        "derivatives": (*inputs.shape, n_slopes),
+    }
     for name, tensor in (("widths", widths), ("heights", heights), ("derivatives", derivatives)):
         if tuple(tensor.shape) != expected[name]:
-            raise ValueError(f"{name} must have shape {expected[name]} for inputs {tuple(inputs.shape)}, got {tuple(tensor.shape)}")
+            raise ValueError(
+                f"{name} must have shape {expected[name]} for inputs {tuple(inputs.shape)}, got {tuple(tensor.shape)}"
+            )
 
     bin_widths, x_knots = _knots(widths, MIN_BIN_WIDTH, bound)
     bin_heights, y_knots = _knots(heights, MIN_BIN_HEIGHT, bound)
@@ -187,6 +194,8 @@ def spline_flow(
     if int(n_layers) < 1:
         raise ValueError(f"n_layers must be >= 1, got {n_layers}")
     return SequentialFlow(
-        *(SplineCoupling(m, hidden, activation, bins, bound, circular)
-          for m in coupling_masks(int(dim), int(n_layers), mask, conditioning=circular))
+        *(
+            SplineCoupling(m, hidden, activation, bins, bound, circular)
+            for m in coupling_masks(int(dim), int(n_layers), mask, conditioning=circular)
+        )
     )

@@ -15,6 +15,7 @@ The model :class:`NeuralCanonicalTransformation` puts the latent harmonic prior
 on the latent side. Everything is in reduced units (energies in kT) and in mass-weighted
 coordinates (:func:`mass_weight`), so the physical kinetic energy is ``|p|^2 / 2``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -343,12 +344,11 @@ class NeuralCanonicalTransformation(nn.Module):
             q = q.detach().requires_grad_(True)
             Q = self.transform.encode_positions(q)
             rows = [
-                torch.autograd.grad(Q[:, k].sum(), q, retain_graph=k + 1 < Q.shape[1])[0]
-                for k in range(Q.shape[1])
+                torch.autograd.grad(Q[:, k].sum(), q, retain_graph=k + 1 < Q.shape[1])[0] for k in range(Q.shape[1])
             ]
         return torch.stack(rows, 1)
 
-    def as_flow(self) -> "PhaseSpaceFlow":
+    def as_flow(self) -> PhaseSpaceFlow:
         """The transform as a :class:`~openflow.flows.base.Flow` on ``cat([p, q], -1)`` (shares parameters)."""
         return PhaseSpaceFlow(self.transform)
 

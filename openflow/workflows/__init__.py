@@ -9,6 +9,7 @@ result before any work starts (:func:`check_settings`: every setting has the typ
 numbers keep its sign), then writes the resolved config to ``DIR/config.yaml`` and the flat metrics
 to ``DIR/metrics.json`` (both atomically). Every bad setting is a ``ValueError`` naming it.
 """
+
 from __future__ import annotations
 
 import copy
@@ -59,8 +60,12 @@ def _check_value(name: str, value, default, signed: bool) -> None:
         noun = "integer" if integer else "number"
         sign = "" if signed or default < 0 else ("positive " if default > 0 else "non-negative ")
         wanted = f"a {sign}{noun}" if sign else f"{'an' if integer else 'a'} {noun}"
-        if not _number(value) or (integer and value != int(value)) \
-                or (sign == "positive " and not value > 0) or (sign == "non-negative " and value < 0):
+        if (
+            not _number(value)
+            or (integer and value != int(value))
+            or (sign == "positive " and not value > 0)
+            or (sign == "non-negative " and value < 0)
+        ):
             raise ValueError(f"{name} must be {wanted}, got {value!r}")
         return
     if isinstance(default, str):

@@ -25,6 +25,7 @@ at ``temperature_K`` (300 K):
 When mdshare's explicit-solvent data can be reached (``data.mdshare``), the slow-mode part also runs
 on them (``mdshare_`` metrics). Metrics are flat, prefixed by the data set (``implicit_``, ``vacuum_``).
 """
+
 from __future__ import annotations
 
 import sys
@@ -46,29 +47,78 @@ from openflow.plugins.openmm import batched_energy
 from openflow.plugins.openmm.metadynamics import run_metadynamics, torsion_bias_variables
 from openflow.plugins.openmm.tempering import geometric_temperatures, simulate_tempering
 from openflow.systems import kT_kjmol
-from openflow.systems.alanine_dipeptide import (PHI_CORE_MARGIN, PHI_POSITIVE_BASIN, alanine_dipeptide, backbone_torsions,
-                                                phi_psi, phi_psi_observables, phi_states)
+from openflow.systems.alanine_dipeptide import (
+    PHI_CORE_MARGIN,
+    PHI_POSITIVE_BASIN,
+    alanine_dipeptide,
+    backbone_torsions,
+    phi_psi,
+    phi_psi_observables,
+    phi_states,
+)
 from openflow.training import Trainer, fit_with_early_stopping, interleaved_holdout
 
 DEFAULTS = {
     "seed": 0,
     "solvents": ["implicit", "vacuum"],
     "temperature_K": 300.0,
-    "data": {"interval": 100, "platform": None, "validation_fraction": 0.2, "validation_block": 100, "mdshare": True,
-             "metadynamics": {"ns": 10.0, "height": 1.2, "bias_factor": 6.0, "frequency": 1000},
-             "tempering": {"ns": 2.0, "replicas": 4, "max_temperature_K": 600.0, "exchange_interval": 1000}},
+    "data": {
+        "interval": 100,
+        "platform": None,
+        "validation_fraction": 0.2,
+        "validation_block": 100,
+        "mdshare": True,
+        "metadynamics": {"ns": 10.0, "height": 1.2, "bias_factor": 6.0, "frequency": 1000},
+        "tempering": {"ns": 2.0, "replicas": 4, "max_temperature_K": 600.0, "exchange_interval": 1000},
+    },
     "nct": {"layers": 6, "hidden": [64, 64], "steps": 5000, "batch": 256, "lr": 2e-3},
-    "slow_modes": {"lag_ps": 0.5, "timescale_lags_ps": [0.1, 0.2, 0.5], "mi_neighbours": 3,
-                   "interpolation_frames": 40, "mdshare_stride": 5, "kinetic_modes": 4, "kinetic_lag_ps": 5.0},
-    "bg": {"reweighted": False, "marginal": {"layers": 4, "hidden": [64, 64], "bins": 16, "batch": 1024, "lr": 2e-3,
-                                           "mle_steps": 4000, "eval_every": 250, "patience": 6},
-           "coupling": "spline", "bins": 8, "layers": 6, "hidden": [64, 64], "batch": 256, "lr": 1e-3, "mle_steps": 6000, "eval_every": 250,
-           "patience": 8, "kl_steps": 500, "kl_batch": 256, "kl_lr": 5e-5, "nll_weight": 1.0, "energy_cap_kT": 1e4,
-           "samples": 100000, "energy": "auto", "rama_bins": 24, "blocks": 10},
+    "slow_modes": {
+        "lag_ps": 0.5,
+        "timescale_lags_ps": [0.1, 0.2, 0.5],
+        "mi_neighbours": 3,
+        "interpolation_frames": 40,
+        "mdshare_stride": 5,
+        "kinetic_modes": 4,
+        "kinetic_lag_ps": 5.0,
+    },
+    "bg": {
+        "reweighted": False,
+        "marginal": {
+            "layers": 4,
+            "hidden": [64, 64],
+            "bins": 16,
+            "batch": 1024,
+            "lr": 2e-3,
+            "mle_steps": 4000,
+            "eval_every": 250,
+            "patience": 6,
+        },
+        "coupling": "spline",
+        "bins": 8,
+        "layers": 6,
+        "hidden": [64, 64],
+        "batch": 256,
+        "lr": 1e-3,
+        "mle_steps": 6000,
+        "eval_every": 250,
+        "patience": 8,
+        "kl_steps": 500,
+        "kl_batch": 256,
+        "kl_lr": 5e-5,
+        "nll_weight": 1.0,
+        "energy_cap_kT": 1e4,
+        "samples": 100000,
+        "energy": "auto",
+        "rama_bins": 24,
+        "blocks": 10,
+    },
     "progress": None,
 }
-MDSHARE_FILES = dict(pdb="alanine-dipeptide-nowater.pdb", dihedrals="alanine-dipeptide-3x250ns-backbone-dihedrals.npz",
-                     positions="alanine-dipeptide-3x250ns-heavy-atom-positions.npz")
+MDSHARE_FILES = dict(
+    pdb="alanine-dipeptide-nowater.pdb",
+    dihedrals="alanine-dipeptide-3x250ns-backbone-dihedrals.npz",
+    positions="alanine-dipeptide-3x250ns-heavy-atom-positions.npz",
+)
 MDSHARE_FRAME_PS = 1.0
 BG_DTYPE = torch.float32
 TWO_PI = 2.0 * np.pi
@@ -81,12 +131,19 @@ def check(config: dict) -> None:
         raise ValueError(f"solvents must be a non-empty list of 'implicit' and 'vacuum', got {config['solvents']!r}")
     if not 0 < config["data"]["validation_fraction"] < 1:
         raise ValueError(f"data.validation_fraction must be in (0, 1), got {config['data']['validation_fraction']}")
-    if config["bg"]["coupling"] not in ("spline", "affine") or (config["bg"]["coupling"] == "affine" and config["bg"]["marginal"]):
-        raise ValueError(f"bg.coupling must be 'spline' or 'affine' (affine only with bg.marginal null), got {config['bg']['coupling']!r}")
+    if config["bg"]["coupling"] not in ("spline", "affine") or (
+        config["bg"]["coupling"] == "affine" and config["bg"]["marginal"]
+    ):
+        raise ValueError(
+            "bg.coupling must be 'spline' or 'affine' (affine only with bg.marginal null), "
+            f"got {config['bg']['coupling']!r}"
+        )
     if config["bg"]["energy"] not in ("auto", "torch", "openmm"):
         raise ValueError(f"bg.energy must be auto, torch or openmm, got {config['bg']['energy']!r}")
     if not config["data"]["metadynamics"]["bias_factor"] > 1:
-        raise ValueError(f"data.metadynamics.bias_factor must be > 1, got {config['data']['metadynamics']['bias_factor']}")
+        raise ValueError(
+            f"data.metadynamics.bias_factor must be > 1, got {config['data']['metadynamics']['bias_factor']}"
+        )
 
 
 def heavy_positions(frames: mdtraj.Trajectory, reference: mdtraj.Trajectory) -> tuple[torch.Tensor, mdtraj.Topology]:
@@ -97,24 +154,34 @@ def heavy_positions(frames: mdtraj.Trajectory, reference: mdtraj.Trajectory) -> 
     return aligned.reshape(len(heavy), -1), heavy.topology
 
 
-def kinetically_slowest(features: np.ndarray, train: dict, basin: np.ndarray, settings: dict, name: str) -> tuple[dict, np.ndarray]:
+def kinetically_slowest(
+    features: np.ndarray, train: dict, basin: np.ndarray, settings: dict, name: str
+) -> tuple[dict, np.ndarray]:
     """The leading TICA component of ``features (T, k)`` on the training trajectory at ``kinetic_lag_ps``:
     its metrics (autocorrelation, timescale, MI with phi and psi, AUC for ``basin (T,)``, and for ``nct``
     each feature's share in units of its spread), prefixed by ``name``, and its values ``(T,)``."""
     lag = max(1, round(settings["kinetic_lag_ps"] / train["frame_ps"]))
     model, values = nct.kinetic_slowest(features, train["segments"], lag)
-    metrics = {f"{name}_kinetic_autocorrelation": float(model.eigenvalues[0]),
-               f"{name}_kinetic_timescale_ps": float(model.timescales(lag * train["frame_ps"])[0]),
-               f"auc_{name}_kinetic": analysis.basin_separation_auc(values, basin) if 0 < basin.sum() < basin.size else float("nan")}
+    metrics = {
+        f"{name}_kinetic_autocorrelation": float(model.eigenvalues[0]),
+        f"{name}_kinetic_timescale_ps": float(model.timescales(lag * train["frame_ps"])[0]),
+        f"auc_{name}_kinetic": analysis.basin_separation_auc(values, basin)
+        if 0 < basin.sum() < basin.size
+        else float("nan"),
+    }
     for angle in ("phi", "psi"):
-        metrics[f"mi_{name}_kinetic_{angle}_nats"] = analysis.mutual_information(values, train[angle], k=settings["mi_neighbours"], period_y=TWO_PI)
+        metrics[f"mi_{name}_kinetic_{angle}_nats"] = analysis.mutual_information(
+            values, train[angle], k=settings["mi_neighbours"], period_y=TWO_PI
+        )
     if name == "nct":
         share = model.eigenvectors[:, 0] * features.std(0)
         metrics.update({f"nct_kinetic_weight_q{i + 1}": float(v) for i, v in enumerate(share / np.linalg.norm(share))})
     return metrics, values
 
 
-def plot_modes(features: np.ndarray, slowest: np.ndarray, phi: np.ndarray, psi: np.ndarray, path: Path, title: str) -> Path:
+def plot_modes(
+    features: np.ndarray, slowest: np.ndarray, phi: np.ndarray, psi: np.ndarray, path: Path, title: str
+) -> Path:
     """Scatter of ``(Q1, Q2)`` coloured by phi and by psi, and of the slowest CV against phi coloured by psi."""
     import matplotlib
 
@@ -124,9 +191,11 @@ def plot_modes(features: np.ndarray, slowest: np.ndarray, phi: np.ndarray, psi: 
     from openflow.io import atomic_path
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    panels = [(features[:, 0], features[:, 1], phi, r"$\phi$", "Q1 (lowest frequency)", "Q2", r"coloured by $\phi$"),
-              (features[:, 0], features[:, 1], psi, r"$\psi$", "Q1 (lowest frequency)", "Q2", r"coloured by $\psi$"),
-              (phi, slowest, psi, r"$\psi$", r"$\phi$ (rad)", "slowest CV (TICA of Q1-Qk)", "kinetically slowest CV")]
+    panels = [
+        (features[:, 0], features[:, 1], phi, r"$\phi$", "Q1 (lowest frequency)", "Q2", r"coloured by $\phi$"),
+        (features[:, 0], features[:, 1], psi, r"$\psi$", "Q1 (lowest frequency)", "Q2", r"coloured by $\psi$"),
+        (phi, slowest, psi, r"$\psi$", r"$\phi$ (rad)", "slowest CV (TICA of Q1-Qk)", "kinetically slowest CV"),
+    ]
     for ax, (x, y, angle, name, xlabel, ylabel, caption) in zip(axes, panels):
         points = ax.scatter(x, y, c=angle, s=2, cmap="twilight", vmin=-np.pi, vmax=np.pi, rasterized=True)
         fig.colorbar(points, ax=ax, label=f"{name} (rad)")
@@ -138,7 +207,9 @@ def plot_modes(features: np.ndarray, slowest: np.ndarray, phi: np.ndarray, psi: 
     return path
 
 
-def slow_modes(train: dict, dynamics: dict, topology: mdtraj.Topology, config: dict, out: Path, progress: bool) -> tuple[dict, dict]:
+def slow_modes(
+    train: dict, dynamics: dict, topology: mdtraj.Topology, config: dict, out: Path, progress: bool
+) -> tuple[dict, dict]:
     """NCT slow modes against PCA and TICA on the same aligned heavy-atom coordinates.
 
     ``train``: ``heavy (T, 3m)`` nm, ``phi``, ``psi`` ``(T,)`` rad, ``segments (T,)``, ``frame_ps``:
@@ -147,10 +218,14 @@ def slow_modes(train: dict, dynamics: dict, topology: mdtraj.Topology, config: d
     VAMP-2 and implied timescales. ``topology``: of the heavy atoms.
     """
     settings = config["slow_modes"]
-    frame = nct.principal_frame(train["heavy"], [atom.element.mass for atom in topology.atoms], kT_kjmol(config["temperature_K"]))
+    frame = nct.principal_frame(
+        train["heavy"], [atom.element.mass for atom in topology.atoms], kT_kjmol(config["temperature_K"])
+    )
     n_kinetic, dim = settings["kinetic_modes"], frame.axes.shape[1]
     if isinstance(n_kinetic, bool) or not isinstance(n_kinetic, int) or not 1 <= n_kinetic <= dim:
-        raise ValueError(f"slow_modes.kinetic_modes must be an integer in [1, {dim}] (the NCT's modes), got {n_kinetic!r}")
+        raise ValueError(
+            f"slow_modes.kinetic_modes must be an integer in [1, {dim}] (the NCT's modes), got {n_kinetic!r}"
+        )
     if not settings["kinetic_lag_ps"] > 0:
         raise ValueError(f"slow_modes.kinetic_lag_ps must be a positive time in ps, got {settings['kinetic_lag_ps']}")
     p, q = nct.phase_space(frame, train["heavy"], torch.Generator().manual_seed(config["seed"]))
@@ -168,24 +243,39 @@ def slow_modes(train: dict, dynamics: dict, topology: mdtraj.Topology, config: d
     metrics.update(kinetic)
     metrics.update(kinetically_slowest(q_train, train, basin, settings, "tica")[0])
     on_train = {"nct": modes[:, :4], "pca": q_train[:, :2], "tica": ica.transform(q_train)}
-    on_dynamics = {"nct": nct.latent_modes(model, torch.as_tensor(q_dynamics), 2).double().numpy(), "pca": q_dynamics[:, :2],
-                   "tica": ica.transform(q_dynamics)}
+    on_dynamics = {
+        "nct": nct.latent_modes(model, torch.as_tensor(q_dynamics), 2).double().numpy(),
+        "pca": q_dynamics[:, :2],
+        "tica": ica.transform(q_dynamics),
+    }
     lags = sorted({max(1, round(t / frame_ps)) for t in settings["timescale_lags_ps"]})
     for name in on_train:
         for i in range(on_train[name].shape[1]):
             label = f"{name}{i + 1}"
             for angle in ("phi", "psi"):
                 metrics[f"mi_{label}_{angle}_nats"] = analysis.mutual_information(
-                    on_train[name][:, i], train[angle], k=settings["mi_neighbours"], period_y=TWO_PI)
-            metrics[f"auc_{label}"] = (analysis.basin_separation_auc(on_train[name][:, i], basin)
-                                       if 0 < basin.sum() < basin.size else float("nan"))
+                    on_train[name][:, i], train[angle], k=settings["mi_neighbours"], period_y=TWO_PI
+                )
+            metrics[f"auc_{label}"] = (
+                analysis.basin_separation_auc(on_train[name][:, i], basin)
+                if 0 < basin.sum() < basin.size
+                else float("nan")
+            )
         pieces = nct.split_segments(on_dynamics[name], segments)
         metrics[f"vamp2_{name}_lag{lag * frame_ps:g}ps"] = vamp2_score(pieces, lag=lag, dim=2)
         for lag_frames, row in zip(lags, implied_timescales(pieces, lags, frame_ps, dim=2)):
-            metrics.update({f"its_{name}_{k + 1}_lag{lag_frames * frame_ps:g}ps_ps": float(v) for k, v in enumerate(row)})
-    metrics.update(frames_train=int(len(q_train)), frames_dynamics=int(len(q_dynamics)), dynamics_segments=len(np.unique(segments)))
+            metrics.update(
+                {f"its_{name}_{k + 1}_lag{lag_frames * frame_ps:g}ps_ps": float(v) for k, v in enumerate(row)}
+            )
+    metrics.update(
+        frames_train=int(len(q_train)), frames_dynamics=int(len(q_dynamics)), dynamics_segments=len(np.unique(segments))
+    )
 
-    files = {"modes_plot": plot_modes(on_train["nct"], slowest_nct, train["phi"], train["psi"], out / "slow_modes.png", "NCT")}
+    files = {
+        "modes_plot": plot_modes(
+            on_train["nct"], slowest_nct, train["phi"], train["psi"], out / "slow_modes.png", "NCT"
+        )
+    }
     for mode in (0, 1):
         positions = nct.latent_interpolation(model, frame, q, mode, settings["interpolation_frames"])
         written = save_frames(positions, topology, out / f"interpolation_q{mode + 1}")
@@ -223,40 +313,84 @@ def mdshare_slow_modes(config: dict, out: Path, progress: bool) -> tuple[dict, d
 # ----------------------------------------------------------------------------- Boltzmann generator
 
 
-def train_likelihood(model, train: tuple, validation: tuple, settings: dict, seed: int, out: Path, progress: bool,
-                     prefix: str = "bg") -> dict:
+def train_likelihood(
+    model, train: tuple, validation: tuple, settings: dict, seed: int, out: Path, progress: bool, prefix: str = "bg"
+) -> dict:
     """Adam on the weighted NLL of ``train = (x, w)``, early stopping on the held-out ``validation = (x, w)``."""
-    trainer = Trainer(model, lambda m, batch: nll(m, *batch), data=train, batch_size=min(settings["batch"], len(train[0])),
-                      lr=settings["lr"], device="cpu", seed=seed, out_dir=out, checkpoint_every=settings["eval_every"],
-                      progress=progress, config={"bg": settings})
-    best, best_step = fit_with_early_stopping(trainer, lambda: mean_nll(model, *validation), settings["mle_steps"],
-                                              settings["eval_every"], settings["patience"])
-    return {f"{prefix}_mle_steps": trainer.step, f"{prefix}_mle_best_step": best_step, f"{prefix}_nll_validation_mle": best,
-            f"{prefix}_nll_train_mle": mean_nll(model, *train)}
+    trainer = Trainer(
+        model,
+        lambda m, batch: nll(m, *batch),
+        data=train,
+        batch_size=min(settings["batch"], len(train[0])),
+        lr=settings["lr"],
+        device="cpu",
+        seed=seed,
+        out_dir=out,
+        checkpoint_every=settings["eval_every"],
+        progress=progress,
+        config={"bg": settings},
+    )
+    best, best_step = fit_with_early_stopping(
+        trainer,
+        lambda: mean_nll(model, *validation),
+        settings["mle_steps"],
+        settings["eval_every"],
+        settings["patience"],
+    )
+    return {
+        f"{prefix}_mle_steps": trainer.step,
+        f"{prefix}_mle_best_step": best_step,
+        f"{prefix}_nll_validation_mle": best,
+        f"{prefix}_nll_train_mle": mean_nll(model, *train),
+    }
 
 
-def boltzmann_generator(system, frames: mdtraj.Trajectory, weights: np.ndarray, config: dict, out: Path,
-                        progress: bool) -> tuple[dict, dict]:
+def boltzmann_generator(
+    system, frames: mdtraj.Trajectory, weights: np.ndarray, config: dict, out: Path, progress: bool
+) -> tuple[dict, dict]:
     """Train the all-atom generator on ``frames`` (likelihood, then reverse KL) and compare its reweighted
     samples with the frames reweighted by ``weights (T,)`` (the Boltzmann reference)."""
     settings, seed = config["bg"], config["seed"]
     x = torch.as_tensor(frames.xyz.reshape(len(frames), -1), dtype=torch.float64)
-    validation = torch.as_tensor(interleaved_holdout(len(x), config["data"]["validation_fraction"], config["data"]["validation_block"]))
+    validation = torch.as_tensor(
+        interleaved_holdout(len(x), config["data"]["validation_fraction"], config["data"]["validation_block"])
+    )
     zmatrix = zmatrix_from_topology(system.topology)
     torsions = backbone_torsions(system)
     phi_psi_columns = [zmatrix.torsion_index(torsions[name][0]) for name in ("phi", "psi")]
-    model = internal_coordinate_generator(zmatrix, x[~validation], settings["coupling"], settings["layers"], settings["hidden"],
-                                          settings["bins"], phi_psi_columns, settings["marginal"], seed)
+    model = internal_coordinate_generator(
+        zmatrix,
+        x[~validation],
+        settings["coupling"],
+        settings["layers"],
+        settings["hidden"],
+        settings["bins"],
+        phi_psi_columns,
+        settings["marginal"],
+        seed,
+    )
     w = torch.as_tensor(weights, dtype=BG_DTYPE)
     metrics = {}
-    if (marginal := marginal_generator(model)) is not None:  # the (phi, psi) marginal from the reweighted frames, frozen
+    if (
+        marginal := marginal_generator(model)
+    ) is not None:  # the (phi, psi) marginal from the reweighted frames, frozen
         torus, columns = marginal
         internal = model.flow.layers[-1]
         with torch.no_grad():
             angles = internal.inverse(x.to(internal.mean))[0][:, columns].to(BG_DTYPE)
         part = lambda mask: (angles[mask], w[mask] / w[mask].mean())  # noqa: E731
-        metrics.update(train_likelihood(torus, part(~validation), part(validation), {**settings, **settings["marginal"]}, seed,
-                                        out / "marginal", progress, prefix="bg_marginal"))
+        metrics.update(
+            train_likelihood(
+                torus,
+                part(~validation),
+                part(validation),
+                {**settings, **settings["marginal"]},
+                seed,
+                out / "marginal",
+                progress,
+                prefix="bg_marginal",
+            )
+        )
         torus.requires_grad_(False)
     w = w if settings["reweighted"] else torch.ones(len(x), dtype=BG_DTYPE)  # else the biased ensemble as sampled
     train = (x[~validation].to(BG_DTYPE), w[~validation] / w[~validation].mean())
@@ -275,9 +409,19 @@ def boltzmann_generator(system, frames: mdtraj.Trajectory, weights: np.ndarray, 
         data_term = nll(m, *batch)
         return free_energy + settings["nll_weight"] * data_term, {**stats, "nll": data_term.item()}
 
-    Trainer(model, loss_fn, data=train, batch_size=min(settings["batch"], len(train[0])), lr=settings["kl_lr"], device="cpu",
-            seed=seed + 1, out_dir=out / "reverse_kl", checkpoint_every=max(1, settings["kl_steps"] // 4), progress=progress,
-            config={"bg": settings}).fit(settings["kl_steps"], resume=True)
+    Trainer(
+        model,
+        loss_fn,
+        data=train,
+        batch_size=min(settings["batch"], len(train[0])),
+        lr=settings["kl_lr"],
+        device="cpu",
+        seed=seed + 1,
+        out_dir=out / "reverse_kl",
+        checkpoint_every=max(1, settings["kl_steps"] // 4),
+        progress=progress,
+        config={"bg": settings},
+    ).fit(settings["kl_steps"], resume=True)
     model.eval()
     metrics["bg_nll_validation"] = mean_nll(model, *held)
     metrics["bg_ess_fraction_kl"] = sample(check, seed + 2).summary.ess
@@ -290,7 +434,9 @@ def boltzmann_generator(system, frames: mdtraj.Trajectory, weights: np.ndarray, 
     result = sample(settings["samples"], seed + 3)
     log_w = result.log_w
     finite = torch.isfinite(log_w)
-    flow_frames = mdtraj.Trajectory(result.x[finite].reshape(int(finite.sum()), -1, 3).double().numpy(), frames.topology)
+    flow_frames = mdtraj.Trajectory(
+        result.x[finite].reshape(int(finite.sum()), -1, 3).double().numpy(), frames.topology
+    )
     flow_phi, flow_psi = phi_psi(flow_frames)
     flow_weights = torch.softmax(log_w[finite].double(), 0).numpy()
     md_phi, md_psi = phi_psi(frames)
@@ -298,24 +444,37 @@ def boltzmann_generator(system, frames: mdtraj.Trajectory, weights: np.ndarray, 
     flow = estimators.state_free_energy(phi_states(flow_phi) == 1, log_w[finite].double().numpy())
     reference, bins = (md_phi, md_psi, weights), settings["rama_bins"]
     halves = [tuple(a[half] for a in reference) for half in np.array_split(np.arange(md_phi.size), 2)]
-    metrics.update({
-        "bg_samples": int(log_w.numel()), "bg_nonfinite_fraction": float(1.0 - finite.double().mean()),
-        "bg_ess_fraction": result.summary.ess,
-        "bg_rama_kl_reweighted": analysis.torsion_histogram_kl(reference, (flow_phi, flow_psi, flow_weights), bins),
-        "bg_rama_kl_raw": analysis.torsion_histogram_kl(reference, (flow_phi, flow_psi, None), bins),
-        "md_weights_ess_fraction": estimators.effective_sample_size(np.log(weights)),
-        "md_rama_kl_halves": analysis.torsion_histogram_kl(*halves, bins),
-        "md_delta_f_kT": md.delta_f, "md_delta_f_error_kT": md.error,
-        "bg_delta_f_kT": flow.delta_f, "bg_delta_f_error_kT": flow.error, "bg_delta_f_ess_positive": flow.ess_state,
-        "bg_delta_f_deviation_kT": flow.delta_f - md.delta_f,
-    })
+    metrics.update(
+        {
+            "bg_samples": int(log_w.numel()),
+            "bg_nonfinite_fraction": float(1.0 - finite.double().mean()),
+            "bg_ess_fraction": result.summary.ess,
+            "bg_rama_kl_reweighted": analysis.torsion_histogram_kl(reference, (flow_phi, flow_psi, flow_weights), bins),
+            "bg_rama_kl_raw": analysis.torsion_histogram_kl(reference, (flow_phi, flow_psi, None), bins),
+            "md_weights_ess_fraction": estimators.effective_sample_size(np.log(weights)),
+            "md_rama_kl_halves": analysis.torsion_histogram_kl(*halves, bins),
+            "md_delta_f_kT": md.delta_f,
+            "md_delta_f_error_kT": md.error,
+            "bg_delta_f_kT": flow.delta_f,
+            "bg_delta_f_error_kT": flow.error,
+            "bg_delta_f_ess_positive": flow.ess_state,
+            "bg_delta_f_deviation_kT": flow.delta_f - md.delta_f,
+        }
+    )
     files = {"generator": out / "generator.pt"}
-    for name, (phi, psi, w) in {"md_reweighted": reference, "flow_raw": (flow_phi, flow_psi, None),
-                                "flow_reweighted": (flow_phi, flow_psi, flow_weights)}.items():
+    for name, (phi, psi, w) in {
+        "md_reweighted": reference,
+        "flow_raw": (flow_phi, flow_psi, None),
+        "flow_reweighted": (flow_phi, flow_psi, flow_weights),
+    }.items():
         surface = analysis.ramachandran((phi, psi), weights=w, bins=36)
-        files[f"rama_{name}"] = analysis.plot_ramachandran(surface, out / f"ramachandran_{name}.png", vmax=12.0,
-                                                           title=f"{system.parameters['solvent']}: {name.replace('_', ' ')}",
-                                                           boundaries=PHI_POSITIVE_BASIN)
+        files[f"rama_{name}"] = analysis.plot_ramachandran(
+            surface,
+            out / f"ramachandran_{name}.png",
+            vmax=12.0,
+            title=f"{system.parameters['solvent']}: {name.replace('_', ' ')}",
+            boundaries=PHI_POSITIVE_BASIN,
+        )
     return metrics, files
 
 
@@ -331,34 +490,70 @@ def run_solvent(solvent: str, config: dict, out: Path, progress: bool) -> tuple[
     system = alanine_dipeptide(solvent=solvent, temperature=float(config["temperature_K"]) * unit.kelvin)
     data, clock = config["data"], time.perf_counter()
     settings, torsions = data["metadynamics"], backbone_torsions(system)
-    metad = run_metadynamics(system, torsion_bias_variables([torsions["phi"][0], torsions["psi"][0]]), ns=settings["ns"],
-                             out=out / "metadynamics", height=settings["height"], bias_factor=settings["bias_factor"],
-                             frequency=settings["frequency"], interval=data["interval"], platform=data["platform"],
-                             seed=config["seed"], observables=phi_psi_observables(), reuse=True, overwrite=True, progress=progress)
+    metad = run_metadynamics(
+        system,
+        torsion_bias_variables([torsions["phi"][0], torsions["psi"][0]]),
+        ns=settings["ns"],
+        out=out / "metadynamics",
+        height=settings["height"],
+        bias_factor=settings["bias_factor"],
+        frequency=settings["frequency"],
+        interval=data["interval"],
+        platform=data["platform"],
+        seed=config["seed"],
+        observables=phi_psi_observables(),
+        reuse=True,
+        overwrite=True,
+        progress=progress,
+    )
     biased = load_trajectory(str(metad.files["trajectory"]), str(metad.files["topology"]))
     tempering = data["tempering"]
-    temperatures = geometric_temperatures(config["temperature_K"], tempering["max_temperature_K"], tempering["replicas"])
-    unbiased_run = simulate_tempering(system, temperatures, ns=tempering["ns"], interval=data["interval"],
-                                      exchange_interval=tempering["exchange_interval"], out=out / "tempering", seed=config["seed"],
-                                      platform=data["platform"], progress=progress, reuse=True)
+    temperatures = geometric_temperatures(
+        config["temperature_K"], tempering["max_temperature_K"], tempering["replicas"]
+    )
+    unbiased_run = simulate_tempering(
+        system,
+        temperatures,
+        ns=tempering["ns"],
+        interval=data["interval"],
+        exchange_interval=tempering["exchange_interval"],
+        out=out / "tempering",
+        seed=config["seed"],
+        platform=data["platform"],
+        progress=progress,
+        reuse=True,
+    )
     unbiased = load_trajectory(str(unbiased_run.trajectory), str(unbiased_run.topology))
     phi, psi = metad.observables["phi"], metad.observables["psi"]
     unbiased_phi = phi_psi(unbiased)[0]
-    metrics = {"metad_ns": metad.ns, "metad_transitions": analysis.count_transitions(phi_states(phi, PHI_CORE_MARGIN)),
-               "metad_ns_per_day": metad.ns_per_day, "metad_frames": len(biased),
-               "tempering_frames": unbiased_run.n_frames, "tempering_round_trips": unbiased_run.round_trips,
-               "tempering_swap_acceptance_min": min(unbiased_run.acceptance),
-               "tempering_transitions": analysis.count_transitions(phi_states(unbiased_phi, PHI_CORE_MARGIN)),
-               "tempering_population_positive": analysis.state_populations(phi_states(unbiased_phi) == 1)["state"],
-               "time_data_s": time.perf_counter() - clock}
+    metrics = {
+        "metad_ns": metad.ns,
+        "metad_transitions": analysis.count_transitions(phi_states(phi, PHI_CORE_MARGIN)),
+        "metad_ns_per_day": metad.ns_per_day,
+        "metad_frames": len(biased),
+        "tempering_frames": unbiased_run.n_frames,
+        "tempering_round_trips": unbiased_run.round_trips,
+        "tempering_swap_acceptance_min": min(unbiased_run.acceptance),
+        "tempering_transitions": analysis.count_transitions(phi_states(unbiased_phi, PHI_CORE_MARGIN)),
+        "tempering_population_positive": analysis.state_populations(phi_states(unbiased_phi) == 1)["state"],
+        "time_data_s": time.perf_counter() - clock,
+    }
 
     clock = time.perf_counter()
     reference = biased.atom_slice(biased.topology.select("not element H"))[0]
     heavy, topology = heavy_positions(biased, reference)
-    train = {"heavy": heavy, "phi": phi, "psi": psi, "segments": np.zeros(len(heavy), dtype=int),
-             "frame_ps": data["interval"] * metad.timestep_ps}
-    dynamics = {"heavy": heavy_positions(unbiased, reference)[0], "segments": unbiased_run.segments,
-                "frame_ps": unbiased_run.interval * unbiased_run.timestep_ps}
+    train = {
+        "heavy": heavy,
+        "phi": phi,
+        "psi": psi,
+        "segments": np.zeros(len(heavy), dtype=int),
+        "frame_ps": data["interval"] * metad.timestep_ps,
+    }
+    dynamics = {
+        "heavy": heavy_positions(unbiased, reference)[0],
+        "segments": unbiased_run.segments,
+        "frame_ps": unbiased_run.interval * unbiased_run.timestep_ps,
+    }
     slow, files = slow_modes(train, dynamics, topology, config, out, progress)
     metrics.update(slow, time_slow_modes_s=time.perf_counter() - clock)
 

@@ -23,6 +23,7 @@ For each cluster named in ``clusters`` (``n``, ``dim``, reduced ``temperature`` 
 Both free energies are ``-log Z`` (kT) with ``Z`` the configurational integral over all of
 ``R^{nD}`` (labelled particles, no ``1/n!``, no momenta).
 """
+
 from __future__ import annotations
 
 import copy
@@ -48,13 +49,27 @@ DEFAULTS = {
     "clusters": [{"n": 6, "dim": 2, "temperature": 1.0}, {"n": 13, "dim": 3, "temperature": 1.0}],
     "seed": 0,
     "energy": "auto",
-    "reference": {"n_states": 16, "power": 2.0, "n_chains": 8, "n_samples": 1250, "interval": 100,
-                  "n_blocks": 8, "equilibration": 4000, "timestep": 0.005, "friction": 1.0,
-                  "platform": "Reference"},
-    "flow": {"n_basis": 10, "r_max": 4.0, "softening": 0.1, "hidden": [32], "time_embedding": 4,
-             "rk4_steps": 10},
-    "reverse_kl": {"steps": 300, "batch_size": 256, "lr": 3e-3, "grad_clip": 10.0, "check_every": 25,
-                   "solver_tolerance": 0.1},
+    "reference": {
+        "n_states": 16,
+        "power": 2.0,
+        "n_chains": 8,
+        "n_samples": 1250,
+        "interval": 100,
+        "n_blocks": 8,
+        "equilibration": 4000,
+        "timestep": 0.005,
+        "friction": 1.0,
+        "platform": "Reference",
+    },
+    "flow": {"n_basis": 10, "r_max": 4.0, "softening": 0.1, "hidden": [32], "time_embedding": 4, "rk4_steps": 10},
+    "reverse_kl": {
+        "steps": 300,
+        "batch_size": 256,
+        "lr": 3e-3,
+        "grad_clip": 10.0,
+        "check_every": 25,
+        "solver_tolerance": 0.1,
+    },
     "flow_matching": {"steps": 2000, "batch_size": 256, "lr": 5e-3},
     "evaluation": {"n_samples": 40000, "batch_size": 1000, "n_bootstrap": 200, "rk4_steps": 20},
     "ground_state": {"n_starts": 20, "n_quench": 20, "tolerance_kjmol_nm": 1e-4},
@@ -70,18 +85,33 @@ def _check_cluster(cluster) -> dict:
     if not isinstance(cluster, dict) or set(cluster) != {"n", "dim", "temperature"}:
         raise ValueError(f"each cluster is a mapping with exactly n, dim, temperature; got {cluster!r}")
     n, dim, kT = cluster["n"], cluster["dim"], cluster["temperature"]
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1 or dim not in (2, 3) \
-            or isinstance(kT, bool) or not isinstance(kT, (int, float)) or not kT > 0:
+    if (
+        isinstance(n, bool)
+        or not isinstance(n, int)
+        or n < 1
+        or dim not in (2, 3)
+        or isinstance(kT, bool)
+        or not isinstance(kT, (int, float))
+        or not kT > 0
+    ):
         raise ValueError(f"a cluster needs n a positive integer, dim 2 or 3 and temperature (kT) > 0; got {cluster!r}")
     return cluster
 
 
 def build_flow(dim: int, kT: float, n: int, spatial_dim: int, cfg: dict) -> BoltzmannGenerator:
-    potential = PairPotential(n, spatial_dim, n_basis=cfg["n_basis"], r_max=cfg["r_max"],
-                              softening=cfg["softening"], hidden=cfg["hidden"],
-                              time_embedding=cfg["time_embedding"])
+    potential = PairPotential(
+        n,
+        spatial_dim,
+        n_basis=cfg["n_basis"],
+        r_max=cfg["r_max"],
+        softening=cfg["softening"],
+        hidden=cfg["hidden"],
+        time_embedding=cfg["time_embedding"],
+    )
     flow = PairMongeAmpereFlow(potential, method="rk4", options={"step_size": 1.0 / cfg["rk4_steps"]})
-    return BoltzmannGenerator(IsotropicNormal(dim, math.sqrt(kT / 2.0)), flow)  # the lambda = 0 trap's Boltzmann density
+    return BoltzmannGenerator(
+        IsotropicNormal(dim, math.sqrt(kT / 2.0)), flow
+    )  # the lambda = 0 trap's Boltzmann density
 
 
 def _solver_gap(model, z: torch.Tensor) -> float:
@@ -98,8 +128,10 @@ def _solver_gap(model, z: torch.Tensor) -> float:
 
 def _check_reverse_kl(cfg: dict) -> None:
     if int(cfg["check_every"]) != cfg["check_every"] or cfg["check_every"] < 1 or not cfg["solver_tolerance"] > 0:
-        raise ValueError("reverse_kl.check_every must be a positive int and solver_tolerance positive, got "
-                         f"{cfg['check_every']}, {cfg['solver_tolerance']}")
+        raise ValueError(
+            "reverse_kl.check_every must be a positive int and solver_tolerance positive, got "
+            f"{cfg['check_every']}, {cfg['solver_tolerance']}"
+        )
 
 
 def train_reverse_kl(model, energy, cfg: dict, seed: int, out: Path) -> dict:
@@ -113,9 +145,20 @@ def train_reverse_kl(model, energy, cfg: dict, seed: int, out: Path) -> dict:
     def loss_fn(m, _):
         return reverse_kl(m, energy, cfg["batch_size"])
 
-    trainer = Trainer(model, loss_fn, None, lr=cfg["lr"], schedule="cosine", total_steps=cfg["steps"],
-                      grad_clip=cfg["grad_clip"], device="cpu", seed=seed, out_dir=out, progress=False,
-                      checkpoint_every=max(cfg["steps"], 1))
+    trainer = Trainer(
+        model,
+        loss_fn,
+        None,
+        lr=cfg["lr"],
+        schedule="cosine",
+        total_steps=cfg["steps"],
+        grad_clip=cfg["grad_clip"],
+        device="cpu",
+        seed=seed,
+        out_dir=out,
+        progress=False,
+        checkpoint_every=max(cfg["steps"], 1),
+    )
     probe = torch.Generator().manual_seed(seed)  # its own stream: training draws are unchanged
     z = model.prior.scale * torch.randn(256, model.prior.dim, generator=probe)
     kept, kept_step, gap = copy.deepcopy(model.state_dict()), 0, 0.0
@@ -133,12 +176,23 @@ def train_reverse_kl(model, energy, cfg: dict, seed: int, out: Path) -> dict:
 
 def _train_flow_matching(model, data: torch.Tensor, cfg: dict, seed: int, out: Path) -> None:
     def loss_fn(m, batch):
-        x1, = batch
+        (x1,) = batch
         return flow_matching(m.flow.velocity, m.prior.sample(x1.shape[0]).to(x1), x1)
 
-    Trainer(model, loss_fn, (data,), batch_size=min(cfg["batch_size"], len(data)), lr=cfg["lr"], schedule="cosine",
-            total_steps=cfg["steps"], device="cpu", seed=seed, out_dir=out, progress=False,
-            checkpoint_every=max(cfg["steps"], 1)).fit(cfg["steps"])
+    Trainer(
+        model,
+        loss_fn,
+        (data,),
+        batch_size=min(cfg["batch_size"], len(data)),
+        lr=cfg["lr"],
+        schedule="cosine",
+        total_steps=cfg["steps"],
+        device="cpu",
+        seed=seed,
+        out_dir=out,
+        progress=False,
+        checkpoint_every=max(cfg["steps"], 1),
+    ).fit(cfg["steps"])
 
 
 def _evaluate(model, energy, cfg: dict, seed: int) -> tuple[dict, torch.Tensor, torch.Tensor]:
@@ -191,8 +245,7 @@ def _histograms(md: np.ndarray, flows: dict, n: int, dim: int, title: str, path:
     md_r, md_d = radii_and_distances(md, n, dim)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     tv = {}
-    for ax, k, label in ((axes[0], 0, "distance from trap centre |r_i| (nm)"),
-                         (axes[1], 1, "pair distance r_ij (nm)")):
+    for ax, k, label in ((axes[0], 0, "distance from trap centre |r_i| (nm)"), (axes[1], 1, "pair distance r_ij (nm)")):
         reference = (md_r, md_d)[k]
         bins = np.linspace(0.0, np.quantile(reference, 0.999) * 1.2, 60)
         h_md, _ = np.histogram(reference.ravel(), bins=bins, density=True)
@@ -226,27 +279,37 @@ def _run_cluster(cluster: dict, config: dict, out: Path) -> dict:
     start = time.perf_counter()
     ref = config["reference"]
     samples = alchemical.sample_coupling(
-        system, force_index=0, lambdas=alchemical.lambda_schedule(ref["n_states"], ref["power"]),
-        n_samples=ref["n_samples"], interval=ref["interval"], equilibration=ref["equilibration"],
-        timestep=ref["timestep"], friction=ref["friction"], platform=ref["platform"], seed=seed,
-        n_chains=ref["n_chains"])
+        system,
+        force_index=0,
+        lambdas=alchemical.lambda_schedule(ref["n_states"], ref["power"]),
+        n_samples=ref["n_samples"],
+        interval=ref["interval"],
+        equilibration=ref["equilibration"],
+        timestep=ref["timestep"],
+        friction=ref["friction"],
+        platform=ref["platform"],
+        seed=seed,
+        n_chains=ref["n_chains"],
+    )
     f_trap = alchemical.harmonic_trap_free_energy(system.dim, kT)
     mbar = alchemical.mbar_free_energy(samples, n_blocks=ref["n_blocks"])
     ti = alchemical.ti_free_energy(samples, n_blocks=ref["n_blocks"])
-    metrics.update({
-        "free_energy_trap_kT": f_trap,
-        "free_energy_reference_kT": f_trap + mbar.delta_f,
-        "free_energy_reference_error_kT": mbar.error,
-        "free_energy_reference_analytic_error_kT": mbar.analytic_error,
-        "free_energy_reference_block_error_kT": mbar.block_error,
-        "free_energy_reference_ti_kT": f_trap + ti.delta_f,
-        "free_energy_reference_ti_error_kT": ti.error,
-        "reference_chains": int(ref["n_chains"]),
-        "reference_md_frames": int(samples.coupling_energy.size),
-        "reference_decorrelated_frames": int(mbar.per_state.sum()),
-        "reference_nonfinite": samples.n_nonfinite,
-        "lindemann_md": lindemann_index(samples.positions, n, dim, int(ref["n_chains"])),
-    })
+    metrics.update(
+        {
+            "free_energy_trap_kT": f_trap,
+            "free_energy_reference_kT": f_trap + mbar.delta_f,
+            "free_energy_reference_error_kT": mbar.error,
+            "free_energy_reference_analytic_error_kT": mbar.analytic_error,
+            "free_energy_reference_block_error_kT": mbar.block_error,
+            "free_energy_reference_ti_kT": f_trap + ti.delta_f,
+            "free_energy_reference_ti_error_kT": ti.error,
+            "reference_chains": int(ref["n_chains"]),
+            "reference_md_frames": int(samples.coupling_energy.size),
+            "reference_decorrelated_frames": int(mbar.per_state.sum()),
+            "reference_nonfinite": samples.n_nonfinite,
+            "lindemann_md": lindemann_index(samples.positions, n, dim, int(ref["n_chains"])),
+        }
+    )
     times["reference"] = time.perf_counter() - start
 
     # 2. flows: reverse KL from the energy, flow matching on the MD frames at lambda = 1
@@ -265,24 +328,35 @@ def _run_cluster(cluster: dict, config: dict, out: Path) -> dict:
         result, x, log_w = _evaluate(model, energy, config["evaluation"], seed + 1)
         deviation = result["free_energy_flow_kT"] - metrics["free_energy_reference_kT"]
         sigma = math.hypot(result["free_energy_flow_error_kT"], metrics["free_energy_reference_error_kT"])
-        result.update({
-            "deviation_kT": deviation,
-            "deviation_per_particle_kT": deviation / n,
-            "deviation_sigma": abs(deviation) / sigma if sigma > 0 else math.inf,
-            "agrees": bool(abs(deviation) <= 2 * sigma and abs(deviation) / n <= 0.01),
-        })
+        result.update(
+            {
+                "deviation_kT": deviation,
+                "deviation_per_particle_kT": deviation / n,
+                "deviation_sigma": abs(deviation) / sigma if sigma > 0 else math.inf,
+                "agrees": bool(abs(deviation) <= 2 * sigma and abs(deviation) / n <= 0.01),
+            }
+        )
         metrics.update({f"{key}_{variant}": value for key, value in result.items()})
         flows[variant] = (x.numpy(), log_w.numpy())
         if best is None or result["ess_fraction"] > metrics[f"ess_fraction_{best}"]:
             best = variant
-    for key in ("free_energy_variational_kT", "free_energy_flow_kT", "free_energy_flow_error_kT",
-                "ess_fraction", "nonfinite_fraction", "deviation_kT", "deviation_sigma", "agrees"):
+    for key in (
+        "free_energy_variational_kT",
+        "free_energy_flow_kT",
+        "free_energy_flow_error_kT",
+        "ess_fraction",
+        "nonfinite_fraction",
+        "deviation_kT",
+        "deviation_sigma",
+        "agrees",
+    ):
         metrics[key] = metrics[f"{key}_{best}"]
     metrics["flow_variant"] = best
 
     # 3. histograms of reweighted flow samples against MD
-    distances = _histograms(samples.positions, flows, n, dim,
-                            f"Coulomb cluster {dim}D, n={n}, kT={kT}", out / f"{tag}_histograms.png")
+    distances = _histograms(
+        samples.positions, flows, n, dim, f"Coulomb cluster {dim}D, n={n}, kT={kT}", out / f"{tag}_histograms.png"
+    )
     metrics.update({f"histogram_tv_{key}": value for key, value in distances.items()})
 
     # 4. ground state: quench the lowest-energy flow samples; multistart from random starts

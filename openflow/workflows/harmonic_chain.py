@@ -17,6 +17,7 @@ in 1/ps. The model is a point transformation ``q~ = R Q`` with ``R = exp(A)`` a 
 data's or the optimizer's. Both routes use L-BFGS on a deterministic objective: the full data
 set for ``mle``, a fixed moment-matched latent batch for ``variational``.
 """
+
 from __future__ import annotations
 
 import math
@@ -55,10 +56,14 @@ def check(config: dict) -> None:
     """The workflow's own rules (types and signs are checked by the runner)."""
     unknown = [b for b in config["boundaries"] if b not in ("fixed-fixed", "fixed-free")]
     if unknown or not config["boundaries"]:
-        raise ValueError(f"boundaries must be a non-empty list of 'fixed-fixed' and 'fixed-free', got {config['boundaries']!r}")
+        raise ValueError(
+            f"boundaries must be a non-empty list of 'fixed-fixed' and 'fixed-free', got {config['boundaries']!r}"
+        )
 
 
-def build_model(dim: int, omega_init: float, rotation_init_std: float, generator: torch.Generator) -> NeuralCanonicalTransformation:
+def build_model(
+    dim: int, omega_init: float, rotation_init_std: float, generator: torch.Generator
+) -> NeuralCanonicalTransformation:
     """Rotation point transformation + latent harmonic prior, float64; the small random rotation
     breaks the symmetry of equal initial frequencies (a saddle of both objectives)."""
     rotation = LinearExp(dim, orthogonal=True)
@@ -67,16 +72,31 @@ def build_model(dim: int, omega_init: float, rotation_init_std: float, generator
     return NeuralCanonicalTransformation(PointTransformation(rotation), LatentHarmonicPrior(dim, omega_init)).to(DTYPE)
 
 
-def phase_space_data(system, config: dict, out: Path, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def phase_space_data(
+    system, config: dict, out: Path, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """OpenMM positions and Maxwell-Boltzmann momenta, mass-weighted and reduced: ``(p~, q~)`` each ``(N, d)``."""
     md = config["md"]
-    result = simulate(system, steps=md["steps"], interval=md["interval"], out=out / "md", seed=config["seed"],
-                      platform=md["platform"], timestep=md["timestep_ps"], friction=md["friction_per_ps"],
-                      progress=config["progress"], reuse=True)
+    result = simulate(
+        system,
+        steps=md["steps"],
+        interval=md["interval"],
+        out=out / "md",
+        seed=config["seed"],
+        platform=md["platform"],
+        timestep=md["timestep_ps"],
+        friction=md["friction_per_ps"],
+        progress=config["progress"],
+        reuse=True,
+    )
     q = load(result.trajectory, result.topology, system=system, dtype=DTYPE)
     scale = torch.as_tensor(np.sqrt(system.active_masses / system.kT_kjmol), dtype=DTYPE)
     p = torch.randn(q.shape, generator=generator, dtype=DTYPE)  # p~ = p / sqrt(m kT) ~ N(0, 1)
-    return p, q * scale, {"md_frames": result.n_frames, "md_ns_per_day": result.ns_per_day, "md_wall_time_s": result.wall_time_s}
+    return (
+        p,
+        q * scale,
+        {"md_frames": result.n_frames, "md_ns_per_day": result.ns_per_day, "md_wall_time_s": result.wall_time_s},
+    )
 
 
 def hamiltonian(system, energy: OpenMMEnergy):
@@ -87,16 +107,34 @@ def hamiltonian(system, energy: OpenMMEnergy):
 
 def stage_config(config: dict, route: str) -> dict:
     """What a training stage depends on, without its length (more steps continue its checkpoint)."""
-    return {"system": config["system"], "md": config["md"], "model": config["model"], "route": route,
-            **{key: value for key, value in config[route].items() if key != "steps"}}
+    return {
+        "system": config["system"],
+        "md": config["md"],
+        "model": config["model"],
+        "route": route,
+        **{key: value for key, value in config[route].items() if key != "steps"},
+    }
 
 
 def train_mle(model, p, q, config: dict, out: Path) -> dict:
-    trainer = Trainer(model, lambda m, _: m.nll(p, q), optimizer="lbfgs", lr=config["mle"]["lr"], device="cpu",
-                      seed=config["seed"], out_dir=out, checkpoint_every=50, progress=config["progress"],
-                      config=stage_config(config, "mle"))
+    trainer = Trainer(
+        model,
+        lambda m, _: m.nll(p, q),
+        optimizer="lbfgs",
+        lr=config["mle"]["lr"],
+        device="cpu",
+        seed=config["seed"],
+        out_dir=out,
+        checkpoint_every=50,
+        progress=config["progress"],
+        config=stage_config(config, "mle"),
+    )
     history = trainer.fit(config["mle"]["steps"], resume=(out / "checkpoint.pt").exists())
-    return {"train_steps": trainer.step, "skipped_steps": trainer.n_skipped, "final_loss": history[-1]["loss"] if history else math.nan}
+    return {
+        "train_steps": trainer.step,
+        "skipped_steps": trainer.n_skipped,
+        "final_loss": history[-1]["loss"] if history else math.nan,
+    }
 
 
 def train_variational(model, H, config: dict, out: Path, generator: torch.Generator) -> dict:
@@ -108,11 +146,24 @@ def train_variational(model, H, config: dict, out: Path, generator: torch.Genera
         p, q = m.transform(P, Q)
         return (H(p, q) + m.prior.log_prob(P, Q)).mean()
 
-    trainer = Trainer(model, free_energy_bound, optimizer="lbfgs", lr=config["variational"]["lr"], device="cpu",
-                      seed=config["seed"], out_dir=out, checkpoint_every=50, progress=config["progress"],
-                      config=stage_config(config, "variational"))
+    trainer = Trainer(
+        model,
+        free_energy_bound,
+        optimizer="lbfgs",
+        lr=config["variational"]["lr"],
+        device="cpu",
+        seed=config["seed"],
+        out_dir=out,
+        checkpoint_every=50,
+        progress=config["progress"],
+        config=stage_config(config, "variational"),
+    )
     history = trainer.fit(config["variational"]["steps"], resume=(out / "checkpoint.pt").exists())
-    return {"train_steps": trainer.step, "skipped_steps": trainer.n_skipped, "final_loss": history[-1]["loss"] if history else math.nan}
+    return {
+        "train_steps": trainer.step,
+        "skipped_steps": trainer.n_skipped,
+        "final_loss": history[-1]["loss"] if history else math.nan,
+    }
 
 
 def evaluate(model, system, H, n_samples: int, generator: torch.Generator) -> tuple[dict, dict]:
@@ -148,7 +199,13 @@ def evaluate(model, system, H, n_samples: int, generator: torch.Generator) -> tu
         "ess_fraction": is_estimate.ess,
         "nonfinite_fraction": is_estimate.n_nonfinite / is_estimate.n,
     }
-    curves = {"omega": omega, "omega_exact": omega_exact, "shapes": shapes, "modes_exact": modes_exact.T, "overlap": overlap}
+    curves = {
+        "omega": omega,
+        "omega_exact": omega_exact,
+        "shapes": shapes,
+        "modes_exact": modes_exact.T,
+        "overlap": overlap,
+    }
     return metrics, curves
 
 
@@ -209,7 +266,9 @@ def run(config: dict, out: Path) -> dict:
 
         curves = {}
         for route in ("mle", "variational"):
-            model = build_model(system.dim, config["model"]["omega_init"], config["model"]["rotation_init_std"], generator)
+            model = build_model(
+                system.dim, config["model"]["omega_init"], config["model"]["rotation_init_std"], generator
+            )
             start = time.perf_counter()
             if route == "mle":
                 train = train_mle(model, p, q, config, folder / route)

@@ -20,6 +20,7 @@ bias (``phipsi_delta_f_from_bias_kT``); the cost of one MD step with each bias r
 MD (``step_costs``). Plots: reweighted Ramachandran per run (``rama_<run>.png``) and ΔF(t)
 (``delta_f.png``).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,35 +30,71 @@ import numpy as np
 import openmm.unit as unit
 import torch
 
-from openflow.data import load_trajectory
 from openflow import analysis
 from openflow.cv import CVModel, fit_cv
+from openflow.data import load_trajectory
 from openflow.features import Dihedrals, FeatureSet, distance_features
 from openflow.io import atomic_path
 from openflow.plugins.openmm import learned_cv
 from openflow.plugins.openmm.export import export_cv, load_cv_force, save_cv_force
 from openflow.plugins.openmm.md import simulate
-from openflow.plugins.openmm.metadynamics import (fes_state_delta_f, learned_bias_variables, run_metadynamics, step_costs,
-                                                  torsion_bias_variables)
-from openflow.systems.alanine_dipeptide import (PHI_CORE_MARGIN, PHI_POSITIVE_BASIN, alanine_dipeptide, backbone_torsions,
-                                                phi_psi, phi_psi_observables, phi_states)
+from openflow.plugins.openmm.metadynamics import (
+    fes_state_delta_f,
+    learned_bias_variables,
+    run_metadynamics,
+    step_costs,
+    torsion_bias_variables,
+)
+from openflow.systems.alanine_dipeptide import (
+    PHI_CORE_MARGIN,
+    PHI_POSITIVE_BASIN,
+    alanine_dipeptide,
+    backbone_torsions,
+    phi_psi,
+    phi_psi_observables,
+    phi_states,
+)
 
 DEFAULTS = {
     "seed": 0,
     "system": {"solvent": "vacuum"},
     "md": {"ns": 2.0, "interval": 1000, "platform": None, "equilibration_steps": 1000},
-    "metad": {"height": 1.2, "bias_factor": 6.0, "frequency": 1000},  # PLUMED's usual alanine dipeptide setup: 1.2 kJ/mol per ps
+    "metad": {
+        "height": 1.2,
+        "bias_factor": 6.0,
+        "frequency": 1000,
+    },  # PLUMED's usual alanine dipeptide setup: 1.2 kJ/mol per ps
     "phipsi": {"width": 0.35, "grid": 60},  # 60 x 60: a deposit costs ~1/2 of 90 x 90 (OpenMM's default)
     # cv.source: "nct" (the slowest mode of a canonical transformation, settings in "learn"),
     # "stand_in" (an MLP regressed on cos(phi - target_center)) or "xml" (cv.xml + cv.range)
-    "cv": {"source": "nct", "xml": None, "range": None, "features": "distances", "hidden": [8], "epochs": 100,
-           "target_center": 1.0, "width": 0.05, "grid": None, "table_points": 257},
+    "cv": {
+        "source": "nct",
+        "xml": None,
+        "range": None,
+        "features": "distances",
+        "hidden": [8],
+        "epochs": 100,
+        "target_center": 1.0,
+        "width": 0.05,
+        "grid": None,
+        "table_points": 257,
+    },
     # cv.source nct: hot MD, the NCT, a CV fitted to the slowest mode(s), exported and checked;
     # Gaussian width width_std CV standard deviations
-    "learn": {"data": {"ns": 1.0, "interval": 200, "temperature_K": 600.0, "platform": None},
-              "nct": {"layers": 4, "hidden": [32], "steps": 1000, "batch": 256, "lr": 2e-3},
-              "cv": {"modes": 1, "features": "torsions", "hidden": [16], "epochs": 60, "export_frames": 100, "table_points": 129},
-              "width_std": 0.25, "grid": 40},
+    "learn": {
+        "data": {"ns": 1.0, "interval": 200, "temperature_K": 600.0, "platform": None},
+        "nct": {"layers": 4, "hidden": [32], "steps": 1000, "batch": 256, "lr": 2e-3},
+        "cv": {
+            "modes": 1,
+            "features": "torsions",
+            "hidden": [16],
+            "epochs": 60,
+            "export_frames": 100,
+            "table_points": 129,
+        },
+        "width_std": 0.25,
+        "grid": 40,
+    },
     "speed": {"steps": 5000, "repeats": 5},
     "progress": None,
 }
@@ -73,10 +110,14 @@ def check(config: dict) -> None:
     if settings["source"] not in ("nct", "stand_in", "xml"):
         raise ValueError(f"cv.source must be 'nct', 'stand_in' or 'xml', got {settings['source']!r}")
     if settings["source"] == "xml" and not settings["xml"]:
-        raise ValueError("cv.source xml needs cv.xml: 1-3 exported CV force XML files (and cv.range, one [min, max] each)")
+        raise ValueError(
+            "cv.source xml needs cv.xml: 1-3 exported CV force XML files (and cv.range, one [min, max] each)"
+        )
     widths = settings["width"] if isinstance(settings["width"], list) else [settings["width"]]
     if not widths or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 for w in widths):
-        raise ValueError(f"cv.width must be a positive number or a list of them (one per CV), got {settings['width']!r}")
+        raise ValueError(
+            f"cv.width must be a positive number or a list of them (one per CV), got {settings['width']!r}"
+        )
     for features in (settings["features"], config["learn"]["cv"]["features"]):
         if features not in ("torsions", "phi_psi", "distances"):
             raise ValueError(f"cv.features and learn.cv.features must be 'distances' or 'torsions', got {features!r}")
@@ -101,13 +142,20 @@ def stand_in_cv(system, frames: mdtraj.Trajectory, config: dict, out: Path):
     cv = CVModel(features_of(system, settings["features"]), hidden=settings["hidden"], seed=config["seed"]).double()
     positions = torch.as_tensor(frames.xyz, dtype=torch.float64)
     phi = torch.as_tensor(phi_psi(frames)[0], dtype=torch.float64)
-    fit = fit_cv(cv, positions, torch.cos(phi - settings["target_center"]), epochs=settings["epochs"], seed=config["seed"])
+    fit = fit_cv(
+        cv, positions, torch.cos(phi - settings["target_center"]), epochs=settings["epochs"], seed=config["seed"]
+    )
     force, report = export_cv(cv, positions[::5], method="auto", points=settings["table_points"])
     save_cv_force(force, out / "learned_cv.xml")
     torch.save(cv.state_dict(), out / "learned_cv.pt")
     lo, hi = (float(v[0]) for v in cv.bounds())
-    metrics = {"learned_cv_r2_validation": fit.r2_validation[0], "learned_cv_export_method": report["method"],
-               "learned_cv_export_max_value_error": report["max_value_error"], "learned_cv_lo": lo, "learned_cv_hi": hi}
+    metrics = {
+        "learned_cv_r2_validation": fit.r2_validation[0],
+        "learned_cv_export_method": report["method"],
+        "learned_cv_export_max_value_error": report["max_value_error"],
+        "learned_cv_lo": lo,
+        "learned_cv_hi": hi,
+    }
     return force, (lo, hi), metrics
 
 
@@ -116,14 +164,33 @@ def nct_cv(config: dict, out: Path, progress: bool) -> tuple[list, list, list, d
     learn, seed = config["learn"], config["seed"]
     data = learn["data"]
     hot = alanine_dipeptide(**config["system"], temperature=float(data["temperature_K"]) * unit.kelvin)
-    md = simulate(hot, ns=data["ns"], interval=data["interval"], out=out / "md", seed=seed, platform=data["platform"],
-                  progress=progress, reuse=True)
-    slow = learned_cv.slow_modes_of_trajectory(hot, md.trajectory, md.topology, int(learn["cv"]["modes"]), learn["nct"], seed,
-                                               out / "nct", progress)
+    md = simulate(
+        hot,
+        ns=data["ns"],
+        interval=data["interval"],
+        out=out / "md",
+        seed=seed,
+        platform=data["platform"],
+        progress=progress,
+        reuse=True,
+    )
+    slow = learned_cv.slow_modes_of_trajectory(
+        hot, md.trajectory, md.topology, int(learn["cv"]["modes"]), learn["nct"], seed, out / "nct", progress
+    )
     settings = learn["cv"]
-    cv = CVModel(features_of(hot, settings["features"]), hidden=settings["hidden"], n_out=int(settings["modes"]), seed=seed).double()
-    exported = learned_cv.fit_and_export(cv, load_trajectory(str(md.trajectory), str(md.topology)), slow.modes,
-                                         settings["epochs"], seed, out, settings["export_frames"], settings["table_points"])
+    cv = CVModel(
+        features_of(hot, settings["features"]), hidden=settings["hidden"], n_out=int(settings["modes"]), seed=seed
+    ).double()
+    exported = learned_cv.fit_and_export(
+        cv,
+        load_trajectory(str(md.trajectory), str(md.topology)),
+        slow.modes,
+        settings["epochs"],
+        seed,
+        out,
+        settings["export_frames"],
+        settings["table_points"],
+    )
     return exported.forces, exported.ranges, exported.stds, dict(exported.metrics, **slow.metrics)
 
 
@@ -134,8 +201,10 @@ def xml_cvs(xml, ranges) -> tuple[list, list[tuple[float, float]]]:
     if ranges is not None and len(ranges) == 2 and all(np.isscalar(v) for v in ranges):
         ranges = [ranges]
     if not 1 <= len(paths) <= 3 or not ranges or len(ranges) != len(paths) or any(len(r) != 2 for r in ranges):
-        raise ValueError("cv.xml takes 1-3 CV force XML files and cv.range one [min, max] per file "
-                         f"(the bias is zero outside it), got {len(paths)} file(s) and range {ranges!r}")
+        raise ValueError(
+            "cv.xml takes 1-3 CV force XML files and cv.range one [min, max] per file "
+            f"(the bias is zero outside it), got {len(paths)} file(s) and range {ranges!r}"
+        )
     return [load_cv_force(path) for path in paths], [(float(lo), float(hi)) for lo, hi in ranges]
 
 
@@ -147,9 +216,12 @@ def convergence(result) -> dict:
     times = result.time_ps[ends - 1]
     second_half = values[times >= times[-1] / 2]
     finite = np.isfinite(second_half).all()
-    return {"delta_f_kT": values[-1], "delta_f_half_time_kT": values[np.searchsorted(times, times[-1] / 2)],
-            "delta_f_drift_second_half_kT": float(np.abs(second_half - values[-1]).max()) if finite else np.inf,
-            "delta_f_kT_t": list(zip(times.tolist(), values.tolist()))}
+    return {
+        "delta_f_kT": values[-1],
+        "delta_f_half_time_kT": values[np.searchsorted(times, times[-1] / 2)],
+        "delta_f_drift_second_half_kT": float(np.abs(second_half - values[-1]).max()) if finite else np.inf,
+        "delta_f_kT_t": list(zip(times.tolist(), values.tolist())),
+    }
 
 
 def plot_delta_f(curves: dict, path: Path) -> None:
@@ -162,7 +234,9 @@ def plot_delta_f(curves: dict, path: Path) -> None:
     for name, curve in curves.items():
         times, values = zip(*curve)
         ax.plot(np.array(times) / 1000.0, values, "o-", ms=3, label=name)
-    ax.set(xlabel="time (ns)", ylabel=r"$\Delta F$ ($\phi>0$ minus $\phi<0$, kT)", title="convergence (c(t) reweighting)")
+    ax.set(
+        xlabel="time (ns)", ylabel=r"$\Delta F$ ($\phi>0$ minus $\phi<0$, kT)", title="convergence (c(t) reweighting)"
+    )
     ax.legend()
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -174,15 +248,26 @@ def run(config: dict, out: Path) -> dict:
     system = alanine_dipeptide(**config["system"])
     md, metad = config["md"], config["metad"]
     progress = config["progress"] is not False
-    common = dict(ns=md["ns"], interval=md["interval"], platform=md["platform"], seed=config["seed"],
-                  equilibration_steps=md["equilibration_steps"], progress=progress, height=metad["height"],
-                  bias_factor=metad["bias_factor"], frequency=metad["frequency"], observables=phi_psi_observables(),
-                  reuse=True, overwrite=True)
+    common = dict(
+        ns=md["ns"],
+        interval=md["interval"],
+        platform=md["platform"],
+        seed=config["seed"],
+        equilibration_steps=md["equilibration_steps"],
+        progress=progress,
+        height=metad["height"],
+        bias_factor=metad["bias_factor"],
+        frequency=metad["frequency"],
+        observables=phi_psi_observables(),
+        reuse=True,
+        overwrite=True,
+    )
     results, metrics = {}, {}
     results["unbiased"] = run_metadynamics(system, [], out=out / "unbiased", **common)
     torsions = backbone_torsions(system)
-    phipsi = torsion_bias_variables([torsions["phi"][0], torsions["psi"][0]], width=config["phipsi"]["width"],
-                                    grid=config["phipsi"]["grid"])
+    phipsi = torsion_bias_variables(
+        [torsions["phi"][0], torsions["psi"][0]], width=config["phipsi"]["width"], grid=config["phipsi"]["grid"]
+    )
     results["phipsi"] = run_metadynamics(system, phipsi, out=out / "phipsi", cv_names=["cv_phi", "cv_psi"], **common)
 
     settings, widths, grid = config["cv"], config["cv"]["width"], config["cv"]["grid"]
@@ -208,21 +293,36 @@ def run(config: dict, out: Path) -> dict:
         transitions = analysis.count_transitions(phi_states(phi, PHI_CORE_MARGIN))
         converged = convergence(result)
         curves[name] = converged.pop("delta_f_kT_t")
-        metrics.update({f"{name}_transitions": transitions, f"{name}_transitions_per_ns": transitions / result.ns,
-                        f"{name}_ns_per_day": result.ns_per_day,
-                        f"{name}_population_positive": analysis.state_populations(phi_states(phi) == 1, result.weights)["state"]})
+        metrics.update(
+            {
+                f"{name}_transitions": transitions,
+                f"{name}_transitions_per_ns": transitions / result.ns,
+                f"{name}_ns_per_day": result.ns_per_day,
+                f"{name}_population_positive": analysis.state_populations(phi_states(phi) == 1, result.weights)[
+                    "state"
+                ],
+            }
+        )
         metrics.update({f"{name}_{key}": value for key, value in converged.items()})
         surface = analysis.ramachandran((phi, psi), weights=result.weights, bins=36)
-        analysis.plot_ramachandran(surface, out / f"rama_{name}.png", title=f"{name} (reweighted)", vmax=12.0,
-                                   boundaries=PHI_POSITIVE_BASIN)
+        analysis.plot_ramachandran(
+            surface, out / f"rama_{name}.png", title=f"{name} (reweighted)", vmax=12.0, boundaries=PHI_POSITIVE_BASIN
+        )
     plot_delta_f({name: curves[name] for name in ("phipsi", "learned")}, out / "delta_f.png")
     fes = np.load(results["phipsi"].files["fes"])
-    metrics["phipsi_delta_f_from_bias_kT"] = fes_state_delta_f(fes["free_energy_kjmol"], phi_states(fes["axis_0"]) == 1,
-                                                                 system.kT_kjmol, periodic=True)
+    metrics["phipsi_delta_f_from_bias_kT"] = fes_state_delta_f(
+        fes["free_energy_kjmol"], phi_states(fes["axis_0"]) == 1, system.kT_kjmol, periodic=True
+    )
 
     for name, variables in (("phipsi", phipsi), ("learned", learned)):
-        cost = step_costs(system, variables, steps=config["speed"]["steps"], repeats=config["speed"]["repeats"],
-                          platform=md["platform"], frequency=metad["frequency"])
+        cost = step_costs(
+            system,
+            variables,
+            steps=config["speed"]["steps"],
+            repeats=config["speed"]["repeats"],
+            platform=md["platform"],
+            frequency=metad["frequency"],
+        )
         metrics[f"{name}_speed_relative_to_bare_md"] = cost["speed_ratio"]
         metrics[f"{name}_biased_us_per_step"] = 1e6 * cost["biased_s_per_step"]
         metrics["bare_md_us_per_step"] = 1e6 * cost["bare_s_per_step"]

@@ -8,6 +8,7 @@ every saved frame; :func:`mbar_free_energy` (pymbar, decorrelated samples) and
 For a Coulomb cluster the scaled force is the pair term and ``lambda = 0`` is the pure
 harmonic trap, whose free energy is :func:`harmonic_trap_free_energy`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -78,9 +79,19 @@ class CouplingSamples:
     n_nonfinite: int
 
 
-def sample_coupling(system: System, force_index: int, lambdas, n_samples: int, interval: int,
-                    equilibration: int, timestep: float = 0.01, friction: float = 1.0,
-                    platform: str = "Reference", seed: int = 0, n_chains: int = 1) -> CouplingSamples:
+def sample_coupling(
+    system: System,
+    force_index: int,
+    lambdas,
+    n_samples: int,
+    interval: int,
+    equilibration: int,
+    timestep: float = 0.01,
+    friction: float = 1.0,
+    platform: str = "Reference",
+    seed: int = 0,
+    n_chains: int = 1,
+) -> CouplingSamples:
     """Langevin MD (``LangevinMiddleIntegrator``) at each ``lambda`` in turn, in ``n_chains``
     independent chains (chain ``c`` seeded from ``numpy.random.SeedSequence([seed, c])``).
 
@@ -93,23 +104,45 @@ def sample_coupling(system: System, force_index: int, lambdas, n_samples: int, i
     """
     if int(n_chains) != n_chains or n_chains < 1:
         raise ValueError(f"n_chains must be a positive int, got {n_chains}")
-    chains = [_sample_chain(system, force_index, lambdas, n_samples, interval, equilibration,
-                            timestep, friction, platform, _chain_seed(seed, c))
-              for c in range(int(n_chains))]
+    chains = [
+        _sample_chain(
+            system,
+            force_index,
+            lambdas,
+            n_samples,
+            interval,
+            equilibration,
+            timestep,
+            friction,
+            platform,
+            _chain_seed(seed, c),
+        )
+        for c in range(int(n_chains))
+    ]
     energies = np.concatenate([c[0] for c in chains], axis=1)
     positions = np.concatenate([c[1] for c in chains])
-    return CouplingSamples(np.asarray(lambdas, dtype=np.float64), energies, positions,
-                           int((~np.isfinite(energies)).sum()))
+    return CouplingSamples(
+        np.asarray(lambdas, dtype=np.float64), energies, positions, int((~np.isfinite(energies)).sum())
+    )
 
 
 def _chain_seed(seed: int, chain: int) -> int:
     """A seed distinct for every (seed, chain)."""
-    return int(np.random.SeedSequence([int(seed), int(chain)]).generate_state(1)[0] % (2 ** 31 - 2)) + 1
+    return int(np.random.SeedSequence([int(seed), int(chain)]).generate_state(1)[0] % (2**31 - 2)) + 1
 
 
-def _sample_chain(system: System, force_index: int, lambdas, n_samples: int, interval: int,
-                  equilibration: int, timestep: float, friction: float, platform: str,
-                  seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _sample_chain(
+    system: System,
+    force_index: int,
+    lambdas,
+    n_samples: int,
+    interval: int,
+    equilibration: int,
+    timestep: float,
+    friction: float,
+    platform: str,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray]:
     """One chain of :func:`sample_coupling`: ``E_s / kT`` ``(K, n_samples)`` and the active
     coordinates ``(n_samples, d)`` (nm) at the last lambda."""
     lambdas = np.asarray(lambdas, dtype=np.float64)
@@ -123,8 +156,9 @@ def _sample_chain(system: System, force_index: int, lambdas, n_samples: int, int
     if not (timestep > 0 and friction > 0):
         raise ValueError(f"timestep and friction must be positive, got {timestep}, {friction}")
     kT = system.kT_kjmol
-    simulation = create_simulation(system, seed, platform, timestep, friction, openmm_system=coupled_system(system, force_index),
-                                   minimize=False)
+    simulation = create_simulation(
+        system, seed, platform, timestep, friction, openmm_system=coupled_system(system, force_index), minimize=False
+    )
     context, integrator = simulation.context, simulation.integrator
     energies = np.empty((lambdas.size, int(n_samples)))
     frames = np.empty((int(n_samples), system.n_atoms, 3))
@@ -135,8 +169,7 @@ def _sample_chain(system: System, force_index: int, lambdas, n_samples: int, int
             integrator.step(int(equilibration))
         for n in range(int(n_samples)):
             integrator.step(int(interval))
-            state = context.getState(getParameterDerivatives=True, getPositions=k == last,
-                                     groups={COUPLED_FORCE_GROUP})
+            state = context.getState(getParameterDerivatives=True, getPositions=k == last, groups={COUPLED_FORCE_GROUP})
             energies[k, n] = state.getEnergyParameterDerivatives()[LAMBDA_PARAMETER] / kT
             if k == last:
                 frames[n] = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
@@ -180,8 +213,7 @@ class CouplingFreeEnergy:
 
 def _mbar_delta_f(lambdas: np.ndarray, kept: list) -> tuple[float, float]:
     energies = np.concatenate(kept)
-    mbar = _pymbar().MBAR(np.outer(lambdas, energies), np.array([len(e) for e in kept]),
-                          solver_protocol="robust")
+    mbar = _pymbar().MBAR(np.outer(lambdas, energies), np.array([len(e) for e in kept]), solver_protocol="robust")
     result = mbar.compute_free_energy_differences()
     return float(result["Delta_f"][0, -1]), float(result["dDelta_f"][0, -1])
 
@@ -202,15 +234,15 @@ def mbar_free_energy(samples: CouplingSamples, n_blocks: int = 8) -> CouplingFre
         raise ValueError(f"n_blocks must be an int >= 2, got {n_blocks}")
     energy = samples.coupling_energy
     if energy.shape[1] < 10 * n_blocks:
-        raise ValueError(f"need at least {10 * n_blocks} frames per state for {n_blocks} blocks, "
-                         f"got {energy.shape[1]}")
+        raise ValueError(f"need at least {10 * n_blocks} frames per state for {n_blocks} blocks, got {energy.shape[1]}")
     kept = [row[_decorrelated(row)[0]] for row in energy]
     delta_f, analytic = _mbar_delta_f(samples.lambdas, kept)
-    blocks = [_mbar_delta_f(samples.lambdas, [row[_decorrelated(row)[0]] for row in part])[0]
-              for part in np.array_split(energy, int(n_blocks), axis=1)]
+    blocks = [
+        _mbar_delta_f(samples.lambdas, [row[_decorrelated(row)[0]] for row in part])[0]
+        for part in np.array_split(energy, int(n_blocks), axis=1)
+    ]
     block = float(np.std(blocks, ddof=1) / math.sqrt(n_blocks))
-    return CouplingFreeEnergy(delta_f, max(analytic, block), np.array([len(e) for e in kept]),
-                              analytic, block)
+    return CouplingFreeEnergy(delta_f, max(analytic, block), np.array([len(e) for e in kept]), analytic, block)
 
 
 def _ti_delta_f(lambdas: np.ndarray, means: np.ndarray) -> float:
@@ -231,7 +263,7 @@ def ti_free_energy(samples: CouplingSamples, n_blocks: int = 8) -> CouplingFreeE
     weights = np.zeros(lambdas.size)
     weights[:-1] += np.diff(lambdas) / 2
     weights[1:] += np.diff(lambdas) / 2
-    analytic = float(np.sqrt((weights ** 2) @ sems ** 2))
+    analytic = float(np.sqrt((weights**2) @ sems**2))
     blocks = [_ti_delta_f(lambdas, part.mean(1)) for part in np.array_split(e, int(n_blocks), axis=1)]
     block = float(np.std(blocks, ddof=1) / math.sqrt(n_blocks))
     return CouplingFreeEnergy(_ti_delta_f(lambdas, e.mean(1)), max(analytic, block), g, analytic, block)

@@ -12,6 +12,7 @@ Configurations OpenMM cannot evaluate (overlapping atoms, NaN coordinates, an ex
 OpenMM) get ``u = +inf`` and a zero gradient, are counted (``stats()``) and raise a
 ``RuntimeWarning``: they are never handed to a loss as finite numbers.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -66,7 +67,7 @@ class _ReducedEnergy(torch.autograd.Function):
     """``u(x)`` with ``du/dx = -f``, where ``f`` are the (capped) reduced forces from OpenMM."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, energy: "OpenMMEnergy") -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, energy: OpenMMEnergy) -> torch.Tensor:
         u, f = energy._evaluate(x)
         if energy.soft_cap is not None:
             u, factor = linear_log_cap(u, energy.soft_cap)
@@ -124,7 +125,13 @@ class OpenMMEnergy(EvaluationCounts):
     (the Context is rebuilt after unpickling).
     """
 
-    def __init__(self, system: System, platform: str | None = None, platform_properties: dict | None = None, soft_cap: float | None = None):
+    def __init__(
+        self,
+        system: System,
+        platform: str | None = None,
+        platform_properties: dict | None = None,
+        soft_cap: float | None = None,
+    ):
         if not isinstance(system, System):
             raise TypeError(f"system must be an openflow.systems.System, got {type(system).__name__}")
         if soft_cap is not None and not np.isfinite(soft_cap):
@@ -204,9 +211,14 @@ class OpenMMEnergy(EvaluationCounts):
         """Validate ``x`` ``(B, d)`` and return it as a float64 numpy array on the CPU."""
         d = self.dim
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise TypeError(f"x must be a floating-point torch.Tensor of shape (B, {d}), got {type(x).__name__} {getattr(x, 'dtype', '')}")
+            raise TypeError(
+                f"x must be a floating-point torch.Tensor of shape (B, {d}), "
+                f"got {type(x).__name__} {getattr(x, 'dtype', '')}"
+            )
         if x.ndim != 2 or x.shape[1] != d:
-            raise ValueError(f"x must have shape (B, {d}) (a batch of {d} active coordinates in nm), got {tuple(x.shape)}")
+            raise ValueError(
+                f"x must have shape (B, {d}) (a batch of {d} active coordinates in nm), got {tuple(x.shape)}"
+            )
         return x.detach().to(device="cpu", dtype=torch.float64).numpy()
 
     @staticmethod

@@ -15,6 +15,7 @@ CV export costs").
 Lepton evaluates unknown names silently as 0, so every export must pass :func:`check_export`:
 values and forces from OpenMM against torch on real frames.
 """
+
 from __future__ import annotations
 
 import copy
@@ -58,7 +59,13 @@ def _linear(bias: float, weights, names) -> str:
 FEATURE_FORCES = {
     Distances: (openmm.CustomBondForce, "w*r", ("w",), "addPerBondParameter", "addBond"),
     Angles: (openmm.CustomAngleForce, "w*theta", ("w",), "addPerAngleParameter", "addAngle"),
-    Dihedrals: (openmm.CustomTorsionForce, "ws*sin(theta)+wc*cos(theta)", ("ws", "wc"), "addPerTorsionParameter", "addTorsion"),
+    Dihedrals: (
+        openmm.CustomTorsionForce,
+        "ws*sin(theta)+wc*cos(theta)",
+        ("ws", "wc"),
+        "addPerTorsionParameter",
+        "addTorsion",
+    ),
 }
 
 
@@ -96,7 +103,9 @@ def _check_system(cv: CVModel, system) -> None:
         return
     system = getattr(system, "system", system)  # an openflow System or an openmm.System
     if cv.features.max_atom >= system.getNumParticles():
-        raise ValueError(f"the CV uses atom {cv.features.max_atom}, the system has {system.getNumParticles()} particles")
+        raise ValueError(
+            f"the CV uses atom {cv.features.max_atom}, the system has {system.getNumParticles()} particles"
+        )
 
 
 def _affine(layer: torch.nn.Linear) -> tuple[np.ndarray, np.ndarray]:
@@ -113,7 +122,7 @@ def folded_first_layer(cv: CVModel, output: int = 0) -> tuple[np.ndarray, np.nda
     w = w / cv.std.detach().double().cpu().numpy()
     b = b - w @ cv.mean.detach().double().cpu().numpy()
     if len(cv.layers) == 1:
-        w, b = w[output:output + 1], b[output:output + 1]
+        w, b = w[output : output + 1], b[output : output + 1]
     return w, b
 
 
@@ -135,7 +144,8 @@ def to_custom_cv_force(cv: CVModel, system=None, output: int = 0) -> openmm.Cust
     n_cvs = w.shape[0] * len(blocks)
     if n_cvs > MAX_CVS:
         raise ValueError(
-            f"this CV needs {n_cvs} collective variables ({w.shape[0]} first-layer units x {len(blocks)} feature blocks), "
+            f"this CV needs {n_cvs} collective variables "
+            f"({w.shape[0]} first-layer units x {len(blocks)} feature blocks), "
             f"a CustomCVForce takes at most {MAX_CVS}: use fewer first-layer units or fewer feature kinds"
         )
     cv_names = [[f"z{j}_{k}" for k in range(len(blocks))] for j in range(w.shape[0])]
@@ -143,8 +153,11 @@ def to_custom_cv_force(cv: CVModel, system=None, output: int = 0) -> openmm.Cust
 
     layers = list(cv.layers)
     if len(layers) > 2:
-        warnings.warn(f"a CV with {len(layers) - 1} hidden layers compiles slowly in OpenMM (seconds to minutes "
-                      "per Context); one hidden layer compiles in well under a second", stacklevel=2)
+        warnings.warn(
+            f"a CV with {len(layers) - 1} hidden layers compiles slowly in OpenMM (seconds to minutes "
+            "per Context); one hidden layer compiles in well under a second",
+            stacklevel=2,
+        )
     if len(layers) == 1:
         expression = pre_activations[0]
     else:
@@ -248,7 +261,9 @@ def _context(force: openmm.Force, n_atoms: int, platform: str) -> tuple[openmm.C
     return context, wrapper, time.perf_counter() - start
 
 
-def openmm_cv_values_and_forces(force: openmm.Force, frames, platform: str = "Reference") -> tuple[np.ndarray, np.ndarray, float]:
+def openmm_cv_values_and_forces(
+    force: openmm.Force, frames, platform: str = "Reference"
+) -> tuple[np.ndarray, np.ndarray, float]:
     """CV values ``(B,)``, forces ``(B, n_atoms, 3)`` (CV units / nm) of ``force`` on ``frames`` (nm),
     and the Context creation time in s."""
     xyz = _frames_nm(frames)
@@ -257,7 +272,11 @@ def openmm_cv_values_and_forces(force: openmm.Force, frames, platform: str = "Re
     for i, frame in enumerate(xyz):
         context.setPositions(frame)
         values[i] = wrapper.getCollectiveVariableValues(context)[0]
-        forces[i] = context.getState(getForces=True).getForces(asNumpy=True).value_in_unit(unit.kilojoule_per_mole / unit.nanometer)
+        forces[i] = (
+            context.getState(getForces=True)
+            .getForces(asNumpy=True)
+            .value_in_unit(unit.kilojoule_per_mole / unit.nanometer)
+        )
     return values, forces, seconds
 
 
@@ -270,8 +289,15 @@ def torch_cv_values_and_forces(cv: CVModel, frames, output: int = 0) -> tuple[np
     return values.detach().numpy(), -gradient.numpy()
 
 
-def check_export(cv: CVModel, force: openmm.Force, frames, platform: str = "Reference", output: int = 0,
-                 value_tolerance: float = VALUE_TOLERANCE, force_tolerance: float = FORCE_RELATIVE_TOLERANCE) -> dict:
+def check_export(
+    cv: CVModel,
+    force: openmm.Force,
+    frames,
+    platform: str = "Reference",
+    output: int = 0,
+    value_tolerance: float = VALUE_TOLERANCE,
+    force_tolerance: float = FORCE_RELATIVE_TOLERANCE,
+) -> dict:
     """Compare an exported CV with torch on ``frames`` (nm); raise :class:`ExportMismatchError` if off.
 
     Values must agree within ``value_tolerance`` (CV units); forces within ``force_tolerance``
@@ -308,8 +334,15 @@ def check_export(cv: CVModel, force: openmm.Force, frames, platform: str = "Refe
     return report
 
 
-def export_cv(cv: CVModel, frames, system=None, output: int = 0, method: str = "auto",
-              platform: str = "Reference", points: int = 129) -> tuple[openmm.CustomCVForce, dict]:
+def export_cv(
+    cv: CVModel,
+    frames,
+    system=None,
+    output: int = 0,
+    method: str = "auto",
+    platform: str = "Reference",
+    points: int = 129,
+) -> tuple[openmm.CustomCVForce, dict]:
     """Export ``cv`` and check it on ``frames`` in one call: returns ``(force, report)``.
 
     ``method``: ``"lepton"`` (:func:`to_custom_cv_force`), ``"table"`` (:func:`to_tabulated_cv_force`)
@@ -317,8 +350,10 @@ def export_cv(cv: CVModel, frames, system=None, output: int = 0, method: str = "
     :func:`check_export` (it is the cheapest per MD step), else the Lepton expression. The report
     gains ``method``; an export that fails its check raises :class:`ExportMismatchError`.
     """
-    builders = {"lepton": lambda: to_custom_cv_force(cv, system, output),
-                "table": lambda: to_tabulated_cv_force(cv, system, output, points)}
+    builders = {
+        "lepton": lambda: to_custom_cv_force(cv, system, output),
+        "table": lambda: to_tabulated_cv_force(cv, system, output, points),
+    }
     if method not in (*builders, "auto"):
         raise ValueError(f"method must be 'auto', 'lepton' or 'table', got {method!r}")
     blocks = list(cv.features.blocks) if isinstance(cv, CVModel) else []

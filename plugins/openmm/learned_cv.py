@@ -9,6 +9,7 @@
 
 Nothing here assumes a molecule: the atoms are an mdtraj selection, the features are passed in.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -43,9 +44,19 @@ class SlowModes:
     metrics: dict
 
 
-def slow_modes_of_trajectory(system, trajectory, topology, n_modes: int, settings: dict, seed: int, out: Path,
-                             progress: bool, atoms: str = "heavy", align: bool = True,
-                             weights=None) -> SlowModes:
+def slow_modes_of_trajectory(
+    system,
+    trajectory,
+    topology,
+    n_modes: int,
+    settings: dict,
+    seed: int,
+    out: Path,
+    progress: bool,
+    atoms: str = "heavy",
+    align: bool = True,
+    weights=None,
+) -> SlowModes:
     """Train the canonical transformation on the selected atoms of a trajectory file (``topology``: its
     PDB) of ``system`` (masses, temperature): positions aligned by Kabsch when ``align`` (the energy is
     invariant under rigid motions), mass-weighted principal axes, Maxwell-Boltzmann momenta drawn
@@ -72,8 +83,17 @@ class ExportedCV:
     files: dict
 
 
-def fit_and_export(cv: CVModel, frames: mdtraj.Trajectory, targets: torch.Tensor, epochs: int, seed: int, out: Path,
-                   export_frames: int = 100, table_points: int = 129, names=None) -> ExportedCV:
+def fit_and_export(
+    cv: CVModel,
+    frames: mdtraj.Trajectory,
+    targets: torch.Tensor,
+    epochs: int,
+    seed: int,
+    out: Path,
+    export_frames: int = 100,
+    table_points: int = 129,
+    names=None,
+) -> ExportedCV:
     """Regress ``cv`` on ``targets (T, n_out)`` over ``frames``, export each output checked on
     ``export_frames`` of them (a periodic table when the CV is over at most three torsions and
     passes, else Lepton), save ``{name}.xml`` per output (``names``: default ``cv_q1, cv_q2, ...``)
@@ -82,7 +102,9 @@ def fit_and_export(cv: CVModel, frames: mdtraj.Trajectory, targets: torch.Tensor
     positions = torch.as_tensor(frames.xyz, dtype=DTYPE)
     fit = fit_cv(cv, positions, targets, epochs=epochs, seed=seed)
     stride = max(1, len(positions) // int(export_frames))
-    exported = [export_cv(cv, positions[::stride], output=k, method="auto", points=int(table_points)) for k in range(cv.n_out)]
+    exported = [
+        export_cv(cv, positions[::stride], output=k, method="auto", points=int(table_points)) for k in range(cv.n_out)
+    ]
     files = {f"{name}_xml": save_cv_force(force, out / f"{name}.xml") for name, (force, _) in zip(names, exported)}
     files["cv_model"] = out / "cv.pt"
     torch.save(cv.state_dict(), files["cv_model"])
@@ -90,11 +112,23 @@ def fit_and_export(cv: CVModel, frames: mdtraj.Trajectory, targets: torch.Tensor
         stds = cv(positions).std(0).tolist()
     lo, hi = cv.bounds()
     reports = [report for _, report in exported]
-    metrics = {"cv_export_method": "+".join(sorted({r["method"] for r in reports})), "cv_export_frames": reports[0]["n_frames"],
-               "cv_export_max_value_error": max(r["max_value_error"] for r in reports),
-               "cv_export_max_force_relative_error": max(r["max_force_relative_error"] for r in reports),
-               "cv_export_context_s": max(r["context_seconds"] for r in reports)}
+    metrics = {
+        "cv_export_method": "+".join(sorted({r["method"] for r in reports})),
+        "cv_export_frames": reports[0]["n_frames"],
+        "cv_export_max_value_error": max(r["max_value_error"] for r in reports),
+        "cv_export_max_force_relative_error": max(r["max_force_relative_error"] for r in reports),
+        "cv_export_context_s": max(r["context_seconds"] for r in reports),
+    }
     for k in range(cv.n_out):
-        metrics.update({f"cv_r2_train_q{k + 1}": fit.r2_train[k], f"cv_r2_validation_q{k + 1}": fit.r2_validation[k],
-                        f"cv_lo_q{k + 1}": float(lo[k]), f"cv_hi_q{k + 1}": float(hi[k]), f"cv_data_std_q{k + 1}": stds[k]})
-    return ExportedCV([force for force, _ in exported], [(float(a), float(b)) for a, b in zip(lo, hi)], stds, metrics, files)
+        metrics.update(
+            {
+                f"cv_r2_train_q{k + 1}": fit.r2_train[k],
+                f"cv_r2_validation_q{k + 1}": fit.r2_validation[k],
+                f"cv_lo_q{k + 1}": float(lo[k]),
+                f"cv_hi_q{k + 1}": float(hi[k]),
+                f"cv_data_std_q{k + 1}": stds[k],
+            }
+        )
+    return ExportedCV(
+        [force for force, _ in exported], [(float(a), float(b)) for a, b in zip(lo, hi)], stds, metrics, files
+    )

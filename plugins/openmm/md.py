@@ -13,6 +13,7 @@
 Outputs are written under a ``.part`` name and renamed when complete (:func:`partial_outputs`):
 an interrupted or failed run leaves neither a file that looks finished nor a ``.part`` file.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -20,9 +21,9 @@ import json
 import os
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import openmm
@@ -39,7 +40,9 @@ MODEL_SYSTEM_TIMESTEP_PS = 0.01
 DEFAULT_FRICTION_PER_PS = 1.0
 FRAME_EVERY_PS = 1.0
 EQUILIBRATION_PS = 10.0
-OUTPUT_NAMES = dict(trajectory="trajectory.dcd", topology="topology.pdb", energies="energies.csv", metadata="simulation.json")
+OUTPUT_NAMES = dict(
+    trajectory="trajectory.dcd", topology="topology.pdb", energies="energies.csv", metadata="simulation.json"
+)
 
 
 # ----------------------------------------------------------------------------- settings
@@ -103,10 +106,21 @@ def draw_seed(seed: int | None) -> int:
 # ----------------------------------------------------------------------------- the factory
 
 
-def create_simulation(system, seed: int, platform: str | None = None, timestep=None, friction=None, temperature=None,
-                      openmm_system: openmm.System | None = None, positions=None, state=None, minimize: bool = True,
-                      equilibration_steps: int = 0, reporters: Sequence = (), platform_properties: dict | None = None,
-                      ) -> app.Simulation:
+def create_simulation(
+    system,
+    seed: int,
+    platform: str | None = None,
+    timestep=None,
+    friction=None,
+    temperature=None,
+    openmm_system: openmm.System | None = None,
+    positions=None,
+    state=None,
+    minimize: bool = True,
+    equilibration_steps: int = 0,
+    reporters: Sequence = (),
+    platform_properties: dict | None = None,
+) -> app.Simulation:
     """A ready ``openmm.app.Simulation`` of an ``openflow.systems.System`` with Langevin dynamics.
 
     Args:
@@ -124,14 +138,22 @@ def create_simulation(system, seed: int, platform: str | None = None, timestep=N
         reporters: the caller's OpenMM reporters, attached after the equilibration.
     """
     dt_ps = positive_number(default_timestep(system) if timestep is None else timestep, unit.picosecond, "timestep")
-    gamma_ps = positive_number(DEFAULT_FRICTION_PER_PS if friction is None else friction, unit.picosecond**-1, "friction")
+    gamma_ps = positive_number(
+        DEFAULT_FRICTION_PER_PS if friction is None else friction, unit.picosecond**-1, "friction"
+    )
     kelvin = positive_number(system.temperature if temperature is None else temperature, unit.kelvin, "temperature")
-    if isinstance(equilibration_steps, bool) or int(equilibration_steps) != equilibration_steps or equilibration_steps < 0:
+    if (
+        isinstance(equilibration_steps, bool)
+        or int(equilibration_steps) != equilibration_steps
+        or equilibration_steps < 0
+    ):
         raise ValueError(f"equilibration_steps must be a non-negative integer, got {equilibration_steps!r}")
     noise_seed, velocity_seed = openmm_seeds(seed)
     omm_system = system.system if openmm_system is None else openmm_system
     chosen = select_platform(platform, system.system, system.positions, task="md")
-    integrator = openmm.LangevinMiddleIntegrator(kelvin * unit.kelvin, gamma_ps / unit.picosecond, dt_ps * unit.picosecond)
+    integrator = openmm.LangevinMiddleIntegrator(
+        kelvin * unit.kelvin, gamma_ps / unit.picosecond, dt_ps * unit.picosecond
+    )
     integrator.setRandomNumberSeed(noise_seed)
     simulation = app.Simulation(system.topology, omm_system, integrator, chosen, platform_properties or {})
     if state is not None:
@@ -158,8 +180,14 @@ def positions_nm(simulation: app.Simulation) -> np.ndarray:
     return simulation.context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
 
 
-def run_steps(simulation: app.Simulation, n_steps: int, step=None, chunk: int | None = None, desc: str = "MD",
-              progress: bool = True) -> float:
+def run_steps(
+    simulation: app.Simulation,
+    n_steps: int,
+    step=None,
+    chunk: int | None = None,
+    desc: str = "MD",
+    progress: bool = True,
+) -> float:
     """Advance ``n_steps`` in chunks (``step(n)``, default ``simulation.step``) with a progress bar;
     returns the wall time in s."""
     step = simulation.step if step is None else step
@@ -222,10 +250,23 @@ class SimulationResult:
     platform: str
 
 
-def simulate(system, steps: int | None = None, ns: float | None = None, interval: int | None = None, out="simulation",
-             seed: int | None = None, platform: str | None = None, timestep=None, friction=None,
-             equilibration_steps: int | None = None, minimize: bool = True, progress: bool = True,
-             reporters: Sequence = (), reuse: bool = False, overwrite: bool = True) -> SimulationResult:
+def simulate(
+    system,
+    steps: int | None = None,
+    ns: float | None = None,
+    interval: int | None = None,
+    out="simulation",
+    seed: int | None = None,
+    platform: str | None = None,
+    timestep=None,
+    friction=None,
+    equilibration_steps: int | None = None,
+    minimize: bool = True,
+    progress: bool = True,
+    reporters: Sequence = (),
+    reuse: bool = False,
+    overwrite: bool = True,
+) -> SimulationResult:
     """Minimise, equilibrate and run Langevin dynamics; write a trajectory and an energy log.
 
     Args:
@@ -250,42 +291,78 @@ def simulate(system, steps: int | None = None, ns: float | None = None, interval
     ``simulation.json`` (every setting, the seed, the platform and the speed).
     """
     dt_ps = positive_number(default_timestep(system) if timestep is None else timestep, unit.picosecond, "timestep")
-    gamma_ps = positive_number(DEFAULT_FRICTION_PER_PS if friction is None else friction, unit.picosecond**-1, "friction")
+    gamma_ps = positive_number(
+        DEFAULT_FRICTION_PER_PS if friction is None else friction, unit.picosecond**-1, "friction"
+    )
     n_steps = steps_from(steps, ns, dt_ps)
     interval = max(1, round(FRAME_EVERY_PS / dt_ps)) if interval is None else positive_integer(interval, "interval")
     if interval > n_steps:
-        raise ValueError(f"interval ({interval} steps) is longer than the run ({n_steps} steps): no frame would be saved")
+        raise ValueError(
+            f"interval ({interval} steps) is longer than the run ({n_steps} steps): no frame would be saved"
+        )
     if equilibration_steps is None:
         equilibration_steps = round(EQUILIBRATION_PS / dt_ps)
     out = Path(out)
-    settings = dict(system=system.name, parameters=system.parameters, temperature_K=system.temperature.value_in_unit(unit.kelvin),
-                    seed=seed, steps=n_steps, interval=interval, timestep_ps=dt_ps, friction_per_ps=gamma_ps,
-                    equilibration_steps=int(equilibration_steps), minimized=minimize)
+    settings = dict(
+        system=system.name,
+        parameters=system.parameters,
+        temperature_K=system.temperature.value_in_unit(unit.kelvin),
+        seed=seed,
+        steps=n_steps,
+        interval=interval,
+        timestep_ps=dt_ps,
+        friction_per_ps=gamma_ps,
+        equilibration_steps=int(equilibration_steps),
+        minimized=minimize,
+    )
     if reuse and seed is not None:
         previous = finished_run(out, OUTPUT_NAMES["metadata"], settings, OUTPUT_NAMES.values())
         if previous is not None:
             fields = {key: previous[key] for key in SimulationResult.__dataclass_fields__}
             return SimulationResult(**dict(fields, **{key: out / name for key, name in OUTPUT_NAMES.items()}))
     if not overwrite and (out / OUTPUT_NAMES["trajectory"]).exists():
-        raise FileExistsError(f"{out / OUTPUT_NAMES['trajectory']} exists: choose another folder or overwrite it (--overwrite)")
+        raise FileExistsError(
+            f"{out / OUTPUT_NAMES['trajectory']} exists: choose another folder or overwrite it (--overwrite)"
+        )
     settings["seed"] = seed = draw_seed(seed)
-    simulation = create_simulation(system, seed, platform, dt_ps, gamma_ps, minimize=minimize,
-                                   equilibration_steps=int(equilibration_steps))
+    simulation = create_simulation(
+        system, seed, platform, dt_ps, gamma_ps, minimize=minimize, equilibration_steps=int(equilibration_steps)
+    )
     with partial_outputs(out, OUTPUT_NAMES) as part:
         with open(part["topology"], "w") as handle:
             app.PDBFile.writeFile(system.topology, positions_nm(simulation) * unit.nanometer, handle)
         with open(part["trajectory"], "wb") as dcd, open(part["energies"], "w") as log:
-            simulation.reporters.extend([DCDStreamReporter(dcd, interval), PhysicalEnergyReporter(log, interval, system.energy_groups()),
-                                         *reporters])
-            wall = run_steps(simulation, n_steps, chunk=interval * max(1, n_steps // interval // 100),
-                             desc=f"simulate {system.name}", progress=progress)
+            simulation.reporters.extend(
+                [
+                    DCDStreamReporter(dcd, interval),
+                    PhysicalEnergyReporter(log, interval, system.energy_groups()),
+                    *reporters,
+                ]
+            )
+            wall = run_steps(
+                simulation,
+                n_steps,
+                chunk=interval * max(1, n_steps // interval // 100),
+                desc=f"simulate {system.name}",
+                progress=progress,
+            )
             simulation.reporters.clear()
         result = SimulationResult(
-            **{key: out / name for key, name in OUTPUT_NAMES.items()}, n_frames=n_steps // interval, steps=n_steps,
-            interval=interval, timestep_ps=dt_ps, wall_time_s=wall,
-            ns_per_day=n_steps * dt_ps * 1e-3 / max(wall, 1e-12) * 86400.0, platform=platform_name(simulation))
-        metadata = dict(settings, **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()},
-                        settings=settings, openmm=openmm.__version__)
+            **{key: out / name for key, name in OUTPUT_NAMES.items()},
+            n_frames=n_steps // interval,
+            steps=n_steps,
+            interval=interval,
+            timestep_ps=dt_ps,
+            wall_time_s=wall,
+            ns_per_day=n_steps * dt_ps * 1e-3 / max(wall, 1e-12) * 86400.0,
+            platform=platform_name(simulation),
+        )
+        metadata = dict(
+            settings,
+            **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(result).items()},
+            settings=settings,
+            openmm=openmm.__version__,
+        )
         part["metadata"].write_text(json.dumps(plain_json(metadata), indent=2))
     return result
 
@@ -293,7 +370,9 @@ def simulate(system, steps: int | None = None, ns: float | None = None, interval
 def minimized_energies(system, starts, tolerance: float, max_iterations: int = 10000) -> np.ndarray:
     """OpenMM local minimisation (Reference platform) from each start, active coordinates ``(m, d)`` nm:
     the minimum energies ``(m,)`` in kJ/mol of the physical force groups. ``tolerance`` in kJ/mol/nm."""
-    context = openmm.Context(system.system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+    context = openmm.Context(
+        system.system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference")
+    )
     energies = []
     for positions in system.to_positions(starts):
         context.setPositions(positions)

@@ -37,14 +37,15 @@ outside ``[min, max]`` (ranges of learned CVs come from ``CVModel.bounds()``); t
 be built after the Metadynamics object; a CV force cannot be used by two Metadynamics objects:
 every run here works on clones of the forces and of the ``openmm.System``.
 """
+
 from __future__ import annotations
 
 import json
 import shutil
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import mdtraj
 import numpy as np
@@ -54,28 +55,49 @@ import openmm.unit as unit
 from scipy.special import logsumexp
 from tqdm.auto import tqdm
 
-from openflow.data import load_trajectory
 from openflow.cv import CVModel
+from openflow.data import load_trajectory
 from openflow.features import Dihedrals
 from openflow.io import plain_json, write_json
 
 from .export import to_custom_cv_force, to_tabulated_cv_force
-from .md import (DEFAULT_FRICTION_PER_PS, FRAME_EVERY_PS, create_simulation, default_timestep, draw_seed, finished_run,
-                 platform_name, positions_nm, positive_integer, positive_number, steps_from)
+from .md import (
+    DEFAULT_FRICTION_PER_PS,
+    FRAME_EVERY_PS,
+    create_simulation,
+    default_timestep,
+    draw_seed,
+    finished_run,
+    platform_name,
+    positions_nm,
+    positive_integer,
+    positive_number,
+    steps_from,
+)
 from .reporters import ColvarReporter, add_colvar_columns, read_colvar
 
 DEFAULT_TORSION_WIDTH = 0.35  # rad, Gaussian standard deviation on a torsion
-OUTPUTS = dict(trajectory="trajectory.dcd", topology="topology.pdb", colvar="COLVAR", weights="weights.npy",
-               log_weights="log_weights.npy", bias="bias.npz", fes="fes.npz", state="state.xml", settings="metadynamics.json",
-               bias_dir="bias")
+OUTPUTS = dict(
+    trajectory="trajectory.dcd",
+    topology="topology.pdb",
+    colvar="COLVAR",
+    weights="weights.npy",
+    log_weights="log_weights.npy",
+    bias="bias.npz",
+    fes="fes.npz",
+    state="state.xml",
+    settings="metadynamics.json",
+    bias_dir="bias",
+)
 Observable = Callable[[mdtraj.Trajectory], np.ndarray]
 
 
 # ----------------------------------------------------------------------------- bias variables
 
 
-def torsion_bias_variables(quadruples: Sequence[Sequence[int]], width: float = DEFAULT_TORSION_WIDTH,
-                           grid: int | None = None) -> list[app.BiasVariable]:
+def torsion_bias_variables(
+    quadruples: Sequence[Sequence[int]], width: float = DEFAULT_TORSION_WIDTH, grid: int | None = None
+) -> list[app.BiasVariable]:
     """Periodic ``BiasVariable``s on torsions (1-3 atom quadruples), range ``[-pi, pi]``.
 
     ``width``: Gaussian standard deviation in rad; ``grid``: points per axis (OpenMM's default
@@ -94,8 +116,12 @@ def torsion_bias_variables(quadruples: Sequence[Sequence[int]], width: float = D
     return variables
 
 
-def learned_bias_variables(cvs, width: float | Sequence[float], grid: int | Sequence[int] | None = None,
-                           ranges: Sequence[tuple[float, float]] | None = None) -> list[app.BiasVariable]:
+def learned_bias_variables(
+    cvs,
+    width: float | Sequence[float],
+    grid: int | Sequence[int] | None = None,
+    ranges: Sequence[tuple[float, float]] | None = None,
+) -> list[app.BiasVariable]:
     """Non-periodic ``BiasVariable``s from CV models or exported CV forces.
 
     ``cvs``: ``openflow.cv.CVModel``s (exported with ``to_tabulated_cv_force`` when the CV is a
@@ -140,7 +166,9 @@ def learned_bias_variables(cvs, width: float | Sequence[float], grid: int | Sequ
 
 def clone_variable(v: app.BiasVariable) -> app.BiasVariable:
     """A BiasVariable on a copy of its force (a force can serve only one Metadynamics object)."""
-    return app.BiasVariable(openmm.XmlSerializer.clone(v.force), v.minValue, v.maxValue, v.biasWidth, v.periodic, v.gridWidth)
+    return app.BiasVariable(
+        openmm.XmlSerializer.clone(v.force), v.minValue, v.maxValue, v.biasWidth, v.periodic, v.gridWidth
+    )
 
 
 def check_variables(variables) -> None:
@@ -154,13 +182,23 @@ def check_variables(variables) -> None:
         raise ValueError("openmm.app.Metadynamics needs all CVs periodic or none")
     points = int(np.prod([v.gridWidth for v in variables]))
     if points > 4 * 10**5:
-        raise ValueError(f"the bias grid has {points} points: too slow to update (use wider Gaussians or fewer grid points)")
+        raise ValueError(
+            f"the bias grid has {points} points: too slow to update (use wider Gaussians or fewer grid points)"
+        )
 
 
 def variable_signature(variables) -> list[dict]:
     """What must match for a run to continue another: range, width, periodicity and grid of each CV."""
-    return [dict(min=float(v.minValue), max=float(v.maxValue), width=float(v.biasWidth), periodic=bool(v.periodic),
-                 grid=int(v.gridWidth)) for v in variables]
+    return [
+        dict(
+            min=float(v.minValue),
+            max=float(v.maxValue),
+            width=float(v.biasWidth),
+            periodic=bool(v.periodic),
+            grid=int(v.gridWidth),
+        )
+        for v in variables
+    ]
 
 
 # ----------------------------------------------------------------------------- bias and FES
@@ -256,9 +294,16 @@ class MetadynamicsResult:
     def summary(self) -> dict:
         """Flat JSON-friendly metrics."""
         w = self.weights
-        return dict(steps=self.steps, ns=self.ns, timestep_ps=self.timestep_ps, wall_time_s=self.wall_time_s,
-                    ns_per_day=self.ns_per_day, platform=self.platform, frames=int(self.time_ps.size),
-                    weights_ess_fraction=float(1.0 / np.sum(w * w) / w.size))
+        return dict(
+            steps=self.steps,
+            ns=self.ns,
+            timestep_ps=self.timestep_ps,
+            wall_time_s=self.wall_time_s,
+            ns_per_day=self.ns_per_day,
+            platform=self.platform,
+            frames=int(self.time_ps.size),
+            weights_ess_fraction=float(1.0 / np.sum(w * w) / w.size),
+        )
 
 
 def _fresh_bias_id(create):
@@ -296,8 +341,10 @@ def _clear_earlier_run(out: Path, files: dict, overwrite: bool) -> None:
     if not (earlier or outputs):
         return
     if not overwrite:
-        raise FileExistsError(f"{out} holds an earlier metadynamics run ({len(earlier)} bias files): OpenMM would start from "
-                              "its bias. Continue it with continue_from (--continue-from), or overwrite it (--overwrite)")
+        raise FileExistsError(
+            f"{out} holds an earlier metadynamics run ({len(earlier)} bias files): OpenMM would start from "
+            "its bias. Continue it with continue_from (--continue-from), or overwrite it (--overwrite)"
+        )
     for path in earlier + outputs:
         path.unlink()
 
@@ -309,19 +356,45 @@ def _load_finished(out: Path, record: dict, observables: Mapping[str, Observable
         return None
     names, results = record["settings"]["cv_names"], record["results"]
     return MetadynamicsResult(
-        out=out, files={key: out / name for key, name in OUTPUTS.items()}, steps=results["steps"],
-        timestep_ps=results["timestep_ps"], wall_time_s=results["wall_time_s"], ns_per_day=results["ns_per_day"],
-        platform=results["platform"], time_ps=data["time"], cvs=np.stack([data[n] for n in names], 1) if names else np.empty((data["time"].size, 0)),
-        bias_kjmol=data["bias"], log_weights=np.load(out / OUTPUTS["log_weights"]),
-        observables={name: data[name] for name in observables}, settings=record["settings"])
+        out=out,
+        files={key: out / name for key, name in OUTPUTS.items()},
+        steps=results["steps"],
+        timestep_ps=results["timestep_ps"],
+        wall_time_s=results["wall_time_s"],
+        ns_per_day=results["ns_per_day"],
+        platform=results["platform"],
+        time_ps=data["time"],
+        cvs=np.stack([data[n] for n in names], 1) if names else np.empty((data["time"].size, 0)),
+        bias_kjmol=data["bias"],
+        log_weights=np.load(out / OUTPUTS["log_weights"]),
+        observables={name: data[name] for name in observables},
+        settings=record["settings"],
+    )
 
 
-def run_metadynamics(system, variables, steps: int | None = None, ns: float | None = None, out="metadynamics",
-                     height: float = 1.0, bias_factor: float = 6.0, frequency: int = 500, interval: int | None = None,
-                     platform: str | None = None, seed: int | None = None, timestep=None, friction=None,
-                     equilibration_steps: int = 1000, continue_from=None, cv_names: Sequence[str] | None = None,
-                     observables: Mapping[str, Observable] | None = None, reporters: Sequence = (),
-                     reuse: bool = False, overwrite: bool = False, progress: bool = True) -> MetadynamicsResult:
+def run_metadynamics(
+    system,
+    variables,
+    steps: int | None = None,
+    ns: float | None = None,
+    out="metadynamics",
+    height: float = 1.0,
+    bias_factor: float = 6.0,
+    frequency: int = 500,
+    interval: int | None = None,
+    platform: str | None = None,
+    seed: int | None = None,
+    timestep=None,
+    friction=None,
+    equilibration_steps: int = 1000,
+    continue_from=None,
+    cv_names: Sequence[str] | None = None,
+    observables: Mapping[str, Observable] | None = None,
+    reporters: Sequence = (),
+    reuse: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> MetadynamicsResult:
     """Well-tempered metadynamics (or, with ``variables=[]``, plain MD written the same way).
 
     Args:
@@ -352,7 +425,9 @@ def run_metadynamics(system, variables, steps: int | None = None, ns: float | No
             raise ValueError(f"height must be positive (kJ/mol), got {height}")
     frequency = positive_integer(frequency, "frequency")
     dt_ps = positive_number(default_timestep(system) if timestep is None else timestep, unit.picosecond, "timestep")
-    gamma_ps = positive_number(DEFAULT_FRICTION_PER_PS if friction is None else friction, unit.picosecond**-1, "friction")
+    gamma_ps = positive_number(
+        DEFAULT_FRICTION_PER_PS if friction is None else friction, unit.picosecond**-1, "friction"
+    )
     n_steps = steps_from(steps, ns, dt_ps)
     interval = max(1, round(FRAME_EVERY_PS / dt_ps)) if interval is None else positive_integer(interval, "interval")
     if interval > n_steps:
@@ -364,18 +439,32 @@ def run_metadynamics(system, variables, steps: int | None = None, ns: float | No
     out = Path(out)
     files = {key: out / name for key, name in OUTPUTS.items()}
     signature = variable_signature(variables)
-    settings = dict(system=system.name, parameters=system.parameters, variables=signature, cv_names=names,
-                    height_kjmol=height, bias_factor=bias_factor, frequency=frequency, interval=interval, steps=n_steps,
-                    seed=seed, timestep_ps=dt_ps, friction_per_ps=gamma_ps, equilibration_steps=int(equilibration_steps),
-                    temperature_K=system.temperature.value_in_unit(unit.kelvin),
-                    continue_from=str(continue_from) if continue_from else None)
+    settings = dict(
+        system=system.name,
+        parameters=system.parameters,
+        variables=signature,
+        cv_names=names,
+        height_kjmol=height,
+        bias_factor=bias_factor,
+        frequency=frequency,
+        interval=interval,
+        steps=n_steps,
+        seed=seed,
+        timestep_ps=dt_ps,
+        friction_per_ps=gamma_ps,
+        equilibration_steps=int(equilibration_steps),
+        temperature_K=system.temperature.value_in_unit(unit.kelvin),
+        continue_from=str(continue_from) if continue_from else None,
+    )
     if continue_from is not None:
         if not biased:
             raise ValueError("continue_from needs a biased run")
         if Path(continue_from).resolve() == out.resolve():
             raise ValueError(f"write a continued run into a new folder, not into {continue_from} itself")
     if reuse and seed is not None:
-        record = finished_run(out, OUTPUTS["settings"], settings, [OUTPUTS[k] for k in ("trajectory", "colvar", "weights")])
+        record = finished_run(
+            out, OUTPUTS["settings"], settings, [OUTPUTS[k] for k in ("trajectory", "colvar", "weights")]
+        )
         if record is not None and (result := _load_finished(out, record, observables)) is not None:
             return result
     _clear_earlier_run(out, files, overwrite)
@@ -393,29 +482,63 @@ def run_metadynamics(system, variables, steps: int | None = None, ns: float | No
         raise
 
 
-def _run(system, variables, out: Path, files: dict, settings: dict, continue_from, platform, observables: dict, reporters,
-         progress: bool) -> MetadynamicsResult:
+def _run(
+    system,
+    variables,
+    out: Path,
+    files: dict,
+    settings: dict,
+    continue_from,
+    platform,
+    observables: dict,
+    reporters,
+    progress: bool,
+) -> MetadynamicsResult:
     """The run of :func:`run_metadynamics` once its settings are checked."""
     biased, names, signature = bool(variables), settings["cv_names"], settings["variables"]
     interval, n_steps, dt_ps, seed = settings["interval"], settings["steps"], settings["timestep_ps"], settings["seed"]
     bias_factor, frequency = settings["bias_factor"], settings["frequency"]
     files["bias_dir"].mkdir(parents=True, exist_ok=True)
-    start_state = None if continue_from is None else _prepare_continuation(Path(continue_from), files["bias_dir"], signature)
+    start_state = (
+        None if continue_from is None else _prepare_continuation(Path(continue_from), files["bias_dir"], signature)
+    )
     settings["seed"] = seed = draw_seed(seed)
 
     omm_system = openmm.XmlSerializer.clone(system.system)
     meta, bias_group = None, None
     if biased:
-        meta = _fresh_bias_id(lambda: app.Metadynamics(omm_system, variables, system.temperature, float(bias_factor),
-                                                        float(settings["height_kjmol"]) * unit.kilojoule_per_mole, frequency,
-                                                        saveFrequency=frequency, biasDir=str(files["bias_dir"])))
+        meta = _fresh_bias_id(
+            lambda: app.Metadynamics(
+                omm_system,
+                variables,
+                system.temperature,
+                float(bias_factor),
+                float(settings["height_kjmol"]) * unit.kilojoule_per_mole,
+                frequency,
+                saveFrequency=frequency,
+                biasDir=str(files["bias_dir"]),
+            )
+        )
         bias_group = omm_system.getForce(omm_system.getNumForces() - 1).getForceGroup()
-    simulation = create_simulation(system, seed, platform, dt_ps, settings["friction_per_ps"], openmm_system=omm_system,
-                                   state=start_state, equilibration_steps=settings["equilibration_steps"])  # the bias is still zero
+    simulation = create_simulation(
+        system,
+        seed,
+        platform,
+        dt_ps,
+        settings["friction_per_ps"],
+        openmm_system=omm_system,
+        state=start_state,
+        equilibration_steps=settings["equilibration_steps"],
+    )  # the bias is still zero
     with open(files["topology"], "w") as handle:
         app.PDBFile.writeFile(system.topology, positions_nm(simulation) * unit.nanometer, handle)
-    colvar = ColvarReporter(files["colvar"], interval, meta.getCollectiveVariables if biased else None,
-                            names if biased else None, bias_group)
+    colvar = ColvarReporter(
+        files["colvar"],
+        interval,
+        meta.getCollectiveVariables if biased else None,
+        names if biased else None,
+        bias_group,
+    )
     simulation.reporters.extend([app.DCDReporter(str(files["trajectory"]), interval), colvar, *reporters])
     kT = system.kT_kjmol
     periodic = biased and variables[0].periodic
@@ -442,28 +565,53 @@ def _run(system, variables, out: Path, files: dict, settings: dict, continue_fro
     values = {}
     if observables:
         frames = load_trajectory(str(files["trajectory"]), str(files["topology"]))
-        values = {name: np.asarray(function(frames), dtype=np.float64).reshape(-1) for name, function in observables.items()}
+        values = {
+            name: np.asarray(function(frames), dtype=np.float64).reshape(-1) for name, function in observables.items()
+        }
         add_colvar_columns(files["colvar"], values)
     log_w = (data["bias"] - np.asarray(constants)) / kT
     np.save(files["log_weights"], log_w)
     result = MetadynamicsResult(
-        out=out, files=files, steps=n_steps, timestep_ps=dt_ps, wall_time_s=wall,
-        ns_per_day=n_steps * dt_ps / 1000.0 / (wall / 86400.0), platform=platform_name(simulation), time_ps=data["time"],
+        out=out,
+        files=files,
+        steps=n_steps,
+        timestep_ps=dt_ps,
+        wall_time_s=wall,
+        ns_per_day=n_steps * dt_ps / 1000.0 / (wall / 86400.0),
+        platform=platform_name(simulation),
+        time_ps=data["time"],
         cvs=np.stack([data[n] for n in names], 1) if biased else np.empty((data["time"].size, 0)),
-        bias_kjmol=data["bias"], log_weights=log_w, observables=values, settings=settings)
+        bias_kjmol=data["bias"],
+        log_weights=log_w,
+        observables=values,
+        settings=settings,
+    )
     np.save(files["weights"], result.weights)
     if biased:
         bias = bias_grid(meta)
         axes = {f"axis_{i}": a for i, a in enumerate(grid_axes(variables))}
         np.savez(files["bias"], bias_kjmol=bias, names=np.array(names), **axes)
         np.savez(files["fes"], free_energy_kjmol=fes_from_bias(bias, bias_factor), names=np.array(names), **axes)
-    write_json(files["settings"], dict(settings=plain_json(settings), results=result.summary(),
-                                       reweighting="Tiwary-Parrinello c(t): w = exp((V(s,t) - c(t))/kT)"))
+    write_json(
+        files["settings"],
+        dict(
+            settings=plain_json(settings),
+            results=result.summary(),
+            reweighting="Tiwary-Parrinello c(t): w = exp((V(s,t) - c(t))/kT)",
+        ),
+    )
     return result
 
 
-def step_costs(system, variables, steps: int = 2000, platform: str | None = None, frequency: int = 500, repeats: int = 3,
-               timestep=None) -> dict:
+def step_costs(
+    system,
+    variables,
+    steps: int = 2000,
+    platform: str | None = None,
+    frequency: int = 500,
+    repeats: int = 3,
+    timestep=None,
+) -> dict:
     """Seconds per MD step without and with the bias (Gaussians deposited every ``frequency``), best of ``repeats``.
 
     One Simulation with the Metadynamics force, timed in interleaved rounds: with the bias's force
@@ -476,8 +624,11 @@ def step_costs(system, variables, steps: int = 2000, platform: str | None = None
     variables = list(variables)
     check_variables(variables)
     omm_system = openmm.XmlSerializer.clone(system.system)
-    meta = _fresh_bias_id(lambda: app.Metadynamics(omm_system, [clone_variable(v) for v in variables],
-                                                    system.temperature, 5.0, 1.0, frequency))
+    meta = _fresh_bias_id(
+        lambda: app.Metadynamics(
+            omm_system, [clone_variable(v) for v in variables], system.temperature, 5.0, 1.0, frequency
+        )
+    )
     bias_group = omm_system.getForce(omm_system.getNumForces() - 1).getForceGroup()
     simulation = create_simulation(system, 1, platform, timestep, openmm_system=omm_system)
     integrator = simulation.integrator
@@ -497,5 +648,9 @@ def step_costs(system, variables, steps: int = 2000, platform: str | None = None
             start = time.perf_counter()
             step(steps)
             best[name] = min(best[name], (time.perf_counter() - start) / steps)
-    return {"bare_s_per_step": best["bare"], "biased_s_per_step": best["biased"], "speed_ratio": best["bare"] / best["biased"],
-            "platform": platform_name(simulation)}
+    return {
+        "bare_s_per_step": best["bare"],
+        "biased_s_per_step": best["biased"],
+        "speed_ratio": best["bare"] / best["biased"],
+        "platform": platform_name(simulation),
+    }

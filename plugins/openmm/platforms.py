@@ -4,6 +4,7 @@
 the actual system for the actual task and keeps the faster one: for 22 atoms in vacuum the
 Reference platform wins by far, with implicit solvent the CPU platform does.
 """
+
 from __future__ import annotations
 
 import time
@@ -44,7 +45,9 @@ def _signature(system: openmm.System, task: str) -> tuple:
     return system.getNumParticles(), forces, task
 
 
-def select_platform(name: str | None, system: openmm.System | None = None, positions=None, task: str = "energy") -> openmm.Platform:
+def select_platform(
+    name: str | None, system: openmm.System | None = None, positions=None, task: str = "energy"
+) -> openmm.Platform:
     """Return the ``openmm.Platform`` to use.
 
     Args:
@@ -63,7 +66,10 @@ def select_platform(name: str | None, system: openmm.System | None = None, posit
             return openmm.Platform.getPlatformByName(name)
         if name not in ("CUDA", "OpenCL", "HIP"):
             raise ValueError(f"OpenMM platform {name!r} is not available; available: {', '.join(available)}")
-        warnings.warn(f"OpenMM platform {name!r} is not available here; falling back to the fastest of {', '.join(available)}", stacklevel=2)
+        warnings.warn(
+            f"OpenMM platform {name!r} is not available here; falling back to the fastest of {', '.join(available)}",
+            stacklevel=2,
+        )
     if "CUDA" in available:
         return openmm.Platform.getPlatformByName("CUDA")
     candidates = [p for p in CPU_SIDE if p in available]

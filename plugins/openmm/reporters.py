@@ -6,10 +6,11 @@ of one force group, 0 when no bias group is given). ``numpy.loadtxt`` reads it b
 are comments); :func:`read_colvar` returns the columns by name, :func:`add_colvar_columns` appends
 columns computed afterwards (e.g. observables of the saved trajectory).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import openmm.app as app
@@ -40,7 +41,16 @@ class PhysicalEnergyReporter(app.StateDataReporter):
     inactive components)."""
 
     def __init__(self, handle, interval: int, groups: int):
-        super().__init__(handle, interval, step=True, time=True, potentialEnergy=True, kineticEnergy=True, temperature=True, speed=True)
+        super().__init__(
+            handle,
+            interval,
+            step=True,
+            time=True,
+            potentialEnergy=True,
+            kineticEnergy=True,
+            temperature=True,
+            speed=True,
+        )
         self._groups = groups
 
     def report(self, simulation, state):
@@ -60,8 +70,15 @@ class ColvarReporter:
         append: continue an existing file (no second header).
     """
 
-    def __init__(self, file, interval: int, cv_values: Callable | None = None, cv_names: Sequence[str] | None = None,
-                 bias_group: int | None = None, append: bool = False):
+    def __init__(
+        self,
+        file,
+        interval: int,
+        cv_values: Callable | None = None,
+        cv_names: Sequence[str] | None = None,
+        bias_group: int | None = None,
+        append: bool = False,
+    ):
         if int(interval) != interval or interval < 1:
             raise ValueError(f"interval must be a positive integer, got {interval}")
         if cv_names is not None and cv_values is None:
@@ -133,7 +150,11 @@ def add_colvar_columns(path, columns: dict) -> Path:
         if np.shape(values) != (n_rows,):
             raise ValueError(f"column {name!r} has shape {np.shape(values)}, the COLVAR file {n_rows} rows")
     names = [*data, *columns]
-    table = np.column_stack([*data.values(), *(np.asarray(v, dtype=np.float64) for v in columns.values())]) if n_rows else np.empty((0, len(names)))
+    table = (
+        np.column_stack([*data.values(), *(np.asarray(v, dtype=np.float64) for v in columns.values())])
+        if n_rows
+        else np.empty((0, len(names)))
+    )
     part = path.with_name(path.name + ".part")
     with open(part, "w") as handle:
         handle.write("#! FIELDS " + " ".join(names) + "\n")

@@ -14,13 +14,14 @@ other by unbroken Langevin dynamics at the target temperature, so time-lagged st
 as TICA may pair frames only inside a segment) and ``tempering.json`` (settings, acceptance per
 pair, round trips, speed).
 """
+
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import openmm
@@ -31,10 +32,21 @@ from tqdm.auto import tqdm
 from openflow.io import plain_json
 from openflow.systems import MOLAR_GAS_CONSTANT
 
-from .md import (DEFAULT_FRICTION_PER_PS, create_simulation, default_timestep, finished_run, partial_outputs,
-                 platform_name, positive_integer, positive_number, steps_from)
+from .md import (
+    DEFAULT_FRICTION_PER_PS,
+    create_simulation,
+    default_timestep,
+    finished_run,
+    partial_outputs,
+    platform_name,
+    positive_integer,
+    positive_number,
+    steps_from,
+)
 
-OUTPUT_NAMES = dict(trajectory="trajectory.dcd", topology="topology.pdb", frames="frames.csv", metadata="tempering.json")
+OUTPUT_NAMES = dict(
+    trajectory="trajectory.dcd", topology="topology.pdb", frames="frames.csv", metadata="tempering.json"
+)
 
 
 @dataclass
@@ -83,7 +95,9 @@ def _check_temperatures(system, temperatures_K: Sequence[float]) -> list[float]:
         raise ValueError(f"temperatures_K must increase strictly, got {temperatures_K}")
     target = system.temperature.value_in_unit(unit.kelvin)
     if abs(temperatures[0] - target) > 1e-6 * target:
-        raise ValueError(f"the lowest temperature ({temperatures[0]} K) must be the system's ({target} K): its frames are the output")
+        raise ValueError(
+            f"the lowest temperature ({temperatures[0]} K) must be the system's ({target} K): its frames are the output"
+        )
     return temperatures
 
 
@@ -117,17 +131,33 @@ def simulate_tempering(
     """
     temperatures = _check_temperatures(system, temperatures_K)
     dt_ps = positive_number(default_timestep(system) if timestep is None else timestep, unit.picosecond, "timestep")
-    gamma_ps = positive_number(DEFAULT_FRICTION_PER_PS if friction is None else friction, unit.picosecond**-1, "friction")
+    gamma_ps = positive_number(
+        DEFAULT_FRICTION_PER_PS if friction is None else friction, unit.picosecond**-1, "friction"
+    )
     n_steps = steps_from(steps, ns, dt_ps)
-    interval, exchange_interval = positive_integer(interval, "interval"), positive_integer(exchange_interval, "exchange_interval")
+    interval, exchange_interval = (
+        positive_integer(interval, "interval"),
+        positive_integer(exchange_interval, "exchange_interval"),
+    )
     if exchange_interval % interval:
         raise ValueError(f"exchange_interval ({exchange_interval}) must be a multiple of interval ({interval})")
     if interval > n_steps or int(equilibration_steps) != equilibration_steps or equilibration_steps < 0:
-        raise ValueError(f"need interval <= steps ({interval} > {n_steps}?) and equilibration_steps >= 0 ({equilibration_steps})")
+        raise ValueError(
+            f"need interval <= steps ({interval} > {n_steps}?) and equilibration_steps >= 0 ({equilibration_steps})"
+        )
     out = Path(out)
-    settings = dict(system=system.name, parameters=system.parameters, temperatures_K=temperatures, steps=n_steps,
-                    interval=interval, exchange_interval=exchange_interval, timestep_ps=dt_ps,
-                    friction_per_ps=gamma_ps, equilibration_steps=int(equilibration_steps), seed=int(seed))
+    settings = dict(
+        system=system.name,
+        parameters=system.parameters,
+        temperatures_K=temperatures,
+        steps=n_steps,
+        interval=interval,
+        exchange_interval=exchange_interval,
+        timestep_ps=dt_ps,
+        friction_per_ps=gamma_ps,
+        equilibration_steps=int(equilibration_steps),
+        seed=int(seed),
+    )
     if reuse:
         previous = finished_run(out, OUTPUT_NAMES["metadata"], settings, OUTPUT_NAMES.values())
         if previous is not None:
@@ -137,8 +167,16 @@ def simulate_tempering(
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 7]))
     replicas, start = [], None
     for k, temperature in enumerate(temperatures):  # the first replica is minimised, the others start from its minimum
-        replica = create_simulation(system, int(seed) * 1000 + k, platform, dt_ps, gamma_ps, temperature * unit.kelvin,
-                                    positions=start, minimize=k == 0)
+        replica = create_simulation(
+            system,
+            int(seed) * 1000 + k,
+            platform,
+            dt_ps,
+            gamma_ps,
+            temperature * unit.kelvin,
+            positions=start,
+            minimize=k == 0,
+        )
         start = replica.context.getState(getPositions=True).getPositions(asNumpy=True) if k == 0 else start
         replica.step(int(equilibration_steps))
         replicas.append(replica)
@@ -160,15 +198,28 @@ def simulate_tempering(
         with open(part["trajectory"], "wb") as dcd_handle, open(part["frames"], "w") as log:
             dcd = app.DCDFile(dcd_handle, system.topology, dt_ps * unit.picosecond, interval, interval)
             log.write("frame,time_ps,potential_kjmol,segment\n")
-            for frame in tqdm(range(n_frames), unit="frame", desc=f"tempering {system.name} x{len(temperatures)}", disable=not progress):
+            for frame in tqdm(
+                range(n_frames),
+                unit="frame",
+                desc=f"tempering {system.name} x{len(temperatures)}",
+                disable=not progress,
+            ):
                 for replica in replicas:
                     replica.step(interval)
                 state = contexts[0].getState(getPositions=True, getEnergy=True, groups=system.energy_groups())
                 dcd.writeModel(state.getPositions(asNumpy=True))
-                log.write(f"{frame},{(frame + 1) * interval * dt_ps:.6g},{state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole):.10g},{segment}\n")
+                log.write(
+                    f"{frame},{(frame + 1) * interval * dt_ps:.6g},"
+                    f"{state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole):.10g},{segment}\n"
+                )
                 if (frame + 1) % frames_per_exchange:
                     continue
-                energies = np.array([c.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole) for c in contexts])
+                energies = np.array(
+                    [
+                        c.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+                        for c in contexts
+                    ]
+                )
                 for i in range((frame // frames_per_exchange) % 2, n_pairs, 2):
                     j = i + 1
                     attempted[i] += 1
@@ -181,11 +232,20 @@ def simulate_tempering(
                 round_trips += update_round_trips(walker_at, last_end)
         wall = time.perf_counter() - clock
         total_ns = n_steps * dt_ps * 1e-3
-        result = TemperingResult(**{key: out / name for key, name in OUTPUT_NAMES.items()}, temperatures_K=temperatures,
-                                 n_frames=n_frames, steps=n_steps, interval=interval, exchange_interval=exchange_interval,
-                                 timestep_ps=dt_ps, acceptance=(accepted / np.maximum(attempted, 1)).tolist(),
-                                 round_trips=int(round_trips), wall_time_s=wall, ns_per_day=total_ns / max(wall, 1e-12) * 86400.0,
-                                 platform=platform_name(replicas[0]))
+        result = TemperingResult(
+            **{key: out / name for key, name in OUTPUT_NAMES.items()},
+            temperatures_K=temperatures,
+            n_frames=n_frames,
+            steps=n_steps,
+            interval=interval,
+            exchange_interval=exchange_interval,
+            timestep_ps=dt_ps,
+            acceptance=(accepted / np.maximum(attempted, 1)).tolist(),
+            round_trips=int(round_trips),
+            wall_time_s=wall,
+            ns_per_day=total_ns / max(wall, 1e-12) * 86400.0,
+            platform=platform_name(replicas[0]),
+        )
         metadata = {key: (str(value) if isinstance(value, Path) else value) for key, value in asdict(result).items()}
         metadata.update(settings=settings, n_segments=segment + 1, openmm=openmm.__version__)
         part["metadata"].write_text(json.dumps(plain_json(metadata), indent=2))

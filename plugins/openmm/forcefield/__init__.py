@@ -16,6 +16,7 @@ one job each:
 - ``parallel``: running the kernels on threads; ``torch_on_one_thread`` (scoped);
 - ``heap``: ``keep_freed_memory`` (glibc, process-wide; only on request).
 """
+
 from .energy import TorchEnergy, TorchEnergyFallbackWarning, batched_energy
 from .expression_kernels import cache_folder
 from .heap import keep_freed_memory
@@ -24,6 +25,12 @@ from .parallel import torch_on_one_thread
 from .translate import translate_force
 
 __all__ = [
-    "LeptonExpression", "TorchEnergy", "TorchEnergyFallbackWarning", "batched_energy", "cache_folder",
-    "keep_freed_memory", "torch_on_one_thread", "translate_force",
+    "LeptonExpression",
+    "TorchEnergy",
+    "TorchEnergyFallbackWarning",
+    "batched_energy",
+    "cache_folder",
+    "keep_freed_memory",
+    "torch_on_one_thread",
+    "translate_force",
 ]

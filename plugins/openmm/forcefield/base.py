@@ -6,6 +6,7 @@ dimension, so gathers copy whole rows, every elementwise op runs over long vecto
 component is a contiguous ``(N, B)`` block. Per-term quantities are ``(M, B)``, per-term
 parameters ``(M, 1)`` columns (they broadcast against ``(M, B)``), particle indices ``(M, k)``.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -16,7 +17,9 @@ from openflow import geometry
 
 _VALUE = {"distance": geometry.distance, "angle": geometry.angle, "dihedral": geometry.dihedral}
 _WITH_GRADIENT = {
-    "distance": geometry.distance_and_gradient, "angle": geometry.angle_and_gradient, "dihedral": geometry.dihedral_and_gradient,
+    "distance": geometry.distance_and_gradient,
+    "angle": geometry.angle_and_gradient,
+    "dihedral": geometry.dihedral_and_gradient,
 }
 
 

@@ -9,6 +9,7 @@ otherwise). Each also has a compiled CPU kernel generated from the same expressi
 coordinates (``expression_kernels``). The expressions are read and checked off an
 ``openmm.System`` by ``translate``.
 """
+
 from __future__ import annotations
 
 import re
@@ -19,7 +20,15 @@ import torch
 
 from .base import Term, index_table, kernel_arrays, measure, scatter_chain, sum_terms
 from .expression_kernels import expression_kernel, gb_kernel
-from .lepton import GEOMETRY_NODES, LeptonExpression, coordinate, coordinate_leaves, derivative, geometry_calls, in_coordinates
+from .lepton import (
+    GEOMETRY_NODES,
+    LeptonExpression,
+    coordinate,
+    coordinate_leaves,
+    derivative,
+    geometry_calls,
+    in_coordinates,
+)
 
 
 class CustomBonded(Term):
@@ -33,9 +42,15 @@ class CustomBonded(Term):
     """
 
     GEOMETRIC = {"external": {"x", "y", "z"}, "bond": {"r"}, "angle": {"theta"}, "torsion": {"theta"}}
-    MEASURED = {"bond": ("r", "distance"), "angle": ("theta", "angle"), "torsion": ("theta", "dihedral")}  # variable, geometry
+    MEASURED = {
+        "bond": ("r", "distance"),
+        "angle": ("theta", "angle"),
+        "torsion": ("theta", "dihedral"),
+    }  # variable, geometry
 
-    def __init__(self, kind: str, expression: LeptonExpression, particles, n_particles: int, parameters, names, constants: dict):
+    def __init__(
+        self, kind: str, expression: LeptonExpression, particles, n_particles: int, parameters, names, constants: dict
+    ):
         super().__init__()
         self.kind, self.expression, self.names, self.constants = kind, expression, list(names), dict(constants)
         self.register_buffer("particles", index_table(particles, n_particles))
@@ -48,8 +63,12 @@ class CustomBonded(Term):
             geometric = {("variable", variable): GEOMETRY_NODES[function](*range(n_particles))}
         else:  # coordinates: x, y, z (external) or x1, y2, ... (compound)
             geometric = {target: coordinate(*_coordinate(target[1])) for target in targets if _coordinate(target[1])}
-        geometric.update({call: GEOMETRY_NODES[call[1]](*(n - 1 for n in call[2])) for call in geometry_calls(expression.root)})
-        self._kernel_spec = _expression_kernel(expression, geometric, self.particles, parameters, self.names, self.constants)
+        geometric.update(
+            {call: GEOMETRY_NODES[call[1]](*(n - 1 for n in call[2])) for call in geometry_calls(expression.root)}
+        )
+        self._kernel_spec = _expression_kernel(
+            expression, geometric, self.particles, parameters, self.names, self.constants
+        )
 
     def cpu_kernel(self):
         return _spec_kernel(self._kernel_spec)
@@ -62,7 +81,9 @@ class CustomBonded(Term):
         if gradient is None or self.slopes is None:
             return super().energy_gradient(positions, gradient)
         variables, geometry, chains = self._variables(positions, with_gradient=True)
-        energy, *slopes = self.expression.evaluate([self.expression.root, *(node for _, node in self.slopes)], variables, geometry)
+        energy, *slopes = self.expression.evaluate(
+            [self.expression.root, *(node for _, node in self.slopes)], variables, geometry
+        )
         shape = (len(self.particles), positions.shape[-1])
         for (target, _), slope in zip(self.slopes, slopes):
             slope = slope.expand(shape) if isinstance(slope, torch.Tensor) else positions.new_full(shape, slope)
@@ -102,7 +123,9 @@ class CustomBonded(Term):
         return variables, geometry, chains
 
 
-def _expression_kernel(expression: LeptonExpression, geometric: dict, particles, values, names: list, constants: dict) -> tuple:
+def _expression_kernel(
+    expression: LeptonExpression, geometric: dict, particles, values, names: list, constants: dict
+) -> tuple:
     """``(kernel inputs, kernel parameters)`` for ``expression_kernels.expression_kernel`` of ``expression``
     summed over terms of ``particles`` ``(M, k)`` with parameters ``values`` ``(M, len(names))`` and
     global ``constants``; ``geometric`` maps its geometric variables and calls to coordinate trees
@@ -160,7 +183,10 @@ class CustomNonbonded(Term):
         i, j = self.pairs.T
         variables = dict(self.constants)
         for c, name in enumerate(self.names):
-            variables[name + "1"], variables[name + "2"] = self.values_per_term[i, c, None], self.values_per_term[j, c, None]
+            variables[name + "1"], variables[name + "2"] = (
+                self.values_per_term[i, c, None],
+                self.values_per_term[j, c, None],
+            )
         if "r" in self.expression.variables:
             variables["r"] = measure("distance", positions, (i, j))
         return sum_terms(self.expression(variables), positions, len(self.pairs))
@@ -179,7 +205,10 @@ class CustomGB(Term):
         self.n_atoms, self.names, self.constants = n_atoms, list(names), dict(constants)
         self.values = values  # [(name, LeptonExpression, type)]
         self.energies = energies  # [(LeptonExpression, type)]
-        self.register_buffer("values_per_term", torch.as_tensor(np.asarray(parameters, dtype=np.float64).reshape(n_atoms, len(self.names))))
+        self.register_buffer(
+            "values_per_term",
+            torch.as_tensor(np.asarray(parameters, dtype=np.float64).reshape(n_atoms, len(self.names))),
+        )
         i, j = np.triu_indices(n_atoms, k=1)
         excluded = np.zeros((n_atoms, n_atoms), dtype=bool)
         for a, b in exclusions:
@@ -189,18 +218,27 @@ class CustomGB(Term):
             self.register_buffer(f"pairs_{suffix}", index_table(np.stack([a, b], 1), 2))
         value_names = [name for name, _, _ in values]
         self._kernel_spec = (
-            tuple(self._kernel_tree(expression, kind, value_names[:k]) for k, (_, expression, kind) in enumerate(values)),
+            tuple(
+                self._kernel_tree(expression, kind, value_names[:k]) for k, (_, expression, kind) in enumerate(values)
+            ),
             tuple(self._kernel_tree(expression, kind, value_names) for expression, kind in energies),
         )
-        self._kernel_parameters = (*kernel_arrays(self.pairs_kept, self.pairs_all), self.values_per_term.numpy().copy(),
-                                   np.array(list(self.constants.values()), dtype=np.float64))
+        self._kernel_parameters = (
+            *kernel_arrays(self.pairs_kept, self.pairs_all),
+            self.values_per_term.numpy().copy(),
+            np.array(list(self.constants.values()), dtype=np.float64),
+        )
 
-    KINDS = {openmm.CustomGBForce.SingleParticle: "single", openmm.CustomGBForce.ParticlePair: "pair",
-             openmm.CustomGBForce.ParticlePairNoExclusions: "pair_all"}
+    KINDS = {
+        openmm.CustomGBForce.SingleParticle: "single",
+        openmm.CustomGBForce.ParticlePair: "pair",
+        openmm.CustomGBForce.ParticlePairNoExclusions: "pair_all",
+    }
 
     def _kernel_tree(self, expression: LeptonExpression, kind: int, known: list) -> tuple:
         """``(kind, tree in coordinates, roles)`` of one expression for ``expression_kernels.gb_kernel``; names
         resolve as in ``_pair_variables``/``_single_variables`` (computed values ``known`` so far)."""
+
         def role(name: str, side: int):
             if name in known:
                 return ("value", known.index(name), side)
@@ -211,7 +249,9 @@ class CustomGB(Term):
             roles = {v: role(v, 0) for v in expression.variables - set("xyz")}
         else:
             geometric = {("variable", "r"): GEOMETRY_NODES["distance"](0, 1)}
-            roles = {v: role(v[:-1], int(v[-1]) - 1) if v[-1:] in ("1", "2") else None for v in expression.variables - {"r"}}
+            roles = {
+                v: role(v[:-1], int(v[-1]) - 1) if v[-1:] in ("1", "2") else None for v in expression.variables - {"r"}
+            }
         constants = list(self.constants)
         roles = {v: r or ("constant", constants.index(v), 0) for v, r in roles.items()}
         return self.KINDS[kind], in_coordinates(expression.root, geometric), tuple(sorted(roles.items()))
@@ -238,19 +278,27 @@ class CustomGB(Term):
         for name, expression, kind in self.values:
             if kind == openmm.CustomGBForce.SingleParticle:
                 value = expression(self._single_variables(positions, per_particle))
-                value = (value if isinstance(value, torch.Tensor) else positions.new_tensor(value)).expand(self.n_atoms, batch)
+                value = (value if isinstance(value, torch.Tensor) else positions.new_tensor(value)).expand(
+                    self.n_atoms, batch
+                )
             else:
                 pairs = self.pairs_all if kind == openmm.CustomGBForce.ParticlePairNoExclusions else self.pairs_kept
                 ordered = torch.cat([pairs, pairs.flip(1)])
                 terms = expression(self._pair_variables(positions, ordered, per_particle))
-                terms = (terms if isinstance(terms, torch.Tensor) else positions.new_tensor(terms)).expand(len(ordered), batch)
+                terms = (terms if isinstance(terms, torch.Tensor) else positions.new_tensor(terms)).expand(
+                    len(ordered), batch
+                )
                 value = positions.new_zeros(self.n_atoms, batch).index_add(0, ordered[:, 0], terms)
             per_particle[name] = value
         energy = positions.new_zeros(batch)
         for expression, kind in self.energies:
             if kind == openmm.CustomGBForce.SingleParticle:
-                energy = energy + sum_terms(expression(self._single_variables(positions, per_particle)), positions, self.n_atoms)
+                energy = energy + sum_terms(
+                    expression(self._single_variables(positions, per_particle)), positions, self.n_atoms
+                )
             else:
                 pairs = self.pairs_all if kind == openmm.CustomGBForce.ParticlePairNoExclusions else self.pairs_kept
-                energy = energy + sum_terms(expression(self._pair_variables(positions, pairs, per_particle)), positions, len(pairs))
+                energy = energy + sum_terms(
+                    expression(self._pair_variables(positions, pairs, per_particle)), positions, len(pairs)
+                )
         return energy

@@ -13,6 +13,7 @@ then warns loudly (``TorchEnergyFallbackWarning``) and falls back to the per-con
 bridge. Non-finite energies (overlapping atoms, NaN input) become ``u = +inf`` with zero gradient
 and are counted, exactly as in ``OpenMMEnergy``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -118,8 +119,14 @@ class TorchEnergy(EvaluationCounts, nn.Module):
     """
 
     def __init__(
-        self, system: System, dtype: torch.dtype = torch.float64, device=None, soft_cap: float | None = None,
-        cpu_kernels: bool = True, compile: bool = False, keep_freed_memory: bool = False,
+        self,
+        system: System,
+        dtype: torch.dtype = torch.float64,
+        device=None,
+        soft_cap: float | None = None,
+        cpu_kernels: bool = True,
+        compile: bool = False,
+        keep_freed_memory: bool = False,
     ):
         super().__init__()
         if not isinstance(system, System):
@@ -132,7 +139,9 @@ class TorchEnergy(EvaluationCounts, nn.Module):
             raise NotImplementedError(f"{system.name}: virtual sites have no torch translation")
         self.system, self.soft_cap, self.kT = system, None if soft_cap is None else float(soft_cap), system.kT_kjmol
         groups = system.energy_groups()
-        terms = [translate_force(f, system.n_atoms) for f in system.system.getForces() if groups >> f.getForceGroup() & 1]
+        terms = [
+            translate_force(f, system.n_atoms) for f in system.system.getForces() if groups >> f.getForceGroup() & 1
+        ]
         self.terms = nn.ModuleList(t for t in terms if t is not None)
         reference = np.asarray(system.positions.value_in_unit(unit.nanometer), dtype=np.float64).reshape(-1, 1)
         self.register_buffer("reference", torch.as_tensor(reference))
@@ -149,12 +158,16 @@ class TorchEnergy(EvaluationCounts, nn.Module):
         found = [(term, term.cpu_kernel() if use_kernels else None) for term in self.terms]
         self._kernel_terms = [term for term, kernel in found if kernel]
         self._cpu_torch_terms = [term for term, kernel in found if not kernel]
-        self._kernels = [kernel for _, kernel in found if kernel]  # (kernel, parameters); a lookup hashes expression trees: once
+        self._kernels = [
+            kernel for _, kernel in found if kernel
+        ]  # (kernel, parameters); a lookup hashes expression trees: once
         rows = max((len(b) for t in self._cpu_torch_terms for b in t.buffers() if b.dtype == torch.int64), default=0)
         self.cpu_chunk_size = 512 if rows > 256 else 1024 if self._cpu_torch_terms else 16384
-        self._kernels_only = not self._cpu_torch_terms  # CPU positions then stay in the caller's layout (the kernels read any strides)
+        self._kernels_only = (
+            not self._cpu_torch_terms
+        )  # CPU positions then stay in the caller's layout (the kernels read any strides)
         # torch's own ops run serially around kernels with >= 3 terms per coordinate (parallel.torch_on_one_thread);
-        # around lighter ones their threads win (measured at batch 1024 on 2 cores: the chain n=32, Coulomb n=13 vs n=24)
+        # around lighter ones their threads win (measured at batch 1024 on 2 cores: chain n=32, Coulomb n=13 vs n=24)
         kernel_rows = sum(len(parameters[0]) for _, parameters in self._kernels)
         self._serial_torch = self._kernels_only and kernel_rows >= 9 * system.n_atoms
         self.to(device=device, dtype=dtype)
@@ -291,7 +304,11 @@ class TorchEnergy(EvaluationCounts, nn.Module):
         try:
             u, grad = self._compiled(padded)
         except Exception as error:  # noqa: BLE001 - any compiler failure: stay correct, eager
-            warnings.warn(f"TorchEnergy(compile=True): torch.compile failed ({type(error).__name__}: {error}); running eager", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"TorchEnergy(compile=True): torch.compile failed ({type(error).__name__}: {error}); running eager",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             self.compile = False
             return self._reduced_energy_gradient(chunk)
         return u[:n], grad[:n]
@@ -316,9 +333,14 @@ class TorchEnergy(EvaluationCounts, nn.Module):
         """Validate ``x`` ``(B, d)``; move the parameters to its device; return it in ``self.dtype``."""
         d = self.dim
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise TypeError(f"x must be a floating-point torch.Tensor of shape (B, {d}), got {type(x).__name__} {getattr(x, 'dtype', '')}")
+            raise TypeError(
+                f"x must be a floating-point torch.Tensor of shape (B, {d}), "
+                f"got {type(x).__name__} {getattr(x, 'dtype', '')}"
+            )
         if x.ndim != 2 or x.shape[1] != d:
-            raise ValueError(f"x must have shape (B, {d}) (a batch of {d} active coordinates in nm), got {tuple(x.shape)}")
+            raise ValueError(
+                f"x must have shape (B, {d}) (a batch of {d} active coordinates in nm), got {tuple(x.shape)}"
+            )
         if x.device != self.device:
             self.to(x.device)
         return x.to(self.dtype)
@@ -334,9 +356,14 @@ class TorchEnergy(EvaluationCounts, nn.Module):
 _measured_faster: dict[tuple, bool] = {}
 
 
-def _faster(batched: "TorchEnergy", bridge: OpenMMEnergy, system: System, batch: int) -> bool:
+def _faster(batched: TorchEnergy, bridge: OpenMMEnergy, system: System, batch: int) -> bool:
     """Whether ``batched`` computes energy + gradient of ``batch`` configurations faster than ``bridge``."""
-    key = (system.n_atoms, tuple(sorted(type(f).__name__ for f in system.system.getForces())), batch, str(batched.device))
+    key = (
+        system.n_atoms,
+        tuple(sorted(type(f).__name__ for f in system.system.getForces())),
+        batch,
+        str(batched.device),
+    )
     if key not in _measured_faster:
         generator = torch.Generator().manual_seed(0)
         start = system.from_positions(system.positions)
@@ -387,7 +414,9 @@ def batched_energy(
     bridge = OpenMMEnergy(system, platform=platform, platform_properties=platform_properties, soft_cap=soft_cap)
     if energy != "openmm":
         try:
-            batched = TorchEnergy(system, dtype=dtype, device=device, soft_cap=soft_cap, keep_freed_memory=keep_freed_memory)
+            batched = TorchEnergy(
+                system, dtype=dtype, device=device, soft_cap=soft_cap, keep_freed_memory=keep_freed_memory
+            )
             if energy == "torch" or batched.device.type == "cuda" or _faster(batched, bridge, system, batch_hint):
                 return batched
             return bridge

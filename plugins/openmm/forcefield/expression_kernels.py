@@ -13,6 +13,7 @@ that numba caches its machine code on disk beside it and a later process loads i
 compiling), imported into ``sys.modules`` under an ``openflow_kernel_...`` name, and kept per
 process; where that folder cannot be written it is compiled in memory only.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,9 +30,25 @@ from . import kernels
 from .lepton import coordinate_leaves, derivative
 
 _CODE = {  # Lepton function -> Python code (numba), given its arguments' code
-    **{name: f"math.{name}({{0}})" for name in (
-        "sqrt", "exp", "log", "sin", "cos", "tan", "asin", "acos", "atan", "sinh", "cosh", "tanh", "erf", "erfc",
-    )},
+    **{
+        name: f"math.{name}({{0}})"
+        for name in (
+            "sqrt",
+            "exp",
+            "log",
+            "sin",
+            "cos",
+            "tan",
+            "asin",
+            "acos",
+            "atan",
+            "sinh",
+            "cosh",
+            "tanh",
+            "erf",
+            "erfc",
+        )
+    },
     "floor": "np.floor({0})",  # a float, as Lepton's (math.floor gives an integer)
     "ceil": "np.ceil({0})",
     "atan2": "math.atan2({0}, {1})",
@@ -74,7 +91,10 @@ _ROWS = """for a in range(n):
     for b in range(nb):
         {0}"""
 _generated: dict = {}  # kernel inputs -> compiled kernel, in this process
-_PRELUDE = "import math\n\nimport numpy as np\n\nfrom openflow.plugins.openmm.forcefield.kernels import BLOCK, copy_block, store_block\n"
+_PRELUDE = (
+    "import math\n\nimport numpy as np\n\n"
+    "from openflow.plugins.openmm.forcefield.kernels import BLOCK, copy_block, store_block\n"
+)
 # a changed helper (kernels.py) or template (here) makes new kernel files, never stale machine code
 _VERSION = hashlib.sha256(Path(kernels.__file__).read_bytes() + Path(__file__).read_bytes()).hexdigest()[:12]
 
@@ -183,9 +203,13 @@ def _source(energy: tuple, slopes: tuple, n_particles: int, columns: tuple) -> s
     copy = [_ROWS.format(f"p[{row}, a, b] = positions[{axis}, a, b0 + b]") for row, axis in enumerate(axes)]
     store = [_ROWS.format(f"gradient[{axis}, a, b0 + b] += g[{row}, a, b]") for row, axis in enumerate(gradient_axes)]
     return _KERNEL.format(
-        n_slopes=len(slopes), n_axes=len(axes), n_gradient_axes=len(gradient_axes),
-        copy=_indent(copy, 8), store=_indent(store, 12),
-        per_term=_indent(per_term, 12), per_configuration=_indent([*code.lines, f"e[b] += {result}", *stores], 20),
+        n_slopes=len(slopes),
+        n_axes=len(axes),
+        n_gradient_axes=len(gradient_axes),
+        copy=_indent(copy, 8),
+        store=_indent(store, 12),
+        per_term=_indent(per_term, 12),
+        per_configuration=_indent([*code.lines, f"e[b] += {result}", *stores], 20),
         gradient=_indent(["for b in range(nb):", *("    " + a for a in adds)] if adds else [], 16),
         energy_only=_indent(energy_lines, 20),
     )
@@ -233,12 +257,16 @@ def _gb_symbols(tree: tuple, roles: tuple, atoms: tuple) -> dict:
     symbols = {leaf: f"p[{leaf[1]}, {atoms[leaf[2]]}, b]" for leaf in coordinate_leaves(tree)}
     for name, (what, index, side) in roles:
         symbols[("variable", name)] = {
-            "param": f"params[{atoms[side]}, {index}]", "value": f"val[{index}, {atoms[side]}, b]", "constant": f"constants[{index}]",
+            "param": f"params[{atoms[side]}, {index}]",
+            "value": f"val[{index}, {atoms[side]}, b]",
+            "constant": f"constants[{index}]",
         }[what]
     return symbols
 
 
-def _gb_lines(tree: tuple, roles: tuple, atoms: tuple, prefix: str, use: str | None = None, scale: str | None = None) -> list:
+def _gb_lines(
+    tree: tuple, roles: tuple, atoms: tuple, prefix: str, use: str | None = None, scale: str | None = None
+) -> list:
     """Lines computing ``tree`` for particles ``atoms``: ``use`` (a template of its value ``{}``), or,
     with ``scale`` (the code of dE/d(tree)), adding its derivatives into ``adj`` and ``g``."""
     code = _Code(_gb_symbols(tree, roles, atoms), prefix)
@@ -260,7 +288,9 @@ def _gb_lines(tree: tuple, roles: tuple, atoms: tuple, prefix: str, use: str | N
 
 def _gb_loop(kind: str, body: list) -> str:
     """``body`` inside the loop over the configurations of every particle (single) or pair."""
-    loop = _SINGLE_LOOP if kind == "single" else _PAIR_LOOP.format(pairs="pairs_kept" if kind == "pair" else "pairs_all")
+    loop = (
+        _SINGLE_LOOP if kind == "single" else _PAIR_LOOP.format(pairs="pairs_kept" if kind == "pair" else "pairs_all")
+    )
     return loop + "\n".join(" " * 8 + line for line in body or ["pass"])
 
 
@@ -270,10 +300,30 @@ def _gb_source(values: tuple, energies: tuple) -> str:
     for k, (kind, tree, roles) in enumerate(values):
         directions = [("a",)] if kind == "single" else [("i", "j"), ("j", "i")]  # a pair value: both particles' sums
         store = "=" if kind == "single" else "+="
-        forward.append(_gb_loop(kind, [line for d, atoms in enumerate(directions)
-                                       for line in _gb_lines(tree, roles, atoms, f"v{k}_{d}_", f"val[{k}, {atoms[0]}, b] {store} {{}}")]))
-        backward.insert(0, _gb_loop(kind, [line for d, atoms in enumerate(directions) for line in (
-            f"s{k}_{d} = adj[{k}, {atoms[0]}, b]", *_gb_lines(tree, roles, atoms, f"w{k}_{d}_", scale=f"s{k}_{d}"))]))
+        forward.append(
+            _gb_loop(
+                kind,
+                [
+                    line
+                    for d, atoms in enumerate(directions)
+                    for line in _gb_lines(tree, roles, atoms, f"v{k}_{d}_", f"val[{k}, {atoms[0]}, b] {store} {{}}")
+                ],
+            )
+        )
+        backward.insert(
+            0,
+            _gb_loop(
+                kind,
+                [
+                    line
+                    for d, atoms in enumerate(directions)
+                    for line in (
+                        f"s{k}_{d} = adj[{k}, {atoms[0]}, b]",
+                        *_gb_lines(tree, roles, atoms, f"w{k}_{d}_", scale=f"s{k}_{d}"),
+                    )
+                ],
+            ),
+        )
     for t, (kind, tree, roles) in enumerate(energies):
         atoms = ("a",) if kind == "single" else ("i", "j")
         forward.append(_gb_loop(kind, _gb_lines(tree, roles, atoms, f"e{t}_", "e[b] += {}")))

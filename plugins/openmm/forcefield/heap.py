@@ -8,6 +8,7 @@ cannot be undone here), so nothing calls it behind the caller's back: ``TorchEne
 when constructed with ``keep_freed_memory=True`` (the benchmarks do), or a program calls it itself.
 What it gains is measured in README.md, section "Energies".
 """
+
 from __future__ import annotations
 
 import ctypes

@@ -20,6 +20,7 @@ Written out here: ``harmonic_bonds``, ``harmonic_angles``, ``periodic_torsions``
 (``expression_kernels``) and use ``BLOCK``, ``copy_block`` and ``store_block`` from here. Numba
 caches this module's machine code on disk beside it (compiled once per installation).
 """
+
 from __future__ import annotations
 
 import math
@@ -120,8 +121,16 @@ def harmonic_angles(positions, gradient, energy, with_gradient, start, stop, tri
                 # dtheta/dp_i = a x n / (|a|^2 |n|), dtheta/dp_k = n x b / (|b|^2 |n|)
                 slope = 2.0 * hk * bend / sine
                 ci, ck = slope / (ax * ax + ay * ay + az * az), slope / (bx * bx + by * by + bz * bz)
-                gi[0, b], gi[1, b], gi[2, b] = ci * (ay * nz - az * ny), ci * (az * nx - ax * nz), ci * (ax * ny - ay * nx)
-                gk[0, b], gk[1, b], gk[2, b] = ck * (ny * bz - nz * by), ck * (nz * bx - nx * bz), ck * (nx * by - ny * bx)
+                gi[0, b], gi[1, b], gi[2, b] = (
+                    ci * (ay * nz - az * ny),
+                    ci * (az * nx - ax * nz),
+                    ci * (ax * ny - ay * nx),
+                )
+                gk[0, b], gk[1, b], gk[2, b] = (
+                    ck * (ny * bz - nz * by),
+                    ck * (nz * bx - nx * bz),
+                    ck * (nx * by - ny * bx),
+                )
             if with_gradient:
                 _add_rows(g, i, gi, 1.0)
                 _add_rows(g, k, gk, 1.0)
@@ -131,7 +140,9 @@ def harmonic_angles(positions, gradient, energy, with_gradient, start, stop, tri
 
 
 @njit(**JIT_OPTIONS)
-def periodic_torsions(positions, gradient, energy, with_gradient, start, stop, quadruples, offsets, periodicity, cos_phase, sin_phase, k):
+def periodic_torsions(
+    positions, gradient, energy, with_gradient, start, stop, quadruples, offsets, periodicity, cos_phase, sin_phase, k
+):
     """``k (1 + cos(n phi - phi0))`` of the dihedral i-j-k-l; quadruples ``(M, 4)`` distinct, each with
     the terms ``offsets[m] <= t < offsets[m + 1]``, sorted by their integer periodicity ``n``.
     ``cos(n phi)`` and ``sin(n phi)`` come from ``(cos phi + i sin phi)^n``: no transcendental
@@ -149,7 +160,9 @@ def periodic_torsions(positions, gradient, energy, with_gradient, start, stop, q
                 b3x, b3y, b3z = _difference(p, kk, l, b)
                 n1x, n1y, n1z = b1y * b2z - b1z * b2y, b1z * b2x - b1x * b2z, b1x * b2y - b1y * b2x
                 n2x, n2y, n2z = b2y * b3z - b2z * b3y, b2z * b3x - b2x * b3z, b2x * b3y - b2y * b3x
-                y = math.sqrt(b2x * b2x + b2y * b2y + b2z * b2z) * (b1x * n2x + b1y * n2y + b1z * n2z)  # phi = atan2(y, x)
+                y = math.sqrt(b2x * b2x + b2y * b2y + b2z * b2z) * (
+                    b1x * n2x + b1y * n2y + b1z * n2z
+                )  # phi = atan2(y, x)
                 x = n1x * n2x + n1y * n2y + n1z * n2z
                 h = math.sqrt(x * x + y * y)
                 cos_phi[b], sin_phi[b] = (x / h, y / h) if h > 0.0 else (1.0, 0.0)
@@ -159,7 +172,10 @@ def periodic_torsions(positions, gradient, energy, with_gradient, start, stop, q
                 n, kt, cp, sp = periodicity[t], k[t], cos_phase[t], sin_phase[t]
                 while power < n:
                     for b in range(nb):
-                        cos_n[b], sin_n[b] = cos_n[b] * cos_phi[b] - sin_n[b] * sin_phi[b], sin_n[b] * cos_phi[b] + cos_n[b] * sin_phi[b]
+                        cos_n[b], sin_n[b] = (
+                            cos_n[b] * cos_phi[b] - sin_n[b] * sin_phi[b],
+                            sin_n[b] * cos_phi[b] + cos_n[b] * sin_phi[b],
+                        )
                     power += 1
                 for b in range(nb):
                     e[b] += kt * (1.0 + cos_n[b] * cp + sin_n[b] * sp)
@@ -181,8 +197,16 @@ def periodic_torsions(positions, gradient, energy, with_gradient, start, stop, q
                 gix, giy, giz, glx, gly, glz = ci * n1x, ci * n1y, ci * n1z, cl * n2x, cl * n2y, cl * n2z
                 roles[0, 0, b], roles[0, 1, b], roles[0, 2, b] = gix, giy, giz
                 roles[3, 0, b], roles[3, 1, b], roles[3, 2, b] = glx, gly, glz
-                roles[1, 0, b], roles[1, 1, b], roles[1, 2, b] = f3 * glx - (1.0 + f1) * gix, f3 * gly - (1.0 + f1) * giy, f3 * glz - (1.0 + f1) * giz
-                roles[2, 0, b], roles[2, 1, b], roles[2, 2, b] = f1 * gix - (1.0 + f3) * glx, f1 * giy - (1.0 + f3) * gly, f1 * giz - (1.0 + f3) * glz
+                roles[1, 0, b], roles[1, 1, b], roles[1, 2, b] = (
+                    f3 * glx - (1.0 + f1) * gix,
+                    f3 * gly - (1.0 + f1) * giy,
+                    f3 * glz - (1.0 + f1) * giz,
+                )
+                roles[2, 0, b], roles[2, 1, b], roles[2, 2, b] = (
+                    f1 * gix - (1.0 + f3) * glx,
+                    f1 * giy - (1.0 + f3) * gly,
+                    f1 * giz - (1.0 + f3) * glz,
+                )
             _add_rows(g, i, roles[0], 1.0)
             _add_rows(g, j, roles[1], 1.0)
             _add_rows(g, kk, roles[2], 1.0)
@@ -191,7 +215,9 @@ def periodic_torsions(positions, gradient, energy, with_gradient, start, stop, q
 
 
 @njit(**JIT_OPTIONS)
-def coulomb_lennard_jones(positions, gradient, energy, with_gradient, start, stop, pairs, coulomb, sigma_squared, four_epsilon):
+def coulomb_lennard_jones(
+    positions, gradient, energy, with_gradient, start, stop, pairs, coulomb, sigma_squared, four_epsilon
+):
     """``c/r + 4 eps ((sigma/r)^12 - (sigma/r)^6)``; pairs ``(P, 2)``, the rest ``(P,)``."""
     for b0 in range(start, stop, BLOCK):
         nb, p, g, e = copy_block(positions, b0, stop)
@@ -227,7 +253,10 @@ def _born_integral(r, inverse_r, log_ratio, lower, upper, rho, s, s_squared, eng
     du = -u * u
     u2_l2 = u * u - l * l
     slope = (
-        dl - du + 0.25 * u2_l2 + 0.5 * r * (u * du - l * dl)
+        dl
+        - du
+        + 0.25 * u2_l2
+        + 0.5 * r * (u * du - l * dl)
         - 0.5 * inverse_r * (u + dl / l + inverse_r * log_ratio)
         + 0.25 * s_squared * inverse_r * (inverse_r * u2_l2 + 2.0 * (l * dl - u * du))
     )
@@ -240,8 +269,29 @@ def _born_integral(r, inverse_r, log_ratio, lower, upper, rho, s, s_squared, eng
 
 
 @njit(**JIT_OPTIONS)
-def obc2(positions, gradient, energy, with_gradient, start, stop, pairs, rho, s, s_squared, engulfed_below, two_over_rho,
-         charge_products, half_charge_squared, surface, radius, offset_radius, prefactor, alpha, beta, gamma):
+def obc2(
+    positions,
+    gradient,
+    energy,
+    with_gradient,
+    start,
+    stop,
+    pairs,
+    rho,
+    s,
+    s_squared,
+    engulfed_below,
+    two_over_rho,
+    charge_products,
+    half_charge_squared,
+    surface,
+    radius,
+    offset_radius,
+    prefactor,
+    alpha,
+    beta,
+    gamma,
+):
     """OBC2 with the ACE surface term (``terms.OBC2``). Pairs ``(P, 2)`` ``i < j``;
     ``rho, s, s_squared, engulfed_below, two_over_rho`` ``(2, P)``: row 0 for atom i's integral over
     j, row 1 for j's over i; charge_products ``(P,)``; the rest per atom ``(N,)``; scalars: the
@@ -269,8 +319,16 @@ def obc2(positions, gradient, energy, with_gradient, start, stop, pairs, rho, s,
             for side, atom in ((0, i), (1, j)):  # integrals (vectorised)
                 for b in range(nb):
                     term, slopes[side, m, b] = _born_integral(
-                        r[b], inverse_r[b], ratio[side, b], lower[side, b], upper[side, b],
-                        rho[side, m], s[side, m], s_squared[side, m], engulfed_below[side, m], two_over_rho[side, m],
+                        r[b],
+                        inverse_r[b],
+                        ratio[side, b],
+                        lower[side, b],
+                        upper[side, b],
+                        rho[side, m],
+                        s[side, m],
+                        s_squared[side, m],
+                        engulfed_below[side, m],
+                        two_over_rho[side, m],
                     )
                     total[atom, b] += term
         born = np.empty((n, nb))
@@ -288,8 +346,15 @@ def obc2(positions, gradient, energy, with_gradient, start, stop, pairs, rho, s,
                 e[b] += ace + prefactor * self_polar
                 born[a, b] = radius_a
                 d_born[a, b] = (-6.0 * ace - prefactor * self_polar) / radius_a
-                chain[a, b] = (0.5 * offset_radius[a] * radius_a * radius_a / radius[a] * (1.0 - tanh_sum * tanh_sum)
-                               * (alpha - psi * (2.0 * beta - 3.0 * gamma * psi)))
+                chain[a, b] = (
+                    0.5
+                    * offset_radius[a]
+                    * radius_a
+                    * radius_a
+                    / radius[a]
+                    * (1.0 - tanh_sum * tanh_sum)
+                    * (alpha - psi * (2.0 * beta - 3.0 * gamma * psi))
+                )
         direct = np.empty((n_pairs, nb))  # dE/dr / r at fixed Born radii
         r2, quarter_ratio, screening = np.empty(nb), np.empty(nb), np.empty(nb)
         for m in range(n_pairs):

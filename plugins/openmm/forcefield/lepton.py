@@ -10,6 +10,7 @@ custom forces); calling it evaluates on torch tensors, broadcasting like torch. 
 compiled CPU kernels differentiate with respect to those); ``GEOMETRY_NODES`` builds those trees
 with the formulas and sign conventions of ``openflow.geometry``. ``evaluate`` computes any tree.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,9 +30,28 @@ _TOKEN = re.compile(
 )
 _BINARY = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv, "^": operator.pow}
 _FUNCTIONS = {  # name: (number of arguments, torch implementation)
-    **{name: (1, getattr(torch, name)) for name in (
-        "sqrt", "exp", "log", "sin", "cos", "tan", "asin", "acos", "atan", "sinh", "cosh", "tanh", "erf", "erfc", "abs", "floor", "ceil",
-    )},
+    **{
+        name: (1, getattr(torch, name))
+        for name in (
+            "sqrt",
+            "exp",
+            "log",
+            "sin",
+            "cos",
+            "tan",
+            "asin",
+            "acos",
+            "atan",
+            "sinh",
+            "cosh",
+            "tanh",
+            "erf",
+            "erfc",
+            "abs",
+            "floor",
+            "ceil",
+        )
+    },
     "sec": (1, lambda a: 1.0 / torch.cos(a)),
     "csc": (1, lambda a: 1.0 / torch.sin(a)),
     "cot": (1, lambda a: 1.0 / torch.tan(a)),
@@ -113,7 +133,9 @@ def _expect(tokens: list, position: int, symbol: str) -> int:
 
 def _call(name: str, args: list) -> tuple:
     if name in _PARTICLE_FUNCTIONS:
-        if len(args) != _PARTICLE_FUNCTIONS[name] or any(a[0] != "variable" or not re.fullmatch(r"p\d+", a[1]) for a in args):
+        if len(args) != _PARTICLE_FUNCTIONS[name] or any(
+            a[0] != "variable" or not re.fullmatch(r"p\d+", a[1]) for a in args
+        ):
             raise ValueError(f"{name}() takes {_PARTICLE_FUNCTIONS[name]} particle names p1, p2, ...")
         return ("call", name, tuple(int(a[1][1:]) for a in args))
     if name not in _FUNCTIONS:
@@ -331,7 +353,9 @@ def _apply(function, args: list):
     if like is None:
         value = function(*[torch.tensor(a, dtype=torch.float64) for a in args])
         return value if torch.compiler.is_compiling() else value.item()  # .item() would break the graph
-    return function(*[a if isinstance(a, torch.Tensor) else torch.tensor(a, dtype=like.dtype, device=like.device) for a in args])
+    return function(
+        *[a if isinstance(a, torch.Tensor) else torch.tensor(a, dtype=like.dtype, device=like.device) for a in args]
+    )
 
 
 def evaluate(node: tuple, variables: dict, geometry=None):

@@ -9,6 +9,7 @@ kernels work in ``DataLoader`` workers and other forked processes.
 torch's own ops run serially (``torch.set_num_threads(1)``) and ``evaluate`` uses the count that
 was set before; on leaving the block, normally or by an exception, the previous count is restored.
 """
+
 from __future__ import annotations
 
 import os
@@ -43,7 +44,9 @@ def evaluate(kernels: list, positions: torch.Tensor, gradient: torch.Tensor | No
     p = positions.detach().numpy()  # float32 or float64: the kernels read either, and compute in float64
     energy = np.zeros(p.shape[-1])
     with_gradient = gradient is not None
-    out = gradient.numpy() if with_gradient else p  # never written without gradient; the same array type: one compiled version
+    out = (
+        gradient.numpy() if with_gradient else p
+    )  # never written without gradient; the same array type: one compiled version
 
     def run(start: int, stop: int) -> None:
         for kernel, parameters in kernels:

@@ -6,6 +6,7 @@
 physics (``kernels``). Distances, angles and dihedrals come from ``openflow.geometry``
 (``base.measure``). Parameters are read off an ``openmm.System`` by ``translate``.
 """
+
 from __future__ import annotations
 
 import math
@@ -172,10 +173,22 @@ class OBC2(Term):
         self.register_buffer("surface", column(4.0 * math.pi * surface_area_energy * (radius + OBC_PROBE_RADIUS) ** 2))
         both_nonzero = solute_dielectric != 0 and solvent_dielectric != 0
         self.prefactor = -ONE_4PI_EPS0 * (1.0 / solute_dielectric - 1.0 / solvent_dielectric) if both_nonzero else 0.0
-        rho, s = np.stack([offset_radius[i], offset_radius[j]]), np.stack([scaled_radius[j], scaled_radius[i]])  # (2, P)
+        rho, s = (
+            np.stack([offset_radius[i], offset_radius[j]]),
+            np.stack([scaled_radius[j], scaled_radius[i]]),
+        )  # (2, P)
         self._kernel_parameters = kernel_arrays(
-            self.pairs, rho, s, s**2, s - rho, 2.0 / rho, self.charge_products, self.half_charge_squared,
-            self.surface, self.radius, self.offset_radius,
+            self.pairs,
+            rho,
+            s,
+            s**2,
+            s - rho,
+            2.0 / rho,
+            self.charge_products,
+            self.half_charge_squared,
+            self.surface,
+            self.radius,
+            self.offset_radius,
         ) + (float(self.prefactor), OBC2_ALPHA, OBC2_BETA, OBC2_GAMMA)
 
     def cpu_kernel(self):
@@ -215,16 +228,27 @@ class OBC2(Term):
         pair_f2 = (-0.5 * self.prefactor) * pair * f_inv.square()  # dE/d(f^2)
         d_product = pair_f2 * screening * (1.0 + 0.25 * r2 / born_products)
         d_born = (-6.0 * surface - self.prefactor * self_polar) / born
-        d_born = d_born.index_add_(0, i, d_product * born.index_select(0, j)).index_add_(0, j, d_product * born.index_select(0, i))
+        d_born = d_born.index_add_(0, i, d_product * born.index_select(0, j)).index_add_(
+            0, j, d_product * born.index_select(0, i)
+        )
         # dE/d(total integral of atom i), then through each ordered pair's integral to r
-        d_psi = d_born * born.square() / self.radius * (1.0 - tanh_sum.square()) * (OBC2_ALPHA - psi * (2.0 * OBC2_BETA - 3.0 * OBC2_GAMMA * psi))
+        d_psi = (
+            d_born
+            * born.square()
+            / self.radius
+            * (1.0 - tanh_sum.square())
+            * (OBC2_ALPHA - psi * (2.0 * OBC2_BETA - 3.0 * OBC2_GAMMA * psi))
+        )
         d_total = (0.5 * self.offset_radius) * d_psi
         # d/dr of the unfactorised integral; d lower/dr = sign(r - s_j) where |r - s_j| > rho_i, else 0
         dl = torch.where(below.abs() > self.rho_i, -l.square() * below.sign(), 0.0)
         du = -u.square()
         u2_l2 = u.square() - l.square()
         d_term = (
-            dl - du + 0.25 * u2_l2 + 0.5 * r * (u * du - l * dl)
+            dl
+            - du
+            + 0.25 * u2_l2
+            + 0.5 * r * (u * du - l * dl)
             - 0.5 * r_inv * (u + dl / l + r_inv * log_ratio)
             + 0.25 * self.s_j_squared * r_inv * (r_inv * u2_l2 + 2.0 * (l * dl - u * du))
         )

@@ -17,6 +17,7 @@ Not translated: cutoffs, periodic boxes, parameter offsets, interaction groups, 
 a ``CustomNonbondedForce``, tabulated functions, other force types. Units are stripped in OpenMM's
 (nm, kJ/mol, radians, elementary charges).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -39,7 +40,9 @@ def _value(quantity, unit_):
 
 def _table(rows, units: tuple) -> np.ndarray:
     """OpenMM parameter tuples -> float64 ``(M, len(units))``, each column stripped in its unit."""
-    return np.array([[_value(v, u) for v, u in zip(row, units)] for row in rows], dtype=np.float64).reshape(-1, len(units))
+    return np.array([[_value(v, u) for v, u in zip(row, units)] for row in rows], dtype=np.float64).reshape(
+        -1, len(units)
+    )
 
 
 KJ_MOL, NM, RAD, CHARGE = unit.kilojoule_per_mole, unit.nanometer, unit.radian, unit.elementary_charge
@@ -47,11 +50,16 @@ KJ_MOL, NM, RAD, CHARGE = unit.kilojoule_per_mole, unit.nanometer, unit.radian, 
 
 def _require(condition: bool, force, reason: str) -> None:
     if not condition:
-        raise NotImplementedError(f"{type(force).__name__} (force group {force.getForceGroup()}): {reason}; no torch translation")
+        raise NotImplementedError(
+            f"{type(force).__name__} (force group {force.getForceGroup()}): {reason}; no torch translation"
+        )
 
 
 def _globals(force) -> dict:
-    return {force.getGlobalParameterName(k): force.getGlobalParameterDefaultValue(k) for k in range(force.getNumGlobalParameters())}
+    return {
+        force.getGlobalParameterName(k): force.getGlobalParameterDefaultValue(k)
+        for k in range(force.getNumGlobalParameters())
+    }
 
 
 def _check_expression(force, text: str, allowed: set) -> LeptonExpression:
@@ -69,7 +77,11 @@ def _check_expression(force, text: str, allowed: set) -> LeptonExpression:
 
 def _nonbonded(force: openmm.NonbondedForce, n_atoms: int) -> CoulombLennardJones:
     _require(force.getNonbondedMethod() == openmm.NonbondedForce.NoCutoff, force, "only NoCutoff is translated")
-    _require(force.getNumParticleParameterOffsets() == 0 and force.getNumExceptionParameterOffsets() == 0, force, "parameter offsets")
+    _require(
+        force.getNumParticleParameterOffsets() == 0 and force.getNumExceptionParameterOffsets() == 0,
+        force,
+        "parameter offsets",
+    )
     params = _table(map(force.getParticleParameters, range(n_atoms)), (CHARGE, NM, KJ_MOL))
     exceptions = [force.getExceptionParameters(k) for k in range(force.getNumExceptions())]
     ex_pairs = np.sort(np.array([e[:2] for e in exceptions], dtype=np.int64).reshape(-1, 2), axis=1)
@@ -98,7 +110,9 @@ def _custom_bonded(force, kind: str, terms: list, n_particles: int, names: list)
     geometric = CustomBonded.GEOMETRIC.get(kind) or {f"{a}{p}" for a in "xyz" for p in range(1, n_particles + 1)}
     expression = _check_expression(force, force.getEnergyFunction(), geometric | set(names) | set(constants))
     if expression.particles and (kind != "compound" or max(expression.particles) > n_particles):
-        raise NotImplementedError(f"{type(force).__name__}: geometry functions need particles p1..p{n_particles} of a compound bond")
+        raise NotImplementedError(
+            f"{type(force).__name__}: geometry functions need particles p1..p{n_particles} of a compound bond"
+        )
     particles = [list(p) for p, _ in terms]
     parameters = [list(q) for _, q in terms]
     return CustomBonded(kind, expression, particles, n_particles, parameters, names, constants)
@@ -115,7 +129,9 @@ def _custom_nonbonded(force: openmm.CustomNonbondedForce, n_atoms: int) -> Custo
     expression = _check_expression(force, force.getEnergyFunction(), allowed)
     excluded = {tuple(sorted(force.getExclusionParticles(k))) for k in range(force.getNumExclusions())}
     pairs = [(a, b) for a, b in itertools.combinations(range(n_atoms), 2) if (a, b) not in excluded]
-    parameters = np.array([force.getParticleParameters(k) for k in range(n_atoms)], dtype=np.float64).reshape(n_atoms, len(names))
+    parameters = np.array([force.getParticleParameters(k) for k in range(n_atoms)], dtype=np.float64).reshape(
+        n_atoms, len(names)
+    )
     return CustomNonbonded(expression, np.array(pairs, dtype=np.int64).reshape(-1, 2), parameters, names, constants)
 
 
@@ -154,7 +170,9 @@ _CUSTOM_BONDED = (  # force class, kind, particles per term, term counter, term 
 
 
 def _custom_bonded_force(force, kind, n_particles, counter, getter, prefix) -> CustomBonded:
-    names = [getattr(force, f"get{prefix}ParameterName")(k) for k in range(getattr(force, f"getNum{prefix}Parameters")())]
+    names = [
+        getattr(force, f"get{prefix}ParameterName")(k) for k in range(getattr(force, f"getNum{prefix}Parameters")())
+    ]
     terms = [getattr(force, getter)(k) for k in range(getattr(force, counter)())]
     if kind == "compound":
         _require(force.getNumTabulatedFunctions() == 0, force, "tabulated functions")

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from openflow.geometry import wrap_angle
-from openflow.io import atomic_path
+from openflow.io import save_figure
 from openflow.systems import kT_kjmol
 
 UNITS = ("kT", "kJ/mol")
@@ -116,6 +116,11 @@ class Ramachandran:
     weights: np.ndarray  # (T,), sum 1
 
     @property
+    def ess(self) -> float:
+        """Kish effective number of frames behind the surface."""
+        return float(1.0 / np.sum(self.weights**2))
+
+    @property
     def phi_centers(self) -> np.ndarray:
         return 0.5 * (self.phi_edges[1:] + self.phi_edges[:-1])
 
@@ -124,16 +129,27 @@ class Ramachandran:
         return 0.5 * (self.psi_edges[1:] + self.psi_edges[:-1])
 
 
-def ramachandran(angles, weights=None, bins: int = 60, units: str = "kT", temperature: float = 300.0) -> Ramachandran:
+def histogram_bins(ess: float, lo: int = 12, hi: int = 72, per_cell: float = 5.0) -> int:
+    """Bins per axis of a 2-D histogram with ``ess`` effective samples: about ``per_cell`` effective
+    samples per cell of a uniformly filled square, ``sqrt(ess / per_cell)``, kept in ``[lo, hi]``
+    (too many bins for the data give holes and speckle, too few smear the basins)."""
+    return int(np.clip(round(np.sqrt(max(ess, 0.0) / per_cell)), lo, hi))
+
+
+def ramachandran(
+    angles, weights=None, bins: int | None = None, units: str = "kT", temperature: float = 300.0
+) -> Ramachandran:
     """Free energy over two torsions (e.g. a peptide's phi, psi) on ``bins x bins`` cells of ``[-pi, pi)^2``.
 
     ``angles``: a ``(T, 2)`` array or a ``(phi, psi)`` pair of ``(T,)`` arrays in radians.
-    ``weights``: ``(T,)`` or None. ``units``: ``"kT"`` or ``"kJ/mol"`` (at ``temperature`` K).
+    ``weights``: ``(T,)`` or None. ``bins``: per axis (None: :func:`histogram_bins` of the weights'
+    effective sample size). ``units``: ``"kT"`` or ``"kJ/mol"`` (at ``temperature`` K).
     """
     phi, psi = _angle_pair(angles)
     w = normalized_weights(weights, phi.size)
     scale = _energy_scale(units, temperature)
-    if int(bins) != bins or bins < 2:
+    bins = histogram_bins(1.0 / np.sum(w * w)) if bins is None else bins
+    if isinstance(bins, bool) or int(bins) != bins or bins < 2:
         raise ValueError(f"bins must be an integer >= 2, got {bins}")
     edges = np.linspace(-np.pi, np.pi, int(bins) + 1)
     histogram, _, _ = np.histogram2d(wrap_angle(phi), wrap_angle(psi), bins=(edges, edges), weights=w, density=True)
@@ -202,11 +218,65 @@ def delta_f_convergence(in_state, log_weights, n_points: int = 20) -> tuple[np.n
     return ends, cum_out[ends - 1] - cum_in[ends - 1]
 
 
+def _torsion_panel(ax, fig, x_edges, y_edges, free_energy, top: float, units: str, labels: tuple):
+    """One free-energy map: cells as they are (no contour interpolation), unsampled cells hatched grey."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_facecolor("0.85")
+    ax.add_patch(
+        plt.Rectangle(
+            (x_edges[0], y_edges[0]),
+            x_edges[-1] - x_edges[0],
+            y_edges[-1] - y_edges[0],
+            facecolor="0.85",
+            hatch="///",
+            edgecolor="0.6",
+            lw=0,
+            zorder=0,
+        )
+    )
+    masked = np.ma.masked_invalid(np.clip(free_energy, 0, top)).T
+    mesh = ax.pcolormesh(x_edges, y_edges, masked, cmap="viridis", vmin=0.0, vmax=top, shading="flat", zorder=1)
+    bar = fig.colorbar(mesh, ax=ax, label=f"free energy ({units})")
+    bar.locator = MaxNLocator(nbins=6, integer=top >= 6, steps=[1, 2, 2.5, 5, 10])
+    bar.update_ticks()
+    if np.isnan(free_energy).any():
+        ax.legend(
+            handles=[Patch(facecolor="0.85", hatch="///", edgecolor="0.6", label="not sampled")],
+            loc="lower right",
+            fontsize=7,
+            framealpha=0.8,
+        )
+    ax.set(xlabel=labels[0], ylabel=labels[1])
+    return mesh
+
+
+def _pi_ticks(ax) -> None:
+    ticks = np.linspace(-np.pi, np.pi, 5)
+    names = [r"$-\pi$", r"$-\pi/2$", "0", r"$\pi/2$", r"$\pi$"]
+    ax.set_xticks(ticks, names)
+    ax.set_yticks(ticks, names)
+    ax.set(xlim=(-np.pi, np.pi), ylim=(-np.pi, np.pi))
+
+
 def plot_ramachandran(
-    surface: Ramachandran, path, title: str | None = None, vmax: float | None = None, boundaries: tuple = ()
+    surface: Ramachandran,
+    path,
+    title: str | None = None,
+    vmax: float | None = None,
+    boundaries: tuple = (),
+    bias_fes: tuple | None = None,
 ) -> Path:
-    """Write the surface as a PNG (filled contours; ``boundaries``: first-angle values drawn dashed,
-    e.g. a peptide's phi basin boundaries); return the path."""
+    """Write the surface as a PNG; return the path.
+
+    Cells are drawn as they are (unsampled ones hatched grey, marked in a legend), the colour bar has
+    round ticks, the title says the temperature, the frames and their effective number (ESS).
+    ``boundaries``: first-angle values drawn dashed (e.g. a peptide's phi basin boundaries);
+    ``bias_fes``: ``(free_energy (n1, n2) kJ/mol, axis1 (n1,) rad, axis2 (n2,) rad)``, the smooth FES
+    from a metadynamics bias (sum_hills), drawn beside in the surface's units.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -214,25 +284,37 @@ def plot_ramachandran(
 
     path = Path(path)
     f = surface.free_energy
-    top = vmax if vmax is not None else (np.nanmax(f) if np.isfinite(f).any() else 1.0)
-    fig, ax = plt.subplots(figsize=(5.2, 4.4))
-    levels = np.linspace(0.0, max(top, 1e-6), 25)
-    mesh = ax.contourf(surface.phi_centers, surface.psi_centers, np.clip(f, 0, top).T, levels=levels, cmap="viridis")
-    for boundary in boundaries:
-        ax.axvline(boundary, color="w", ls="--", lw=0.8)
-    fig.colorbar(mesh, ax=ax, label=f"free energy ({surface.units})")
-    ax.set(
-        xlabel=r"$\phi$ (rad)",
-        ylabel=r"$\psi$ (rad)",
-        xlim=(-np.pi, np.pi),
-        ylim=(-np.pi, np.pi),
-        title=title or f"Ramachandran, {surface.phi.size} frames",
-    )
+    top = vmax if vmax is not None else (float(np.nanmax(f)) if np.isfinite(f).any() else 1.0)
+    top = max(top, 1e-6)
+    panels = 1 if bias_fes is None else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5.4 * panels, 4.6), squeeze=False)
+    labels = (r"$\phi$ (rad)", r"$\psi$ (rad)")
+    ax = axes[0, 0]
+    _torsion_panel(ax, fig, surface.phi_edges, surface.psi_edges, f, top, surface.units, labels)
+    ax.set_title(f"reweighted histogram, {len(f)} x {len(f)} cells" if bias_fes is not None else "", fontsize=9)
+    if bias_fes is not None:
+        fes, axis1, axis2 = (np.asarray(a, dtype=np.float64) for a in bias_fes)
+        scale = (
+            _energy_scale(surface.units, surface.temperature)
+            if surface.units == "kJ/mol"
+            else kT_kjmol(surface.temperature)
+        )
+        fes_units = fes / (1.0 if surface.units == "kJ/mol" else scale)
+        half = lambda a: np.concatenate(
+            [[a[0] - (a[1] - a[0]) / 2], (a[1:] + a[:-1]) / 2, [a[-1] + (a[-1] - a[-2]) / 2]]
+        )  # noqa: E731
+        _torsion_panel(
+            axes[0, 1], fig, half(axis1), half(axis2), fes_units - fes_units.min(), top, surface.units, labels
+        )
+        axes[0, 1].set_title("from the bias (sum_hills)", fontsize=9)
+    for a in axes[0]:
+        _pi_ticks(a)
+        for boundary in boundaries:
+            a.axvline(boundary, color="w", ls="--", lw=0.8, zorder=2)
+    caption = f"T = {surface.temperature:g} K, {surface.phi.size} frames, ESS {surface.ess:.0f}"
+    fig.suptitle(f"{title}\n{caption}" if title else caption, fontsize=10)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def torsion_histogram_kl(reference: tuple, other: tuple, bins: int) -> float:

@@ -58,10 +58,20 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("openflow")
+    except PackageNotFoundError:  # run from a source tree without installing
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="openflow", description="Normalizing flows, canonical transformations and learned CVs for OpenMM."
     )
+    parser.add_argument("--version", action="version", version=f"openflow {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, command in SUBCOMMANDS.items():
         sub = commands.add_parser(name, help=command.help, description=command.help)
@@ -277,16 +287,20 @@ def _run_arguments(parser):
         metavar="KEY=VALUE",
         help="override a setting, dotted for nested ones (e.g. --set mle.steps=50); repeatable",
     )
+    parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object on stdout")
 
 
 @subcommand("run", "run an end-to-end workflow file; write metrics.json, plots and checkpoints", _run_arguments)
 def run(args):
+    from openflow.io import plain_json
     from openflow.workflows import parse_overrides
     from openflow.workflows import run as run_workflow
 
     metrics = run_workflow(args.workflow, args.out, parse_overrides(args.set))
-    print(json.dumps(metrics, indent=2, sort_keys=True))
-    print(f"wrote {os.path.join(args.out, 'metrics.json')}")
+    if args.json:  # valid JSON: non-finite numbers are null, as in metrics.json
+        print(json.dumps(plain_json(metrics), sort_keys=True, allow_nan=False))
+    else:
+        print(os.path.join(args.out, "metrics.json"))
 
 
 # ----------------------------------------------------------------------------- rama
@@ -302,7 +316,11 @@ def _rama_arguments(parser):
         "--units", choices=("kT", "kJ/mol"), default="kT", help="free-energy units of the plot (default kT)"
     )
     parser.add_argument("--temperature", type=float, default=300.0, help="temperature in K for kJ/mol (default 300)")
-    parser.add_argument("--bins", type=int, default=60, help="bins per angle (default 60)")
+    parser.add_argument("--bins", type=int, help="bins per angle (default: from the frames' effective number)")
+    parser.add_argument(
+        "--vmax", type=float, help="top of the colour scale, in --units (default: the highest sampled cell)"
+    )
+    parser.add_argument("--title", help="plot title (default: the trajectory's file name)")
     parser.add_argument("--out", required=True, help="output folder (rama.png, populations.json)")
 
 
@@ -337,7 +355,8 @@ def rama(args):
     plot = analysis.plot_ramachandran(
         surface,
         os.path.join(args.out, "rama.png"),
-        title=os.path.basename(args.trajectory),
+        title=args.title or os.path.basename(args.trajectory),
+        vmax=args.vmax,
         boundaries=PHI_POSITIVE_BASIN,
     )
     report = write_json(os.path.join(args.out, "populations.json"), populations)
@@ -395,6 +414,8 @@ def _metad_arguments(parser):
     "metad", "well-tempered metadynamics of any system on phi/psi (peptides) or an exported CV", _metad_arguments
 )
 def metad(args):
+    import numpy as np
+
     from openflow import analysis
     from openflow.io import write_json
     from openflow.plugins.openmm.export import load_cv_force
@@ -453,9 +474,17 @@ def metad(args):
         phi, psi = result.observables["phi"], result.observables["psi"]
         state = analysis.state_populations(phi_states(phi) == 1, result.weights)
         transitions = analysis.count_transitions(phi_states(phi, PHI_CORE_MARGIN))
-        surface = analysis.ramachandran((phi, psi), weights=result.weights)
+        surface = analysis.ramachandran((phi, psi), weights=result.weights, temperature=system.temperature_K)
+        bias_fes = None
+        if args.cv == "phi-psi":  # the bias is a function of (phi, psi): its sum_hills FES goes beside the histogram
+            fes = np.load(result.files["fes"])
+            bias_fes = (fes["free_energy_kjmol"], fes["axis_0"], fes["axis_1"])
         plot = analysis.plot_ramachandran(
-            surface, os.path.join(args.out, "rama.png"), title="metadynamics, reweighted", boundaries=PHI_POSITIVE_BASIN
+            surface,
+            os.path.join(args.out, "rama.png"),
+            title="metadynamics, reweighted",
+            boundaries=PHI_POSITIVE_BASIN,
+            bias_fes=bias_fes,
         )
         write_json(
             os.path.join(args.out, "populations.json"),

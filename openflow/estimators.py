@@ -226,8 +226,10 @@ def state_free_energy(in_state, log_weights=None, n_blocks: int | None = None) -
     units = inside.size if n_blocks is None else int(n_blocks)
     if not 2 <= units <= inside.size:
         raise ValueError(f"n_blocks must be in [2, {inside.size}], got {n_blocks}")
-    state_sums = np.array([part.sum() for part in np.array_split(np.where(inside, w, 0.0), units)])
-    rest_sums = np.array([part.sum() for part in np.array_split(np.where(inside, 0.0, w), units)])
+    size, extra = divmod(inside.size, units)  # contiguous blocks as np.array_split cuts them
+    starts = np.concatenate([[0], np.cumsum([size + 1] * extra + [size] * (units - extra))[:-1]])
+    state_sums = np.add.reduceat(np.where(inside, w, 0.0), starts)
+    rest_sums = np.add.reduceat(np.where(inside, 0.0, w), starts)
     total_state, total_rest = state_sums.sum(), rest_sums.sum()
     ess = [float(a.sum() ** 2 / (a**2).sum()) if a.sum() > 0 else 0.0 for a in (w[inside], w[~inside])]
     if total_state == 0 or total_rest == 0:

@@ -22,17 +22,28 @@ def dot(a: torch.Tensor, b: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return (a * b).sum(dim)
 
 
+def _last(tensor: torch.Tensor, dim: int) -> bool:
+    return dim == -1 or dim == tensor.ndim - 1
+
+
 def cross(a: torch.Tensor, b: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    """``a x b`` along ``dim``, written out (``torch.linalg.cross`` is slow off the last axis)."""
+    """``a x b`` along ``dim``: torch's own on the last axis, written out elsewhere (where
+    ``torch.linalg.cross`` is slow)."""
+    if _last(a, dim):
+        return torch.linalg.cross(a, b, dim=-1)
     a0, a1, a2 = a.unbind(dim)
     b0, b1, b2 = b.unbind(dim)
     return torch.stack([a1 * b2 - a2 * b1, a2 * b0 - a0 * b2, a0 * b1 - a1 * b0], dim)
 
 
+def norm(v: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """``|v|`` along ``dim``: torch's own on the last axis, ``sqrt(v . v)`` elsewhere."""
+    return torch.linalg.vector_norm(v, dim=-1) if _last(v, dim) else dot(v, v, dim).sqrt()
+
+
 def distance(a: torch.Tensor, b: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """``|b - a|``."""
-    delta = b - a
-    return dot(delta, delta, dim).sqrt()
+    return norm(b - a, dim)
 
 
 def distance_and_gradient(a: torch.Tensor, b: torch.Tensor, dim: int = -1):
@@ -46,8 +57,7 @@ def distance_and_gradient(a: torch.Tensor, b: torch.Tensor, dim: int = -1):
 def angle(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Angle ``a-b-c`` at ``b`` in ``[0, pi]``."""
     u, v = a - b, c - b
-    normal = cross(u, v, dim)
-    return torch.atan2(dot(normal, normal, dim).sqrt(), dot(u, v, dim))
+    return torch.atan2(norm(cross(u, v, dim), dim), dot(u, v, dim))
 
 
 def angle_and_gradient(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, dim: int = -1):
@@ -66,7 +76,7 @@ def dihedral_parts(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.T
     ``x = n1 . n2`` (``b1 = b - a``, ``b2 = c - b``, ``b3 = d - c``, ``n1 = b1 x b2``, ``n2 = b2 x b3``)."""
     b1, b2, b3 = b - a, c - b, d - c
     n1, n2 = cross(b1, b2, dim), cross(b2, b3, dim)
-    return dot(b2, b2, dim).sqrt() * dot(b1, n2, dim), dot(n1, n2, dim)
+    return norm(b2, dim) * dot(b1, n2, dim), dot(n1, n2, dim)
 
 
 def dihedral(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.Tensor, dim: int = -1) -> torch.Tensor:

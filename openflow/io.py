@@ -13,9 +13,11 @@ import ctypes
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 
 @contextlib.contextmanager
@@ -30,6 +32,16 @@ def atomic_path(path):
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def save_figure(fig, path, dpi: int = 120) -> Path:
+    """Write a matplotlib figure as PNG atomically and close it; returns the path."""
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    plt.close(fig)
+    return Path(path)
 
 
 def _plain(value):
@@ -78,6 +90,45 @@ def write_record(path, settings: dict, **data) -> Path:
     return write_json(path, dict(data, settings=plain_json(settings)))
 
 
+def differences(saved, wanted, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every leaf where two JSON-like settings differ."""
+    if isinstance(saved, dict) and isinstance(wanted, dict):
+        return [
+            line
+            for key in sorted(set(saved) | set(wanted), key=str)
+            for line in differences(saved.get(key), wanted.get(key), f"{prefix}{key}.")
+        ]
+    if plain_json(saved) != plain_json(wanted):
+        return [f"{prefix.rstrip('.')}: {saved!r} -> {wanted!r}"]
+    return []
+
+
+def changes(saved, wanted, limit: int = 3) -> str:
+    """The first ``limit`` :func:`differences`, as one phrase."""
+    found = differences(saved, wanted)
+    return "; ".join(found[:limit]) + (", ..." if len(found) > limit else "")
+
+
+def cached_stage(path, settings: dict, compute) -> tuple[dict, dict]:
+    """A stage ``compute() -> (metrics, files)`` run once per ``settings``: a rerun with the same settings
+    returns the recorded metrics and files (while the files exist); changed settings run it again, and
+    one line on stderr says what changed. The record is ``path`` (JSON)."""
+    path = Path(path)
+    record = read_record(path, settings)
+    if record is not None and all(Path(f).exists() for f in record["files"].values()):
+        return record["metrics"], {key: Path(value) for key, value in record["files"].items()}
+    try:
+        previous = json.loads(path.read_text()).get("settings")
+    except (OSError, ValueError, AttributeError):
+        previous = None
+    if previous is not None:
+        why = changes(previous, plain_json(settings)) or "an output file is missing"
+        say(f"{path.parent}: running {path.stem} again: {why}")
+    metrics, files = compute()
+    write_record(path, settings, metrics=metrics, files={key: str(value) for key, value in files.items()})
+    return metrics, files
+
+
 def say(message: str) -> None:
     """One line for the user on stderr (stdout stays for results)."""
     print(f"openflow: {message}", file=sys.stderr, flush=True)
@@ -104,3 +155,41 @@ def quiet_stdout():
             ctypes.CDLL(None).fflush(None)  # what the C library still buffers goes to /dev/null too
         os.dup2(saved, 1)
         os.close(saved)
+
+
+class _LineProgress:
+    """Progress off a terminal: a line on stderr at each quarter of the work (no carriage returns in logs)."""
+
+    def __init__(self, total: int, desc: str, initial: int = 0):
+        self.total, self.desc, self.done, self.start = max(int(total), 1), desc, int(initial), time.perf_counter()
+        self.next_quarter = self.done * 4 // self.total + 1
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        while self.next_quarter <= 4 and self.done * 4 >= self.next_quarter * self.total:
+            say(f"{self.desc}: {25 * self.next_quarter}% ({time.perf_counter() - self.start:.0f} s)")
+            self.next_quarter += 1
+
+    def set_postfix(self, **_) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        self.close()
+
+
+def progress(total: int, desc: str, enabled: bool | None = True, initial: int = 0, **options):
+    """A progress bar for ``total`` units of work: tqdm on a terminal, a line per quarter on stderr off one
+    (logs, pipes), nothing when ``enabled`` is False (``None``: only on a terminal). Use as a context
+    manager or call ``update(n)`` and ``close()``."""
+    terminal = sys.stderr.isatty()
+    if enabled is False or (enabled is None and not terminal):
+        return tqdm(total=total, disable=True)
+    if terminal:
+        return tqdm(total=total, desc=desc, initial=initial, **options)
+    return _LineProgress(total, desc, initial)

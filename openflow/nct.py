@@ -81,14 +81,17 @@ def principal_frame(
             f"positions must be (T, {3 * len(masses)}) for {len(masses)} atoms, got {tuple(positions.shape)}"
         )
     sqrt_mass = torch.as_tensor(np.repeat(np.asarray(masses, dtype=float), 3) / kT_kjmol, dtype=positions.dtype).sqrt()
-    w = (
-        torch.full((len(positions),), 1.0 / len(positions), dtype=positions.dtype)
-        if weights is None
-        else torch.as_tensor(weights, dtype=positions.dtype) / torch.as_tensor(weights, dtype=positions.dtype).sum()
-    )
-    mean = w @ positions
-    weighted = (positions - mean) * sqrt_mass
-    variances, axes = torch.linalg.eigh(weighted.T @ (weighted * w[:, None]))
+    if weights is None:
+        mean = positions.mean(0)
+        weighted = (positions - mean) * sqrt_mass
+        covariance = weighted.T @ weighted / weighted.shape[0]
+    else:
+        w = torch.as_tensor(weights, dtype=positions.dtype)
+        w = w / w.sum()
+        mean = w @ positions
+        weighted = (positions - mean) * sqrt_mass
+        covariance = weighted.T @ (weighted * w[:, None])
+    variances, axes = torch.linalg.eigh(covariance)
     keep = positions.shape[1] - (RIGID_BODY_DOF if rigid_body else 0)
     if keep < 1:
         raise ValueError(f"{len(masses)} atoms leave no internal axis after removing {RIGID_BODY_DOF} rigid-body ones")
@@ -120,9 +123,7 @@ def build_nct(variances: torch.Tensor, layers: int, hidden: Sequence[int]) -> Ne
     log_std = 0.5 * variances.log().to(NCT_DTYPE)
     flow = real_nvp(dim, n_layers=layers, hidden=hidden, activation="tanh", actnorm=False)
     transform = CanonicalSequential(fixed_scaling(log_std), PointTransformation(flow), fixed_scaling(-log_std))
-    return NeuralCanonicalTransformation(transform, LatentHarmonicPrior(dim, variances.to(NCT_DTYPE).rsqrt())).to(
-        NCT_DTYPE
-    )
+    return NeuralCanonicalTransformation(transform, LatentHarmonicPrior(dim, variances.rsqrt())).to(NCT_DTYPE)
 
 
 def train_nct(

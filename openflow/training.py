@@ -12,7 +12,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -20,7 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+
+from openflow.io import differences, say
+from openflow.io import progress as progress_bar
 
 CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "config", "step", "n_skipped", "rng", "data")
 
@@ -94,23 +95,6 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not isinstance(state, dict):
         raise ValueError(f"{path} is not a Trainer checkpoint; delete it to train that stage again")
     return state
-
-
-def _say(message: str) -> None:
-    print(f"openflow: {message}", file=sys.stderr)
-
-
-def _differences(saved, wanted, prefix: str = "") -> list[str]:
-    """``key: old -> new`` for every leaf where two JSON-like configs differ."""
-    if isinstance(saved, dict) and isinstance(wanted, dict):
-        return [
-            line
-            for key in sorted(set(saved) | set(wanted), key=str)
-            for line in _differences(saved.get(key), wanted.get(key), f"{prefix}{key}.")
-        ]
-    if _canonical(saved) != _canonical(wanted):
-        return [f"{prefix.rstrip('.')}: {saved!r} -> {wanted!r}"]
-    return []
 
 
 def _rng_state() -> dict:
@@ -310,7 +294,8 @@ class Trainer:
     seed: seeds ``random``, NumPy, torch (:func:`set_seed`) and the data shuffling.
     out_dir: where ``metrics.jsonl`` and ``checkpoint.pt`` go (``None``: nothing is written).
     checkpoint_every: steps between checkpoints (one is also written at the end of ``fit``).
-    log_every: steps between metric records. progress: tqdm bar (``None``: only on a terminal).
+    log_every: steps between metric records.
+    progress: a progress bar (``openflow.io.progress``; ``None``: only on a terminal).
     config: JSON-serialisable description of the run, stored in every checkpoint.
 
     A step whose loss or gradient norm is not finite leaves parameters, optimizer and schedule
@@ -396,7 +381,7 @@ class Trainer:
         self.grad_clip = float(grad_clip) if grad_clip is not None else math.inf
         self.checkpoint_every = int(checkpoint_every)
         self.log_every = int(log_every)
-        self.progress = sys.stderr.isatty() if progress is None else bool(progress)
+        self.progress = progress
         self.out_dir = Path(out_dir) if out_dir is not None else None
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -467,9 +452,9 @@ class Trainer:
     def _why_not_resume(self, state: dict, steps: int) -> str | None:
         """Why a loaded checkpoint cannot be continued towards ``steps`` (None when it can)."""
         config = state.get("config", {})
-        changed = _differences(config.get("run"), self.config)
+        changed = differences(config.get("run"), self.config)
         saved = config.get("trainer", {})
-        changed += _differences(
+        changed += differences(
             {k: v for k, v in saved.items() if k != "device"},
             {k: v for k, v in self.settings.items() if k != "device"},
             "trainer.",
@@ -607,13 +592,15 @@ class Trainer:
             if why is None:
                 self._restore(state, self.checkpoint_path)
             else:
-                _say(f"{self.checkpoint_path}: training from the start: {why}")
+                say(f"{self.checkpoint_path}: training from the start: {why}")
         elif resume and self.checkpoint_path is None:
             raise ValueError("resume=True needs an out_dir")
+        if self.step >= steps and self._saved_step == self.step:
+            return self.history  # a finished run: its files stay as they are
         if self.metrics_path is not None:
             self._rewrite_metrics()
         metrics_file = open(self.metrics_path, "a") if self.metrics_path is not None else None
-        bar = tqdm(total=steps, initial=min(self.step, steps), disable=not self.progress, desc="training")
+        bar = progress_bar(steps, "training", self.progress, initial=min(self.step, steps))
         self.model.train()
         try:
             while self.step < steps:

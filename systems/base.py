@@ -25,8 +25,8 @@ MOLAR_GAS_CONSTANT = unit.MOLAR_GAS_CONSTANT_R.value_in_unit(
 
 
 def kT_kjmol(temperature_K: float) -> float:
-    """Thermal energy ``R T`` in kJ/mol of a temperature in K (the package's one gas constant)."""
-    return MOLAR_GAS_CONSTANT * float(temperature_K)
+    """Thermal energy ``R T`` in kJ/mol of a temperature in K (the package's one gas constant, OpenMM's)."""
+    return (unit.MOLAR_GAS_CONSTANT_R * float(temperature_K) * unit.kelvin).value_in_unit(unit.kilojoule_per_mole)
 
 
 def kelvin(temperature) -> unit.Quantity:
@@ -82,6 +82,11 @@ class System:
     def dim(self) -> int:
         """Number of active coordinates ``d``."""
         return int(self.active.sum())
+
+    @property
+    def temperature_K(self) -> float:
+        """The temperature in K as a float."""
+        return float(self.temperature.value_in_unit(unit.kelvin))
 
     @property
     def kT(self) -> unit.Quantity:

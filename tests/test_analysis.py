@@ -145,3 +145,49 @@ def test_rama_command_on_a_short_trajectory(tmp_path):
         )
         == 2
     )
+
+
+def test_rama_refuses_a_truncated_trajectory_and_takes_plot_options(tmp_path, capsys):
+    md = simulate(
+        alanine_dipeptide(),
+        steps=400,
+        interval=20,
+        out=tmp_path / "md",
+        seed=2,
+        platform="Reference",
+        equilibration_steps=50,
+        progress=False,
+    )
+    data = md.trajectory.read_bytes()
+    cut = tmp_path / "cut.dcd"
+    cut.write_bytes(data[: len(data) - len(data) // 3])  # an interrupted copy: the header still promises 20 frames
+    assert main(["rama", str(cut), "--top", str(md.topology), "--out", str(tmp_path / "cut")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "of the 20 frames its header promises" in error[0]
+    status = main(
+        [
+            "rama",
+            str(md.trajectory),
+            "--top",
+            str(md.topology),
+            "--bins",
+            "24",
+            "--vmax",
+            "6",
+            "--title",
+            "my run",
+            "--out",
+            str(tmp_path / "ok"),
+        ]
+    )
+    assert status == 0 and (tmp_path / "ok" / "rama.png").read_bytes()[:4] == b"\x89PNG"
+    assert "dcdplugin" not in capsys.readouterr().out  # stdout carries results only
+
+
+def test_histogram_bins_follow_the_effective_sample_size():
+    assert analysis.histogram_bins(0) == 12 and analysis.histogram_bins(1e9) == 72
+    assert analysis.histogram_bins(5 * 30**2) == 30  # about five effective samples per cell of a filled square
+    weights = np.r_[np.ones(100), np.zeros(9900)]  # 10 000 frames, 100 effective
+    angles = np.random.default_rng(0).uniform(-np.pi, np.pi, (10_000, 2))
+    assert analysis.ramachandran(angles, weights=weights).free_energy.shape == (12, 12)
+    assert analysis.ramachandran(angles).free_energy.shape == (45, 45)

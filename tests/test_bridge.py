@@ -10,7 +10,9 @@ import openmm.unit as unit
 import pytest
 import torch
 
+from openflow.cli import main
 from openflow.plugins.openmm import OpenMMEnergy, available_platforms, bridge
+from openflow.plugins.openmm import platforms as platforms_module
 from openflow.systems import INACTIVE_FORCE_GROUP, System, alanine_dipeptide, coulomb_cluster, harmonic_chain
 from openflow.systems.base import kelvin, point_particle_topology
 
@@ -298,14 +300,39 @@ def test_unknown_platform_names_available_ones():
 
 
 @pytest.mark.skipif("CUDA" in available_platforms(), reason="CUDA is present here")
-def test_missing_cuda_warns_and_falls_back():
+def test_missing_cuda_is_an_error_and_only_auto_falls_back(capsys):
+    """An explicit request that cannot be met is an error naming what exists; "auto" falls back, saying so once."""
     system = build("chain-fixed-free")
-    with pytest.warns(UserWarning, match="CUDA"):
-        energy = OpenMMEnergy(system, platform="CUDA")
+    with pytest.raises(ValueError, match=r"'CUDA' is not available here .*available: .*Reference"):
+        OpenMMEnergy(system, platform="CUDA")
+    platforms_module._noticed.clear()
+    energy = OpenMMEnergy(system, platform="auto")
     assert energy.platform_name in ("Reference", "CPU")
+    assert OpenMMEnergy(system).platform_name == energy.platform_name
+    notices = [line for line in capsys.readouterr().err.splitlines() if "no CUDA platform" in line]
+    assert len(notices) == 1
     x = configurations(system, 3, seed=12)
     e_exact, _ = chain_analytic(x.numpy(), k=1.7, boundary="fixed-free")
     np.testing.assert_allclose(energy(x).numpy(), e_exact / system.kT_kjmol, rtol=1e-6)
+    assert (
+        main(
+            [
+                "simulate",
+                "--system",
+                "harmonic_chain",
+                "--steps",
+                "20",
+                "--interval",
+                "10",
+                "--platform",
+                "CUDA",
+                "--out",
+                "unused",
+            ]
+        )
+        == 2
+    )
+    assert "not available here" in capsys.readouterr().err
 
 
 def test_lazy_context_auto_platform_and_pickle():

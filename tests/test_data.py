@@ -282,6 +282,34 @@ def test_fetch_mdshare_downloads_and_checks_md5(file_server, tmp_path, capsys):
     assert fetch_mdshare("notes.txt", local, url=_closed_port_url()) == path  # cached: no network
 
 
+def test_simulate_refuses_to_overwrite_unless_asked(tmp_path, capsys):
+    from openflow.cli import main
+
+    command = [
+        "simulate",
+        "--system",
+        "harmonic_chain",
+        "--n",
+        "3",
+        "--steps",
+        "20",
+        "--interval",
+        "10",
+        "--seed",
+        "1",
+        "--platform",
+        "Reference",
+        "--no-progress",
+        "--out",
+        str(tmp_path),
+    ]
+    assert main(command) == 0
+    stamp = (tmp_path / "trajectory.dcd").stat().st_mtime_ns
+    assert main(command) == 2 and "exists" in capsys.readouterr().err
+    assert (tmp_path / "trajectory.dcd").stat().st_mtime_ns == stamp
+    assert main([*command, "--overwrite"]) == 0 and (tmp_path / "trajectory.dcd").stat().st_mtime_ns != stamp
+
+
 def test_reuse_returns_a_finished_run_with_the_same_settings_only(tmp_path):
     chain = harmonic_chain(3)
     first = simulate(chain, steps=200, interval=20, out=tmp_path, seed=4, progress=False, platform="Reference")

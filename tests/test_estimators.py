@@ -336,3 +336,28 @@ def test_thinning_keeps_every_thin_th_state_and_seeds_reproduce():
     full = latent_hmc(model.flow, model.prior, double_well, **kwargs)
     thinned = latent_hmc(model.flow, model.prior, double_well, thin=2, **kwargs)
     assert torch.equal(thinned.samples, full.samples[1::2])
+
+
+def test_state_free_energy_error_bars_cover_the_exact_answer():
+    """About 68 % of 1-sigma intervals contain the exact answer, for independent importance-sampled draws
+    (uneven weights: the delta method with each side's own ESS) and for a correlated time series (blocks)."""
+    from scipy.signal import lfilter
+    from scipy.stats import norm
+
+    from openflow.estimators import state_free_energy
+
+    rng = np.random.default_rng(0)
+    exact = np.log(norm.cdf(1.0) / norm.sf(1.0))  # F(x > 1) - F(x <= 1) under N(0, 1)
+    repeats, n = 400, 2000
+    x = rng.normal(0.5, 1.5, (repeats, n))  # proposal N(0.5, 1.5^2): weights vary by two orders of magnitude
+    log_w = norm.logpdf(x) - norm.logpdf(x, 0.5, 1.5)
+    inside = [abs((r := state_free_energy(x[k] > 1.0, log_w[k])).delta_f - exact) < r.error for k in range(repeats)]
+    assert 0.60 <= np.mean(inside) <= 0.76
+    # an AR(1) series with unit variance and correlation 0.95 (about 40 frames between independent ones)
+    phi, n = 0.95, 20_000
+    noise = rng.normal(0.0, np.sqrt(1 - phi**2), (200, n))
+    series = lfilter([1.0], [1.0, -phi], noise, axis=1)[:, 200:]  # stationary after ~100 frames
+    inside = [abs((r := state_free_energy(s > 1.0, None, n_blocks=20)).delta_f - exact) < r.error for s in series]
+    assert 0.55 <= np.mean(inside) <= 0.80
+    naive = [abs((r := state_free_energy(s > 1.0)).delta_f - exact) < r.error for s in series]
+    assert np.mean(naive) < 0.4  # treating correlated frames as independent: error bars far too small

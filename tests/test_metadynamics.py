@@ -2,6 +2,8 @@
 learned CV (bias deposited, COLVAR columns against torch/mdtraj, continuation), the well-tempered
 FES formula and the reweighting constant c(t) against closed forms, and the COLVAR reporter."""
 
+import json
+
 import mdtraj
 import numpy as np
 import openmm.unit as unit
@@ -337,3 +339,84 @@ def test_workflow_reads_one_or_several_xml_cvs(tmp_path, learned_cv, ala):
     ):
         with pytest.raises(ValueError, match="cv.range"):
             xml_cvs(paths_, range_)
+
+
+def test_a_used_folder_is_refused_or_emptied_never_silently_continued(ala, learned_cv, tmp_path):
+    """OpenMM's Metadynamics loads every bias file in its folder: a second run into the same folder must
+    not start from the first run's bias unless asked (continue_from)."""
+    lo, hi = (float(v[0]) for v in learned_cv.bounds())
+    variables = learned_bias_variables([learned_cv], width=(hi - lo) / 100)
+    options = dict(
+        steps=400,
+        out=tmp_path / "m",
+        height=2.0,
+        bias_factor=5.0,
+        frequency=50,
+        interval=50,
+        platform="Reference",
+        progress=False,
+    )
+    first = run_metadynamics(ala, variables, seed=1, **options)
+    assert read_colvar(first.files["colvar"])["bias"][0] == 0.0 and np.load(first.files["bias"])["bias_kjmol"].max() > 0
+    with pytest.raises(FileExistsError, match="earlier metadynamics run"):
+        run_metadynamics(ala, variables, seed=2, **options)
+    second = run_metadynamics(ala, variables, seed=2, overwrite=True, **options)
+    assert read_colvar(second.files["colvar"])["bias"][0] == 0.0  # a fresh bias: no Gaussian before the first deposit
+    assert len(list(second.files["bias_dir"].glob("bias_*.npy"))) == 1  # only this run's bias file
+    settings = json.loads(second.files["settings"].read_text())["settings"]
+    assert settings["continue_from"] is None and settings["seed"] == 2
+    again = run_metadynamics(ala, variables, seed=2, reuse=True, **options)  # the same settings: the finished run
+    assert again.files["trajectory"].stat().st_mtime_ns == second.files["trajectory"].stat().st_mtime_ns
+    np.testing.assert_array_equal(again.log_weights, second.log_weights)
+    out = str(tmp_path / "cli")
+    command = [
+        "metad",
+        "--system",
+        "alanine_dipeptide",
+        "--cv",
+        "phi-psi",
+        "--steps",
+        "100",
+        "--interval",
+        "50",
+        "--frequency",
+        "50",
+        "--platform",
+        "Reference",
+        "--seed",
+        "3",
+        "--no-progress",
+        "--out",
+        out,
+    ]
+    assert main(command) == 0 and main(command) == 2 and main([*command, "--overwrite"]) == 0
+
+
+class _Fail:
+    """A reporter that fails like a blown-up simulation after ``at`` steps."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def describeNextReport(self, simulation):
+        return {"steps": self.at - simulation.currentStep, "periodic": None, "include": []}
+
+    def report(self, simulation, state):
+        raise RuntimeError("particle coordinate is NaN")
+
+
+def test_a_failed_run_leaves_no_folder_behind(ala, tmp_path):
+    with pytest.raises(RuntimeError, match="NaN"):
+        run_metadynamics(
+            ala,
+            phi_psi_bias_variables(ala),
+            steps=200,
+            interval=50,
+            frequency=50,
+            out=tmp_path / "failed",
+            platform="Reference",
+            seed=1,
+            reporters=[_Fail(at=120)],
+            progress=False,
+        )
+    assert not (tmp_path / "failed").exists()

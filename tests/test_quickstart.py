@@ -150,3 +150,23 @@ def test_bad_settings_are_value_errors(tmp_path):
         cv_model(alanine_dipeptide(), config)
     with pytest.raises(ValueError, match="cv.modes"):
         cv_model(alanine_dipeptide(), {"seed": 0, "cv": dict(DEFAULTS["cv"], modes=4)})
+
+
+def test_a_rerun_reuses_every_finished_stage(tiny_run):
+    """The same settings on the same folder: MD, the NCT, the CV and the metadynamics run are all reused
+    (nothing is retrained or simulated again), and the metrics are the same."""
+    out, metrics = tiny_run
+    watched = [
+        "md/trajectory.dcd",
+        "nct/checkpoint.pt",
+        "nct/metrics.jsonl",
+        "cv_q1.xml",
+        "metadynamics/trajectory.dcd",
+        "metadynamics/COLVAR",
+    ]
+    stamps = {name: (out / name).stat().st_mtime_ns for name in watched}
+    again = run(WORKFLOWS / "quickstart.yaml", out, TINY)
+    assert {name: (out / name).stat().st_mtime_ns for name in watched} == stamps
+    for key, value in metrics.items():
+        if not key.startswith(("time_", "wall_time", "metad_speed", "bare_md", "metad_biased")):
+            np.testing.assert_equal(again[key], value, err_msg=key)  # NaN (an empty basin) equals NaN

@@ -50,7 +50,9 @@ def _number(value) -> bool:
 def _check_value(name: str, value, default, signed: bool) -> None:
     """One setting against its default: same type, and a positive (zero) default stays positive (non-negative)."""
     if default is None:
-        return  # optional settings: the workflow checks them
+        if name.rsplit(".", 1)[-1] == "progress" and value not in (None, True, False):
+            raise ValueError(f"{name} must be true, false or null (a bar on a terminal, lines in a log), got {value!r}")
+        return  # other optional settings: the workflow checks them
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ValueError(f"{name} must be true or false, got {value!r}")

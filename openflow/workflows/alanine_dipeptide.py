@@ -42,6 +42,7 @@ from openflow.cv import implied_timescales, tica, vamp2_score
 from openflow.data import fetch_mdshare, kabsch, load_trajectory, save_frames
 from openflow.flows.generators import internal_coordinate_generator, marginal_generator
 from openflow.flows.internal import zmatrix_from_topology
+from openflow.io import cached_stage, save_figure, say
 from openflow.losses import mean_nll, nll, reverse_kl
 from openflow.plugins.openmm import batched_energy
 from openflow.plugins.openmm.metadynamics import run_metadynamics, torsion_bias_variables
@@ -188,8 +189,6 @@ def plot_modes(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from openflow.io import atomic_path
-
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     panels = [
         (features[:, 0], features[:, 1], phi, r"$\phi$", "Q1 (lowest frequency)", "Q2", r"coloured by $\phi$"),
@@ -201,10 +200,7 @@ def plot_modes(
         fig.colorbar(points, ax=ax, label=f"{name} (rad)")
         ax.set(xlabel=xlabel, ylabel=ylabel, title=f"{title}: {caption}")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def slow_modes(
@@ -307,7 +303,10 @@ def mdshare_slow_modes(config: dict, out: Path, progress: bool) -> tuple[dict, d
     heavy, _ = heavy_positions(frames, frames[0])
     dynamics = {"heavy": heavy, "segments": segments, "frame_ps": MDSHARE_FRAME_PS * stride}
     train = {"phi": angles[:, 0], "psi": angles[:, 1], **dynamics}
-    return slow_modes(train, dynamics, heavy_topology, config, out, progress)
+    settings = {key: config[key] for key in ("seed", "temperature_K", "nct", "slow_modes")}
+    return cached_stage(
+        out / "slow_modes.json", settings, lambda: slow_modes(train, dynamics, heavy_topology, config, out, progress)
+    )
 
 
 # ----------------------------------------------------------------------------- Boltzmann generator
@@ -554,17 +553,28 @@ def run_solvent(solvent: str, config: dict, out: Path, progress: bool) -> tuple[
         "segments": unbiased_run.segments,
         "frame_ps": unbiased_run.interval * unbiased_run.timestep_ps,
     }
-    slow, files = slow_modes(train, dynamics, topology, config, out, progress)
+    data_settings = {"seed": config["seed"], "temperature_K": config["temperature_K"], "data": data, "solvent": solvent}
+    say(f"alanine_dipeptide {solvent}: slow modes")
+    slow, files = cached_stage(
+        out / "slow_modes.json",
+        {**data_settings, "nct": config["nct"], "slow_modes": config["slow_modes"]},
+        lambda: slow_modes(train, dynamics, topology, config, out, progress),
+    )
     metrics.update(slow, time_slow_modes_s=time.perf_counter() - clock)
 
     clock = time.perf_counter()
-    bg, bg_files = boltzmann_generator(system, biased, metad.weights, config, out / "bg", progress)
+    say(f"alanine_dipeptide {solvent}: Boltzmann generator")
+    bg, bg_files = cached_stage(
+        out / "bg" / "stage.json",
+        {**data_settings, "bg": config["bg"]},
+        lambda: boltzmann_generator(system, biased, metad.weights, config, out / "bg", progress),
+    )
     metrics.update(bg, time_bg_s=time.perf_counter() - clock)
     return metrics, {**files, **bg_files}
 
 
 def run(config: dict, out: Path) -> dict:
-    progress = sys.stderr.isatty() if config["progress"] is None else bool(config["progress"])
+    progress = config["progress"] is not False  # None: a bar on a terminal, a line per quarter in logs
     metrics, files = {}, {}
     sets = [(solvent, lambda s=solvent: run_solvent(s, config, out / s, progress)) for solvent in config["solvents"]]
     if config["data"]["mdshare"]:

@@ -39,6 +39,7 @@ from openflow.analysis import lindemann_index, radii_and_distances
 from openflow.flows.base import BoltzmannGenerator
 from openflow.flows.cnf import PairMongeAmpereFlow, PairPotential
 from openflow.flows.priors import IsotropicNormal
+from openflow.io import cached_stage, save_figure, say
 from openflow.losses import flow_matching, reverse_kl
 from openflow.plugins.openmm import alchemical, batched_energy
 from openflow.plugins.openmm.md import minimized_energies
@@ -262,12 +263,11 @@ def _histograms(md: np.ndarray, flows: dict, n: int, dim: int, title: str, path:
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
     return tv
 
 
-def _run_cluster(cluster: dict, config: dict, out: Path) -> dict:
+def _run_cluster(cluster: dict, config: dict, out: Path) -> tuple[dict, dict]:
     n, dim, kT = int(cluster["n"]), int(cluster["dim"]), float(cluster["temperature"])
     tag, seed = _tag(cluster), int(config["seed"])
     folder = out / tag
@@ -290,6 +290,7 @@ def _run_cluster(cluster: dict, config: dict, out: Path) -> dict:
         platform=ref["platform"],
         seed=seed,
         n_chains=ref["n_chains"],
+        out=folder / "reference",
     )
     f_trap = alchemical.harmonic_trap_free_energy(system.dim, kT)
     mbar = alchemical.mbar_free_energy(samples, n_blocks=ref["n_blocks"])
@@ -374,7 +375,7 @@ def _run_cluster(cluster: dict, config: dict, out: Path) -> dict:
     metrics["ground_state_energy_per_particle_multistart_kjmol"] = multistart / n
     times["ground_state"] = time.perf_counter() - start
     metrics.update({f"wall_time_{key}_s": value for key, value in times.items()})
-    return {f"{tag}_{key}": value for key, value in metrics.items()}
+    return {f"{tag}_{key}": value for key, value in metrics.items()}, {"histograms": out / f"{tag}_histograms.png"}
 
 
 def check(config: dict) -> None:
@@ -399,5 +400,12 @@ def run(config: dict, out) -> dict:
     _check_reverse_kl(config["reverse_kl"])  # before any reference MD is spent
     metrics = {}
     for cluster in clusters:
-        metrics.update(_run_cluster(cluster, config, out))
+        settings = {key: value for key, value in config.items() if key not in ("clusters", "progress")}
+        say(f"coulomb_cluster: {_tag(cluster)}")
+        these, _ = cached_stage(
+            out / _tag(cluster) / "stage.json",
+            {**settings, "cluster": cluster},
+            lambda c=cluster: _run_cluster(c, config, out),
+        )
+        metrics.update(these)
     return metrics

@@ -32,6 +32,7 @@ from openflow.estimators import free_energy, log_weights
 from openflow.flows.linear import LinearExp
 from openflow.flows.priors import LatentHarmonicPrior, moment_matched_normal
 from openflow.flows.symplectic import NeuralCanonicalTransformation, PointTransformation
+from openflow.io import save_figure
 from openflow.plugins.openmm.bridge import OpenMMEnergy
 from openflow.plugins.openmm.md import simulate
 from openflow.systems import harmonic_chain
@@ -86,7 +87,7 @@ def phase_space_data(
         platform=md["platform"],
         timestep=md["timestep_ps"],
         friction=md["friction_per_ps"],
-        progress=config["progress"],
+        progress=config["progress"] is not False,
         reuse=True,
     )
     q = load(result.trajectory, result.topology, system=system, dtype=DTYPE)
@@ -126,7 +127,7 @@ def train_mle(model, p, q, config: dict, out: Path) -> dict:
         seed=config["seed"],
         out_dir=out,
         checkpoint_every=50,
-        progress=config["progress"],
+        progress=config["progress"] is not False,
         config=stage_config(config, "mle"),
     )
     history = trainer.fit(config["mle"]["steps"], resume=(out / "checkpoint.pt").exists())
@@ -155,7 +156,7 @@ def train_variational(model, H, config: dict, out: Path, generator: torch.Genera
         seed=config["seed"],
         out_dir=out,
         checkpoint_every=50,
-        progress=config["progress"],
+        progress=config["progress"] is not False,
         config=stage_config(config, "variational"),
     )
     history = trainer.fit(config["variational"]["steps"], resume=(out / "checkpoint.pt").exists())
@@ -232,8 +233,7 @@ def plot(curves: dict, boundary: str, out: Path, n_modes: int) -> list[Path]:
     ax.legend()
     fig.tight_layout()
     spectrum = out / f"spectrum_{boundary}.png"
-    fig.savefig(spectrum, dpi=120)
-    plt.close(fig)
+    save_figure(fig, spectrum)
 
     fig, axes = plt.subplots(1, n_modes, figsize=(3 * n_modes, 3), sharey=True)
     for j, ax in enumerate(np.atleast_1d(axes)):
@@ -246,8 +246,7 @@ def plot(curves: dict, boundary: str, out: Path, n_modes: int) -> list[Path]:
     np.atleast_1d(axes)[0].legend(fontsize=7)
     fig.tight_layout()
     modes = out / f"slow_modes_{boundary}.png"
-    fig.savefig(modes, dpi=120)
-    plt.close(fig)
+    save_figure(fig, modes)
     return [spectrum, modes]
 
 

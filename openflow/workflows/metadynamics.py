@@ -34,7 +34,7 @@ from openflow import analysis
 from openflow.cv import CVModel, fit_cv
 from openflow.data import load_trajectory
 from openflow.features import Dihedrals, FeatureSet, distance_features
-from openflow.io import atomic_path
+from openflow.io import save_figure
 from openflow.plugins.openmm import learned_cv
 from openflow.plugins.openmm.export import export_cv, load_cv_force, save_cv_force
 from openflow.plugins.openmm.md import simulate
@@ -239,9 +239,7 @@ def plot_delta_f(curves: dict, path: Path) -> None:
     )
     ax.legend()
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def run(config: dict, out: Path) -> dict:

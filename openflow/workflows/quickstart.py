@@ -182,7 +182,7 @@ def learn_slow_cvs(config: dict, out: Path, progress: bool, metrics: dict, files
 
 
 def run(config: dict, out: Path) -> dict:
-    progress = sys.stderr.isatty() if config["progress"] is None else bool(config["progress"])
+    progress = config["progress"] is not False  # None: a bar on a terminal, a line per quarter in logs
     metrics, files, clock = {}, {}, time.perf_counter()
 
     def lap(stage: str) -> None:
@@ -209,6 +209,7 @@ def run(config: dict, out: Path) -> dict:
         seed=config["seed"],
         cv_names=[f"q{k + 1}" for k in range(n_modes)],
         observables=phi_psi_observables(),
+        reuse=True,
         overwrite=True,
         progress=progress,
     )

@@ -14,11 +14,13 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import openmm
 import openmm.unit as unit
 
+from openflow.io import atomic_path, read_record, write_record
 from openflow.systems import INACTIVE_FORCE_GROUP, System
 
 from .md import create_simulation
@@ -91,6 +93,7 @@ def sample_coupling(
     platform: str = "Reference",
     seed: int = 0,
     n_chains: int = 1,
+    out=None,
 ) -> CouplingSamples:
     """Langevin MD (``LangevinMiddleIntegrator``) at each ``lambda`` in turn, in ``n_chains``
     independent chains (chain ``c`` seeded from ``numpy.random.SeedSequence([seed, c])``).
@@ -101,9 +104,31 @@ def sample_coupling(
     of the chains are concatenated chain after chain: ``n_chains * n_samples`` per lambda, so
     ``n_blocks`` a multiple of ``n_chains`` in :func:`mbar_free_energy` never mixes two chains
     in one block and the block error sees the spread between independent chains.
+
+    ``out``: a folder where the samples are kept (``coupling.npz`` with its record ``coupling.json``);
+    a later call with the same settings there returns them without simulating.
     """
     if int(n_chains) != n_chains or n_chains < 1:
         raise ValueError(f"n_chains must be a positive int, got {n_chains}")
+    settings = dict(
+        system=system.name,
+        parameters=system.parameters,
+        force_index=int(force_index),
+        lambdas=np.asarray(lambdas, dtype=np.float64).tolist(),
+        n_samples=n_samples,
+        interval=interval,
+        equilibration=equilibration,
+        timestep=timestep,
+        friction=friction,
+        platform=platform,
+        seed=seed,
+        n_chains=int(n_chains),
+    )
+    if out is not None and read_record(Path(out) / "coupling.json", settings, [Path(out) / "coupling.npz"]) is not None:
+        with np.load(Path(out) / "coupling.npz") as saved:
+            return CouplingSamples(
+                saved["lambdas"], saved["coupling_energy"], saved["positions"], int(saved["n_nonfinite"])
+            )
     chains = [
         _sample_chain(
             system,
@@ -121,9 +146,21 @@ def sample_coupling(
     ]
     energies = np.concatenate([c[0] for c in chains], axis=1)
     positions = np.concatenate([c[1] for c in chains])
-    return CouplingSamples(
+    samples = CouplingSamples(
         np.asarray(lambdas, dtype=np.float64), energies, positions, int((~np.isfinite(energies)).sum())
     )
+    if out is not None:
+        with atomic_path(Path(out) / "coupling.npz") as tmp:
+            with open(tmp, "wb") as handle:
+                np.savez(
+                    handle,
+                    lambdas=samples.lambdas,
+                    coupling_energy=energies,
+                    positions=positions,
+                    n_nonfinite=samples.n_nonfinite,
+                )
+        write_record(Path(out) / "coupling.json", settings)
+    return samples
 
 
 def _chain_seed(seed: int, chain: int) -> int:

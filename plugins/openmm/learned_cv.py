@@ -12,6 +12,7 @@ Nothing here assumes a molecule: the atoms are an mdtraj selection, the features
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,8 +25,9 @@ from openflow.cv import CVModel, fit_cv
 from openflow.data import load
 from openflow.features import select_atoms
 from openflow.flows.symplectic import NeuralCanonicalTransformation
+from openflow.io import read_record, write_record
 
-from .export import export_cv, save_cv_force
+from .export import export_cv, load_cv_force, save_cv_force
 
 DTYPE = torch.float64  # frames, CV fit and export (checked against OpenMM in float64)
 
@@ -97,16 +99,37 @@ def fit_and_export(
     """Regress ``cv`` on ``targets (T, n_out)`` over ``frames``, export each output checked on
     ``export_frames`` of them (a periodic table when the CV is over at most three torsions and
     passes, else Lepton), save ``{name}.xml`` per output (``names``: default ``cv_q1, cv_q2, ...``)
-    and ``cv.pt`` (the model's state) in ``out``."""
+    and ``cv.pt`` (the model's state) in ``out``, with the record ``cv.json``: a call with the same
+    model, frames, targets and settings returns the saved CV (``cv`` gets its fitted state)."""
     names = list(names) if names is not None else [f"cv_q{k + 1}" for k in range(cv.n_out)]
     positions = torch.as_tensor(frames.xyz, dtype=DTYPE)
+    digest = hashlib.sha256()
+    for array in (positions, torch.as_tensor(targets, dtype=DTYPE), *cv.state_dict().values()):
+        digest.update(array.detach().cpu().double().numpy().tobytes())
+    settings = dict(
+        names=names,
+        epochs=epochs,
+        seed=seed,
+        export_frames=export_frames,
+        table_points=table_points,
+        features=cv.features.names(),
+        hidden=list(cv.hidden),
+        data=digest.hexdigest()[:16],
+    )
+    files = {f"{name}_xml": out / f"{name}.xml" for name in names}
+    files["cv_model"] = out / "cv.pt"
+    record = read_record(out / "cv.json", settings, files.values())
+    if record is not None:
+        cv.load_state_dict(torch.load(files["cv_model"]))
+        forces = [load_cv_force(files[f"{name}_xml"]) for name in names]
+        return ExportedCV(forces, [tuple(r) for r in record["ranges"]], record["stds"], record["metrics"], files)
     fit = fit_cv(cv, positions, targets, epochs=epochs, seed=seed)
     stride = max(1, len(positions) // int(export_frames))
     exported = [
         export_cv(cv, positions[::stride], output=k, method="auto", points=int(table_points)) for k in range(cv.n_out)
     ]
-    files = {f"{name}_xml": save_cv_force(force, out / f"{name}.xml") for name, (force, _) in zip(names, exported)}
-    files["cv_model"] = out / "cv.pt"
+    for name, (force, _) in zip(names, exported):
+        save_cv_force(force, files[f"{name}_xml"])
     torch.save(cv.state_dict(), files["cv_model"])
     with torch.no_grad():
         stds = cv(positions).std(0).tolist()
@@ -129,6 +152,6 @@ def fit_and_export(
                 f"cv_data_std_q{k + 1}": stds[k],
             }
         )
-    return ExportedCV(
-        [force for force, _ in exported], [(float(a), float(b)) for a, b in zip(lo, hi)], stds, metrics, files
-    )
+    ranges = [(float(a), float(b)) for a, b in zip(lo, hi)]
+    write_record(out / "cv.json", settings, metrics=metrics, ranges=ranges, stds=stds)
+    return ExportedCV([force for force, _ in exported], ranges, stds, metrics, files)

@@ -29,9 +29,9 @@ import numpy as np
 import openmm
 import openmm.app as app
 import openmm.unit as unit
-from tqdm.auto import tqdm
 
 from openflow.io import plain_json, read_record
+from openflow.io import progress as progress_bar
 
 from .platforms import select_platform
 from .reporters import DCDStreamReporter, PhysicalEnergyReporter
@@ -193,7 +193,7 @@ def run_steps(
     step = simulation.step if step is None else step
     chunk = max(1, n_steps // 100) if chunk is None else chunk
     start = time.perf_counter()
-    with tqdm(total=n_steps, unit="step", desc=desc, disable=not progress) as bar:
+    with progress_bar(n_steps, desc, progress, unit="step") as bar:
         for done in range(0, n_steps, chunk):
             step(min(chunk, n_steps - done))
             bar.update(min(chunk, n_steps - done))

@@ -40,6 +40,7 @@ every run here works on clones of the forces and of the ``openmm.System``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -53,12 +54,12 @@ import openmm
 import openmm.app as app
 import openmm.unit as unit
 from scipy.special import logsumexp
-from tqdm.auto import tqdm
 
 from openflow.cv import CVModel
 from openflow.data import load_trajectory
 from openflow.features import Dihedrals
 from openflow.io import plain_json, write_json
+from openflow.io import progress as progress_bar
 
 from .export import to_custom_cv_force, to_tabulated_cv_force
 from .md import (
@@ -188,9 +189,11 @@ def check_variables(variables) -> None:
 
 
 def variable_signature(variables) -> list[dict]:
-    """What must match for a run to continue another: range, width, periodicity and grid of each CV."""
+    """What must match for a run to continue another: the CV force itself (a hash of its OpenMM XML),
+    its range, width, periodicity and grid, for each CV."""
     return [
         dict(
+            force=hashlib.sha256(openmm.XmlSerializer.serialize(v.force).encode()).hexdigest()[:16],
             min=float(v.minValue),
             max=float(v.maxValue),
             width=float(v.biasWidth),
@@ -545,7 +548,7 @@ def _run(
     constants = []
 
     start = time.perf_counter()
-    with tqdm(total=n_steps, unit="step", desc="metadynamics" if biased else "MD", disable=not progress) as bar:
+    with progress_bar(n_steps, "metadynamics" if biased else "MD", progress, unit="step") as bar:
         remaining = n_steps
         while remaining > 0:  # chunks end where the reporters write a row, so c(t) matches each row
             chunk = min(interval - simulation.currentStep % interval, remaining)

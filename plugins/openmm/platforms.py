@@ -8,13 +8,15 @@ Reference platform wins by far, with implicit solvent the CPU platform does.
 from __future__ import annotations
 
 import time
-import warnings
 
 import numpy as np
 import openmm
 
+from openflow.io import say
+
 CPU_SIDE = ("Reference", "CPU")
 _measured: dict[tuple, str] = {}
+_noticed: list = []  # the CPU-side fallback of "auto" is announced once
 
 
 def available_platforms() -> list[str]:
@@ -55,8 +57,9 @@ def select_platform(
             of Reference and CPU measured on ``system`` at ``positions`` (nm) for ``task``.
         task: ``"energy"`` (single-point energies and forces) or ``"md"`` (integration steps).
 
-    Asking for CUDA or OpenCL where it is missing falls back to the automatic choice with a
-    warning; any other unknown name is a ``ValueError`` naming the available platforms.
+    A named platform that is not available here (CUDA on a machine without it, a misspelling) is a
+    ``ValueError`` naming the available ones; only ``"auto"`` falls back, with a one-line notice
+    (once per process) that CUDA is absent.
     """
     if task not in ("energy", "md"):
         raise ValueError(f"task must be 'energy' or 'md', got {task!r}")
@@ -64,14 +67,16 @@ def select_platform(
     if name not in (None, "auto"):
         if name in available:
             return openmm.Platform.getPlatformByName(name)
-        if name not in ("CUDA", "OpenCL", "HIP"):
-            raise ValueError(f"OpenMM platform {name!r} is not available; available: {', '.join(available)}")
-        warnings.warn(
-            f"OpenMM platform {name!r} is not available here; falling back to the fastest of {', '.join(available)}",
-            stacklevel=2,
+        hint = " (pip install openmm[cuda12] on a machine with an NVIDIA GPU)" if name == "CUDA" else ""
+        raise ValueError(
+            f"OpenMM platform {name!r} is not available here{hint}; available: {', '.join(available)}, or auto"
         )
     if "CUDA" in available:
         return openmm.Platform.getPlatformByName("CUDA")
+    if not _noticed:
+        _noticed.append(True)
+        cpu_side = " or ".join(p for p in CPU_SIDE if p in available)
+        say(f"no CUDA platform here: OpenMM runs on {cpu_side}, chosen by measurement")
     candidates = [p for p in CPU_SIDE if p in available]
     if system is None or len(candidates) == 1:
         return openmm.Platform.getPlatformByName(candidates[-1])

@@ -27,9 +27,9 @@ import numpy as np
 import openmm
 import openmm.app as app
 import openmm.unit as unit
-from tqdm.auto import tqdm
 
 from openflow.io import plain_json
+from openflow.io import progress as progress_bar
 from openflow.systems import MOLAR_GAS_CONSTANT
 
 from .md import (
@@ -198,12 +198,9 @@ def simulate_tempering(
         with open(part["trajectory"], "wb") as dcd_handle, open(part["frames"], "w") as log:
             dcd = app.DCDFile(dcd_handle, system.topology, dt_ps * unit.picosecond, interval, interval)
             log.write("frame,time_ps,potential_kjmol,segment\n")
-            for frame in tqdm(
-                range(n_frames),
-                unit="frame",
-                desc=f"tempering {system.name} x{len(temperatures)}",
-                disable=not progress,
-            ):
+            bar = progress_bar(n_frames, f"tempering {system.name} x{len(temperatures)}", progress, unit="frame")
+            for frame in range(n_frames):
+                bar.update(1)
                 for replica in replicas:
                     replica.step(interval)
                 state = contexts[0].getState(getPositions=True, getEnergy=True, groups=system.energy_groups())
@@ -230,6 +227,7 @@ def simulate_tempering(
                         energies[[i, j]] = energies[[j, i]]
                         segment += i == 0
                 round_trips += update_round_trips(walker_at, last_end)
+        bar.close()
         wall = time.perf_counter() - clock
         total_ns = n_steps * dt_ps * 1e-3
         result = TemperingResult(

@@ -180,6 +180,71 @@ def state_populations(in_state, weights=None) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class TwoStates:
+    """Two free-energy basins along a CV: their minima ``low`` < ``high``, the ``barrier`` between them
+    (the highest point of the free energy between the minima) and the core edges: a frame is in the
+    low state's core below ``core_low`` (half way from its minimum to the barrier), in the high
+    state's core above ``core_high``, uncommitted between."""
+
+    low: float
+    barrier: float
+    high: float
+    core_low: float
+    core_high: float
+    depth_kT: float  # the smaller of the two basins' depths below the barrier
+
+    def series(self, values) -> np.ndarray:
+        """State series ``(T,)``: +1 in the high core, -1 in the low core, 0 between."""
+        v = np.asarray(values, dtype=np.float64)
+        return np.where(v > self.core_high, 1, np.where(v < self.core_low, -1, 0))
+
+
+def two_states(
+    values,
+    weights=None,
+    bins: int = 100,
+    smooth: float = 1.5,
+    max_kT: float = 8.0,
+    min_depth_kT: float = 1.0,
+    min_population: float = 0.005,
+) -> TwoStates | None:
+    """The two deepest free-energy basins of a CV ``values (T,)`` (weights ``(T,)``): ``F = -ln p`` of a
+    histogram with ``bins`` bins, smoothed by a Gaussian of ``smooth`` bins; among the local minima at
+    most ``max_kT`` above the lowest, the pair with the highest barrier between them, measured from the
+    shallower one, each side of the barrier holding at least ``min_population`` of the weight. None when
+    no pair is separated by ``min_depth_kT`` (one basin)."""
+    from scipy.ndimage import gaussian_filter1d
+
+    v = _as_1d(values, "values")
+    w = normalized_weights(weights, v.size)
+    counts, edges = np.histogram(v, bins=int(bins), weights=w)
+    centres = 0.5 * (edges[1:] + edges[:-1])
+    p = gaussian_filter1d(counts, smooth, mode="nearest")
+    with np.errstate(divide="ignore"):
+        f = -np.log(np.maximum(p, 1e-300))
+    last = len(f) - 1
+    minima = [
+        i
+        for i in range(len(f))
+        if f[i] <= f.min() + max_kT and f[i] <= f[max(i - 1, 0)] and f[i] <= f[min(i + 1, last)]
+    ]
+    best = None
+    for a, i in enumerate(minima):
+        for j in minima[a + 1 :]:
+            top = i + int(np.argmax(f[i : j + 1]))
+            if min(counts[:top].sum(), counts[top:].sum()) < min_population:
+                continue
+            depth = f[top] - max(f[i], f[j])
+            if best is None or depth > best[0]:
+                best = (depth, i, top, j)
+    if best is None or best[0] < min_depth_kT:
+        return None
+    depth, i, top, j = best
+    low, barrier, high = (float(centres[k]) for k in (i, top, j))
+    return TwoStates(low, barrier, high, (low + barrier) / 2, (high + barrier) / 2, float(depth))
+
+
 def transition_frames(states) -> np.ndarray:
     """Frame indices ``(k,)`` at which a state series ``(T,)`` (+1, -1, 0 between cores) enters the core
     of the other state."""

@@ -416,7 +416,7 @@ def _metad_arguments(parser):
 def metad(args):
     import numpy as np
 
-    from openflow import analysis
+    from openflow import analysis, estimators
     from openflow.io import write_json
     from openflow.plugins.openmm.export import load_cv_force
     from openflow.plugins.openmm.metadynamics import learned_bias_variables, run_metadynamics, torsion_bias_variables
@@ -473,6 +473,7 @@ def metad(args):
     if torsions:
         phi, psi = result.observables["phi"], result.observables["psi"]
         state = analysis.state_populations(phi_states(phi) == 1, result.weights)
+        estimate = estimators.state_free_energy(phi_states(phi) == 1, result.log_weights, n_blocks=min(20, phi.size))
         transitions = analysis.count_transitions(phi_states(phi, PHI_CORE_MARGIN))
         surface = analysis.ramachandran((phi, psi), weights=result.weights, temperature=system.temperature_K)
         bias_fes = None
@@ -492,12 +493,13 @@ def metad(args):
                 "negative": state["rest"],
                 "positive": state["state"],
                 "delta_f_kT": state["delta_f_kT"],
+                "delta_f_error_kT": estimate.error,
                 "transitions": transitions,
             },
         )
         print(
             f"  {transitions} phi transitions ({transitions / result.ns:.1f}/ns), "
-            f"dF(phi>0 - phi<0) = {state['delta_f_kT']:.3f} kT (reweighted)"
+            f"dF(phi>0 - phi<0) = {state['delta_f_kT']:.3f} +- {estimate.error:.3f} kT (reweighted, 20 blocks)"
         )
         print(f"  {'rama':10s} {plot}")
     for key in ("trajectory", "topology", "colvar", "weights", "fes", "bias_dir", "state"):

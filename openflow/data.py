@@ -41,14 +41,20 @@ def _existing(path, what: str) -> str:
     return str(path)
 
 
-def dcd_header_frames(path) -> int | None:
-    """The number of frames a DCD file's header promises (OpenMM updates it after every frame), or None
-    when ``path`` is not a DCD file with a readable header."""
+AKMA_PS = 0.04888821  # the CHARMM time unit of DCD headers, in ps
+
+
+def dcd_header(path) -> dict | None:
+    """What a DCD file's header says: ``frames`` (OpenMM updates it after every frame), ``interval``
+    (steps between frames) and ``frame_ps`` (time between frames); None when ``path`` is not a DCD
+    file with a readable header."""
     with open(path, "rb") as handle:
-        head = handle.read(12)
+        head = handle.read(48)
     for order in "<>":
-        if len(head) == 12 and struct.unpack(order + "i", head[:4])[0] == 84 and head[4:8] == b"CORD":
-            return struct.unpack(order + "i", head[8:12])[0]
+        if len(head) == 48 and struct.unpack(order + "i", head[:4])[0] == 84 and head[4:8] == b"CORD":
+            frames, _, interval = struct.unpack(order + "3i", head[8:20])
+            (delta,) = struct.unpack(order + "f", head[44:48])
+            return {"frames": frames, "interval": interval, "frame_ps": interval * float(delta) * AKMA_PS}
     return None
 
 
@@ -63,7 +69,8 @@ def load_trajectory(traj, top=None, stride: int = 1, atom_indices=None) -> mdtra
     with quiet_stdout():
         frames = [mdtraj.load(path, top=top, stride=int(stride), atom_indices=atom_indices) for path in paths]
     for path, part in zip(paths, frames):
-        promised = dcd_header_frames(path) if path.lower().endswith(".dcd") else None
+        header = dcd_header(path) if path.lower().endswith(".dcd") else None
+        promised = header["frames"] if header else None
         if promised is not None and promised > 0 and -(-promised // int(stride)) > part.n_frames:
             raise ValueError(
                 f"{path} holds {part.n_frames * int(stride)} of the {promised} frames its header promises: "

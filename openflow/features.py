@@ -56,7 +56,7 @@ class Feature(nn.Module):
             )
         if not np.issubdtype(array.dtype, np.integer) or (array < 0).any():
             raise ValueError(f"{type(self).__name__}: atom indices must be non-negative integers")
-        if any(len(set(row)) != self.arity for row in array.tolist()):
+        if self.arity > 1 and any(len(set(row)) != self.arity for row in array.tolist()):
             raise ValueError(f"{type(self).__name__}: the atoms of a tuple must be distinct")
         self.register_buffer("atoms", torch.as_tensor(array, dtype=torch.long))
 
@@ -123,6 +123,19 @@ class Dihedrals(Feature):
 
     def names(self) -> list[str]:
         return [f"{f}({name})" for name in super().names() for f in ("sin", "cos")]
+
+
+class Positions(Feature):
+    """Cartesian coordinates of atoms (nm), columns ``[x0, y0, z0, x1, ...]``: features for a system whose
+    energy is not invariant under rigid motions (e.g. particles in an external field)."""
+
+    arity, per_tuple, kind, value_range = 1, 3, "xyz", (-math.inf, math.inf)
+
+    def compute(self, a):
+        return a.flatten(-2)
+
+    def names(self) -> list[str]:
+        return [f"{c}({i})" for (i,) in self.atoms.tolist() for c in "xyz"]
 
 
 class FeatureSet(nn.Module):
@@ -199,3 +212,37 @@ def atom_pairs(topology, atoms: str = "heavy") -> list[tuple[int, int]]:
 def distance_features(topology, atoms: str = "heavy") -> FeatureSet:
     """All pair distances of the selected atoms (mdtraj selection, default heavy atoms)."""
     return FeatureSet(Distances(atom_pairs(topology, atoms)))
+
+
+def proper_torsions(topology, atoms: str = "heavy") -> list[tuple[int, int, int, int]]:
+    """Every proper torsion ``a-b-c-d`` (bonds a-b, b-c, c-d) whose four atoms are selected, one per
+    central bond and outer pair, from the topology's bonds (never a hand-picked list)."""
+    top = mdtraj_topology(topology)
+    selected = set(select_atoms(top, atoms).tolist())
+    neighbours = {i: set() for i in selected}
+    for bond in top.bonds:
+        i, j = bond[0].index, bond[1].index
+        if i in selected and j in selected:
+            neighbours[i].add(j)
+            neighbours[j].add(i)
+    torsions = []
+    for b in sorted(selected):
+        for c in sorted(neighbours[b]):
+            if c <= b:
+                continue
+            for a in sorted(neighbours[b] - {c}):
+                for d in sorted(neighbours[c] - {b, a}):
+                    torsions.append((a, b, c, d))
+    if not torsions:
+        raise ValueError(f"no proper torsion among the atoms {atoms!r} (they need bonded chains of four)")
+    return torsions
+
+
+def torsion_features(topology, atoms: str = "heavy") -> FeatureSet:
+    """sin/cos of every proper torsion over the selected atoms (:func:`proper_torsions`)."""
+    return FeatureSet(Dihedrals(proper_torsions(topology, atoms)))
+
+
+def position_features(topology, atoms: str = "heavy") -> FeatureSet:
+    """The Cartesian coordinates of the selected atoms."""
+    return FeatureSet(Positions([(int(i),) for i in select_atoms(topology, atoms)]))

@@ -73,7 +73,7 @@ def test_the_walk_sees_the_whole_package():
         "openflow.nct",
         "openflow.plugins.openmm.md",
         "openflow.systems.base",
-        "openflow.workflows.quickstart",
+        "openflow.workflows.learned_cv",
         "openflow.cli",
         "openflow.plugins.openmm.forcefield",
     } <= set(ALL)

@@ -274,10 +274,10 @@ def test_metad_command_with_an_xml_cv(tmp_path, learned_cv):
     assert (tmp_path / "run" / "rama.png").read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.parametrize("source", ["nct", "stand_in"])
+@pytest.mark.parametrize("source", ["learned", "stand_in"])
 def test_workflow_smoke(tmp_path, source):
-    """The workflow end to end at toy length, with the CV learned by the canonical transformation or the
-    stand-in: every run writes its files, metrics agree with the COLVARs."""
+    """The workflow end to end at toy length, with the CV learned by the learned-CV loop's first round or
+    the stand-in: every run writes its files, metrics agree with the COLVARs."""
     from openflow.workflows import run as run_workflow
 
     overrides = {
@@ -287,25 +287,25 @@ def test_workflow_smoke(tmp_path, source):
         "learn": {
             "data": {"ns": 0.02, "interval": 100, "platform": "Reference"},
             "nct": {"steps": 4, "batch": 64, "hidden": [8], "layers": 2},
-            "cv": {"hidden": [8], "epochs": 3, "export_frames": 20},
+            "epochs": 3,
         },
         "speed": {"steps": 200, "repeats": 1},
         "progress": False,
     }
     metrics = run_workflow(WORKFLOWS / "metadynamics.yaml", tmp_path, overrides)
-    if source == "nct":
-        assert (
-            (tmp_path / "learn" / "cv_q1.xml").is_file()
-            and metrics["nct_steps"] == 4
-            and metrics["cv_export_max_value_error"] < 1e-4
-        )
+    if source == "learned":
+        assert (tmp_path / "learn" / "cv.xml").is_file() and metrics["nct_steps"] == 4
+        assert metrics["cv_export_max_value_error"] < 1e-10 and metrics["cv_export_method"] == "lepton"
+    else:
+        assert metrics["learned_cv_export_method"] == "table"
     for name in ("unbiased", "phipsi", "learned"):
         phi = read_colvar(tmp_path / name / "COLVAR")["phi"]
         assert phi.size == 40
         assert metrics[f"{name}_transitions"] == analysis.count_transitions(phi_states(phi, PHI_CORE_MARGIN))
         assert (tmp_path / f"rama_{name}.png").exists()
-    assert metrics["learned_cv_export_method" if source == "stand_in" else "cv_export_method"] == "table"
-    assert 0 < metrics["phipsi_speed_relative_to_bare_md"] and (tmp_path / "metrics.json").exists()
+    assert metrics["phipsi_speed_relative_to_bare_md"] == pytest.approx(
+        metrics["phipsi_bare_md_us_per_step"] / metrics["phipsi_biased_us_per_step"]
+    )
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,7 @@ import yaml
 
 from openflow.io import atomic_path, say, write_json
 
-KINDS = ("harmonic_chain", "coulomb_cluster", "alanine_dipeptide", "metadynamics", "quickstart")
+KINDS = ("harmonic_chain", "coulomb_cluster", "alanine_dipeptide", "metadynamics", "learned_cv")
 
 
 def merge(defaults: dict, overrides: dict, where: str = "") -> dict:

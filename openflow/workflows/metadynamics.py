@@ -3,15 +3,15 @@ learned CV, all of the same length.
 
 1. **Unbiased** Langevin MD (``run_metadynamics(system, [])``: the same files and analysis).
 2. **phi/psi**: periodic torsion CVs, ``openmm.app.Metadynamics`` on a 2-D grid.
-3. **Learned CV** (``cv.source``): ``nct`` (default), the slowest mode of a neural canonical
-   transformation learned without any phi/psi information (``learn``: hot MD, the NCT on the
-   heavy atoms, a CV over ``learn.cv.features`` fitted to ``learn.cv.modes`` slowest modes,
-   exported and checked); ``xml``, exported CV force XML files (``cv.xml`` with ``cv.range``, 1-3
-   of them, e.g. the quickstart's ``cv_q1.xml`` and ``cv_q2.xml`` with the ranges from its
-   ``metrics.json``); or ``stand_in``: a small ``CVModel`` (45 heavy-atom distances or
-   sin/cos(phi, psi) -> tanh MLP) regressed on ``cos(phi - 1 rad)``, a smooth function of phi
-   that is 1 in the alpha_L/C7ax basin: a CV known to be good, for testing the machinery, not one
-   learned without phi.
+3. **Learned CV** (``cv.source``): ``learned`` (default), the first round of the learned-CV loop
+   (``openflow.plugins.openmm.learned_cv.learn_cv``: hot MD reweighted to 300 K for the canonical
+   transformation, the kinetically slowest combination of its lowest-frequency modes, a CV over the
+   heavy-atom distances fitted to it, exported and checked: no phi/psi information); ``xml``,
+   exported CV force XML files (``cv.xml`` with ``cv.range``, 1-3 of them, e.g. the learned-CV
+   workflow's ``production/cv.xml`` with the range from its ``metrics.json``); or ``stand_in``: a
+   small ``CVModel`` (45 heavy-atom distances or sin/cos(phi, psi) -> tanh MLP) regressed on
+   ``cos(phi - 1 rad)``, a smooth function of phi that is 1 in the alpha_L/C7ax basin: a CV known to
+   be good, for testing the machinery, not one learned without phi.
 
 Metrics (flat, per run prefix ``unbiased_``, ``phipsi_``, ``learned_``): transitions between the
 phi basins and per ns, ΔF(positive - negative) in kT from the c(t)-reweighted frames, its value at
@@ -27,6 +27,7 @@ from pathlib import Path
 
 import mdtraj
 import numpy as np
+import openmm
 import openmm.unit as unit
 import torch
 
@@ -37,7 +38,7 @@ from openflow.features import Dihedrals, FeatureSet, distance_features
 from openflow.io import save_figure
 from openflow.plugins.openmm import learned_cv
 from openflow.plugins.openmm.export import export_cv, load_cv_force, save_cv_force
-from openflow.plugins.openmm.md import simulate
+from openflow.plugins.openmm.md import simulate, temperature_log_weights
 from openflow.plugins.openmm.metadynamics import (
     fes_state_delta_f,
     learned_bias_variables,
@@ -65,10 +66,10 @@ DEFAULTS = {
         "frequency": 1000,
     },  # PLUMED's usual alanine dipeptide setup: 1.2 kJ/mol per ps
     "phipsi": {"width": 0.35, "grid": 60},  # 60 x 60: a deposit costs ~1/2 of 90 x 90 (OpenMM's default)
-    # cv.source: "nct" (the slowest mode of a canonical transformation, settings in "learn"),
+    # cv.source: "learned" (the learned-CV loop's first round on hot MD, settings in "learn"),
     # "stand_in" (an MLP regressed on cos(phi - target_center)) or "xml" (cv.xml + cv.range)
     "cv": {
-        "source": "nct",
+        "source": "learned",
         "xml": None,
         "range": None,
         "features": "distances",
@@ -79,21 +80,16 @@ DEFAULTS = {
         "grid": None,
         "table_points": 257,
     },
-    # cv.source nct: hot MD, the NCT, a CV fitted to the slowest mode(s), exported and checked;
-    # Gaussian width width_std CV standard deviations
+    # cv.source learned: hot MD, its frames reweighted to the target temperature for the canonical
+    # transformation, the kinetically slowest combination of its lowest-frequency modes, a CV over the
+    # heavy-atom distances fitted to it (no phi/psi anywhere); Gaussian width width_std CV standard deviations
     "learn": {
         "data": {"ns": 1.0, "interval": 200, "temperature_K": 600.0, "platform": None},
         "nct": {"layers": 4, "hidden": [32], "steps": 1000, "batch": 256, "lr": 2e-3},
-        "cv": {
-            "modes": 1,
-            "features": "torsions",
-            "hidden": [16],
-            "epochs": 60,
-            "export_frames": 100,
-            "table_points": 129,
-        },
+        "lag_ps": 1.0,
+        "hidden": [1],
+        "epochs": 60,
         "width_std": 0.25,
-        "grid": 40,
     },
     "speed": {"steps": 5000, "repeats": 5},
     "progress": None,
@@ -107,8 +103,8 @@ FREE = ("cv.width",)  # one width, or one per CV
 def check(config: dict) -> None:
     """The workflow's own rules (types and signs are checked by the runner)."""
     settings = config["cv"]
-    if settings["source"] not in ("nct", "stand_in", "xml"):
-        raise ValueError(f"cv.source must be 'nct', 'stand_in' or 'xml', got {settings['source']!r}")
+    if settings["source"] not in ("learned", "stand_in", "xml"):
+        raise ValueError(f"cv.source must be 'learned', 'stand_in' or 'xml', got {settings['source']!r}")
     if settings["source"] == "xml" and not settings["xml"]:
         raise ValueError(
             "cv.source xml needs cv.xml: 1-3 exported CV force XML files (and cv.range, one [min, max] each)"
@@ -118,9 +114,8 @@ def check(config: dict) -> None:
         raise ValueError(
             f"cv.width must be a positive number or a list of them (one per CV), got {settings['width']!r}"
         )
-    for features in (settings["features"], config["learn"]["cv"]["features"]):
-        if features not in ("torsions", "phi_psi", "distances"):
-            raise ValueError(f"cv.features and learn.cv.features must be 'distances' or 'torsions', got {features!r}")
+    if settings["features"] not in ("torsions", "phi_psi", "distances"):
+        raise ValueError(f"cv.features must be 'distances' or 'torsions', got {settings['features']!r}")
     if not config["metad"]["bias_factor"] > 1:
         raise ValueError(f"metad.bias_factor must be > 1 (well-tempered), got {config['metad']['bias_factor']}")
 
@@ -159,10 +154,11 @@ def stand_in_cv(system, frames: mdtraj.Trajectory, config: dict, out: Path):
     return force, (lo, hi), metrics
 
 
-def nct_cv(config: dict, out: Path, progress: bool) -> tuple[list, list, list, dict]:
-    """The slowest NCT mode(s) of hot MD as checked CV forces: forces, ranges, stds, metrics."""
+def learned_cv_force(config: dict, out: Path, progress: bool) -> tuple[openmm.Force, tuple, float, dict]:
+    """The learned CV of hot MD (``learned_cv.learn_cv``, no phi/psi used): force, range, std, metrics."""
     learn, seed = config["learn"], config["seed"]
     data = learn["data"]
+    system = alanine_dipeptide(**config["system"])
     hot = alanine_dipeptide(**config["system"], temperature=float(data["temperature_K"]) * unit.kelvin)
     md = simulate(
         hot,
@@ -174,24 +170,32 @@ def nct_cv(config: dict, out: Path, progress: bool) -> tuple[list, list, list, d
         progress=progress,
         reuse=True,
     )
-    slow = learned_cv.slow_modes_of_trajectory(
-        hot, md.trajectory, md.topology, int(learn["cv"]["modes"]), learn["nct"], seed, out / "nct", progress
+    log_w = temperature_log_weights(md, system.temperature_K)
+    cv = learned_cv.learn_cv(
+        system,
+        md.trajectory,
+        md.topology,
+        weights=np.exp(log_w - log_w.max()),
+        out=out,
+        seed=seed,
+        lag_ps=learn["lag_ps"],
+        nct=learn["nct"],
+        hidden=learn["hidden"],
+        epochs=learn["epochs"],
+        progress=progress,
     )
-    settings = learn["cv"]
-    cv = CVModel(
-        features_of(hot, settings["features"]), hidden=settings["hidden"], n_out=int(settings["modes"]), seed=seed
-    ).double()
-    exported = learned_cv.fit_and_export(
-        cv,
-        load_trajectory(str(md.trajectory), str(md.topology)),
-        slow.modes,
-        settings["epochs"],
-        seed,
-        out,
-        settings["export_frames"],
-        settings["table_points"],
+    phi = phi_psi(load_trajectory(md.trajectory, md.topology))[0]  # reported, never used to learn
+    basin = phi_states(phi) == 1
+    metrics = dict(
+        cv.metrics,
+        frames=md.n_frames,
+        md_platform=md.platform,
+        md_population_positive=float(basin.mean()),
+        learned_cv_phi_basin_auc=analysis.basin_separation_auc(cv.values, basin)
+        if 0 < basin.sum() < basin.size
+        else float("nan"),
     )
-    return exported.forces, exported.ranges, exported.stds, dict(exported.metrics, **slow.metrics)
+    return cv.force, cv.range, cv.std, metrics
 
 
 def xml_cvs(xml, ranges) -> tuple[list, list[tuple[float, float]]]:
@@ -271,10 +275,11 @@ def run(config: dict, out: Path) -> dict:
     settings, widths, grid = config["cv"], config["cv"]["width"], config["cv"]["grid"]
     if settings["source"] == "xml" or settings["xml"]:
         forces, cv_ranges = xml_cvs(settings["xml"], settings["range"])
-    elif settings["source"] == "nct":
-        forces, cv_ranges, stds, learned_metrics = nct_cv(config, out / "learn", progress)
+    elif settings["source"] == "learned":
+        force, cv_range, std, learned_metrics = learned_cv_force(config, out / "learn", progress)
+        forces, cv_ranges, widths = [force], [cv_range], [config["learn"]["width_std"] * std]
+        grid = min(2000, int(np.ceil(5 * (cv_range[1] - cv_range[0]) / widths[0])))
         metrics.update(learned_metrics)
-        widths, grid = [config["learn"]["width_std"] * std for std in stds], config["learn"]["grid"]
     else:  # stand_in
         files = results["phipsi"].files
         frames = load_trajectory(str(files["trajectory"]), str(files["topology"]))
@@ -323,7 +328,7 @@ def run(config: dict, out: Path) -> dict:
         )
         metrics[f"{name}_speed_relative_to_bare_md"] = cost["speed_ratio"]
         metrics[f"{name}_biased_us_per_step"] = 1e6 * cost["biased_s_per_step"]
-        metrics["bare_md_us_per_step"] = 1e6 * cost["bare_s_per_step"]
+        metrics[f"{name}_bare_md_us_per_step"] = 1e6 * cost["bare_s_per_step"]  # the same Context, unbiased
     metrics["platform"] = results["unbiased"].platform
     metrics["ns_per_run"] = md["ns"]
     return metrics

@@ -194,7 +194,13 @@ def _sample_chain(
         raise ValueError(f"timestep and friction must be positive, got {timestep}, {friction}")
     kT = system.kT_kjmol
     simulation = create_simulation(
-        system, seed, platform, timestep, friction, openmm_system=coupled_system(system, force_index), minimize=False
+        system,
+        (seed, seed),
+        platform,
+        timestep,
+        friction,
+        openmm_system=coupled_system(system, force_index),
+        minimize=False,
     )
     context, integrator = simulation.context, simulation.integrator
     energies = np.empty((lambdas.size, int(n_samples)))

@@ -30,7 +30,7 @@ import openmm.unit as unit
 import torch
 
 from openflow.cv import CVModel
-from openflow.features import Angles, Dihedrals, Distances, Feature
+from openflow.features import Angles, Dihedrals, Distances, Feature, Positions
 
 MAX_CVS = 32
 VALUE_TOLERANCE = 1e-4
@@ -59,6 +59,13 @@ def _linear(bias: float, weights, names) -> str:
 FEATURE_FORCES = {
     Distances: (openmm.CustomBondForce, "w*r", ("w",), "addPerBondParameter", "addBond"),
     Angles: (openmm.CustomAngleForce, "w*theta", ("w",), "addPerAngleParameter", "addAngle"),
+    Positions: (
+        openmm.CustomExternalForce,
+        "wx*x+wy*y+wz*z",
+        ("wx", "wy", "wz"),
+        "addPerParticleParameter",
+        "addParticle",
+    ),
     Dihedrals: (
         openmm.CustomTorsionForce,
         "ws*sin(theta)+wc*cos(theta)",

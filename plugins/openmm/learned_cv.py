@@ -1,13 +1,23 @@
-"""From MD frames to slow CVs as checked ``CustomCVForce``s: the steps every learned-CV run shares.
+"""From MD frames to slow CVs as checked ``CustomCVForce``s, for any OpenMM system.
 
-- :func:`slow_modes_of_trajectory`: a trajectory of any ``openflow.systems.System`` -> the neural
-  canonical transformation of its selected atoms (``openflow.nct``) and the latent positions of
-  its slowest modes on every frame;
-- :func:`fit_and_export`: a ``CVModel`` (features OpenMM can compute -> MLP) regressed on target
-  values (e.g. those modes), each output exported as a ``CustomCVForce`` checked value-for-value
-  and force-for-force against torch (``export.export_cv``) and saved as OpenMM XML.
+    cv = learn_cv(system, "md/trajectory.dcd", "md/topology.pdb", out="cv")   # frames (and weights) in
+    meta = openmm.app.Metadynamics(system.system, [cv.bias_variable()], ...)   # a checked CustomCVForce out
 
-Nothing here assumes a molecule: the atoms are an mdtraj selection, the features are passed in.
+- :func:`choose_features`: ``auto`` tests the System's energy for invariance under rigid motions
+  (:func:`energy_is_rigid_invariant`): invariant -> pair distances of the selected atoms (and the
+  canonical transformation sees Kabsch-aligned positions), not invariant -> their Cartesian
+  positions (nothing aligned); or ``distances``, ``torsions`` (every proper torsion over bonded
+  selected atoms), ``positions``.
+- :func:`slow_modes_of_trajectory`: trajectories -> the neural canonical transformation of the
+  selected atoms (``openflow.nct``, weighted by the frames' reweighting weights) and the latent
+  positions of its lowest-frequency modes on every frame.
+- :func:`learn_slow_cv`: the kinetic choice among those modes (their leading TICA component over
+  the runs' own time order, so not the widest mode but the slowest) regressed by a ``CVModel``
+  over the features and exported (:func:`fit_and_export`): checked value-for-value and
+  force-for-force against torch, saved as OpenMM XML.
+
+Nothing here assumes a molecule: the atoms are an mdtraj selection, the features are chosen from
+the System itself.
 """
 
 from __future__ import annotations
@@ -18,18 +28,61 @@ from pathlib import Path
 
 import mdtraj
 import numpy as np
+import openmm
+import openmm.app as app
+import openmm.unit as unit
 import torch
 
 from openflow import nct
 from openflow.cv import CVModel, fit_cv
-from openflow.data import load
-from openflow.features import select_atoms
+from openflow.data import dcd_header, load, load_trajectory
+from openflow.features import FeatureSet, distance_features, position_features, select_atoms, torsion_features
 from openflow.flows.symplectic import NeuralCanonicalTransformation
 from openflow.io import read_record, write_record
 
 from .export import export_cv, load_cv_force, save_cv_force
 
 DTYPE = torch.float64  # frames, CV fit and export (checked against OpenMM in float64)
+FEATURES = ("auto", "distances", "torsions", "positions")
+
+
+def energy_is_rigid_invariant(system, seed: int = 0, tolerance: float = 1e-6) -> bool:
+    """Whether the System's energy stays the same (to ``tolerance`` relative, plus 1e-6 kJ/mol) when its
+    starting structure is rotated and translated at random (three draws; Reference platform)."""
+    context = openmm.Context(
+        system.system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference")
+    )
+    xyz = np.asarray(system.positions.value_in_unit(unit.nanometer), dtype=np.float64)
+
+    def energy(positions) -> float:
+        context.setPositions(positions)
+        state = context.getState(getEnergy=True, groups=system.energy_groups())
+        return state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+
+    reference = energy(xyz)
+    rng = np.random.default_rng(seed)
+    for _ in range(3):
+        rotation, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+        moved = (xyz - xyz.mean(0)) @ rotation.T + xyz.mean(0) + rng.normal(scale=0.5, size=3)
+        if abs(energy(moved) - reference) > tolerance * abs(reference) + 1e-6:
+            return False
+    return True
+
+
+def choose_features(system, kind: str = "auto", atoms: str = "heavy") -> tuple[FeatureSet, bool, str]:
+    """The CV's input features, whether positions are to be Kabsch-aligned, and the kind chosen.
+
+    ``kind``: ``auto`` (see the module), ``distances``, ``torsions`` or ``positions``; ``atoms``: an
+    mdtraj selection (``heavy``: every atom that is not hydrogen). Alignment is used only where
+    the energy is invariant under rigid motions, whatever the features.
+    """
+    if kind not in FEATURES:
+        raise ValueError(f"features must be one of {', '.join(FEATURES)}, got {kind!r}")
+    invariant = energy_is_rigid_invariant(system)
+    if kind == "auto":
+        kind = "distances" if invariant else "positions"
+    build = {"distances": distance_features, "torsions": torsion_features, "positions": position_features}[kind]
+    return build(system, atoms), invariant, kind
 
 
 @dataclass
@@ -59,10 +112,11 @@ def slow_modes_of_trajectory(
     align: bool = True,
     weights=None,
 ) -> SlowModes:
-    """Train the canonical transformation on the selected atoms of a trajectory file (``topology``: its
-    PDB) of ``system`` (masses, temperature): positions aligned by Kabsch when ``align`` (the energy is
-    invariant under rigid motions), mass-weighted principal axes, Maxwell-Boltzmann momenta drawn
-    with ``seed``. ``settings``: ``openflow.nct.train_nct``'s; ``weights (T,)``: frame weights."""
+    """Train the canonical transformation on the selected atoms of a trajectory file, or a list of them
+    (``topology``: their PDB), of ``system`` (masses, temperature): positions aligned by Kabsch onto the
+    first frame when ``align`` (the energy is invariant under rigid motions), mass-weighted principal
+    axes, Maxwell-Boltzmann momenta drawn with ``seed``. ``settings``: ``openflow.nct.train_nct``'s;
+    ``weights (T,)``: frame weights of all frames in order."""
     positions = load(trajectory, topology, selection=atoms, align=align, dtype=DTYPE)
     masses = system.masses[select_atoms(system, atoms)]
     w = None if weights is None else torch.as_tensor(np.asarray(weights), dtype=DTYPE)
@@ -155,3 +209,130 @@ def fit_and_export(
     ranges = [(float(a), float(b)) for a, b in zip(lo, hi)]
     write_record(out / "cv.json", settings, metrics=metrics, ranges=ranges, stds=stds)
     return ExportedCV([force for force, _ in exported], ranges, stds, metrics, files)
+
+
+@dataclass
+class LearnedCV:
+    """A learned slow CV: the torch ``model`` (features -> MLP, one output), its exported and checked
+    OpenMM ``force``, the guaranteed ``range`` ``(lo, hi)`` of its values, their standard deviation
+    ``std`` on the training frames, the ``values`` ``(T,)`` of the model and the kinetic ``target``
+    ``(T,)`` it was fitted to on those frames, flat ``metrics`` and the written ``files``."""
+
+    model: CVModel
+    force: openmm.Force
+    range: tuple
+    std: float
+    values: np.ndarray
+    target: np.ndarray
+    metrics: dict
+    files: dict
+
+    def bias_variable(self, width_std: float = 0.25, grid: int | None = None, max_grid: int = 2000) -> app.BiasVariable:
+        """A non-periodic ``openmm.app.BiasVariable`` on a copy of the force over the CV's whole range
+        (the bias is zero outside it), Gaussians ``width_std`` standard deviations wide, ``grid`` points
+        (default OpenMM's ``5 * range / width``, at most ``max_grid``)."""
+        lo, hi = self.range
+        width = width_std * self.std
+        if not (width > 0 and np.isfinite(lo) and np.isfinite(hi) and hi > lo):
+            raise ValueError(f"cannot bias a CV with range ({lo}, {hi}) and width {width}: use hidden tanh units")
+        points = grid if grid is not None else int(min(max_grid, np.ceil(5.0 * (hi - lo) / width)))
+        return app.BiasVariable(openmm.XmlSerializer.clone(self.force), lo, hi, width, False, points)
+
+
+def learn_slow_cv(
+    system,
+    trajectories,
+    topology,
+    features: FeatureSet,
+    align: bool,
+    nct_settings: dict,
+    hidden=(1,),
+    epochs: int = 60,
+    n_modes: int = 4,
+    lag: int = 10,
+    seed: int = 0,
+    out: Path = Path("cv"),
+    progress: bool = True,
+    atoms: str = "heavy",
+    weights=None,
+    export_frames: int = 100,
+) -> LearnedCV:
+    """The slow CV of ``trajectories`` (one path or a list, each an unbroken run; ``topology``: PDB) of
+    ``system``: the canonical transformation of the selected ``atoms`` (weighted by ``weights``, one
+    per frame of all runs in order), the leading TICA component of its ``n_modes`` lowest-frequency
+    latent modes at ``lag`` frames inside each run (the kinetically slowest combination), and a
+    ``CVModel`` over ``features`` with ``hidden`` tanh units regressed on it, exported (checked on
+    ``export_frames`` frames) into ``out/cv.xml``. Everything is kept in ``out`` and reused by a call
+    with the same data and settings."""
+    paths = [trajectories] if isinstance(trajectories, (str, Path)) else list(trajectories)
+    frames = [load_trajectory(path, topology) for path in paths]
+    segments = np.concatenate([np.full(part.n_frames, k) for k, part in enumerate(frames)])
+    out = Path(out)
+    n_modes = min(n_modes, 3 * len(select_atoms(system, atoms)) - (nct.RIGID_BODY_DOF if align else 0))
+    slow = slow_modes_of_trajectory(
+        system, paths, topology, n_modes, nct_settings, seed, out / "nct", progress, atoms, align, weights
+    )
+    modes = slow.modes.double().numpy()  # at most as many modes as the frame has axes
+    tica_model, target = nct.kinetic_slowest(modes, segments, lag)
+    share = tica_model.eigenvectors[:, 0] * modes.std(0)
+    share = share / np.linalg.norm(share)
+    cv = CVModel(features, hidden=hidden, n_out=1, seed=seed).double()
+    joined = frames[0] if len(frames) == 1 else mdtraj.join(frames)
+    exported = fit_and_export(cv, joined, torch.as_tensor(target), epochs, seed, out, export_frames, names=["cv"])
+    with torch.no_grad():
+        values = cv(torch.as_tensor(joined.xyz, dtype=DTYPE))[:, 0].numpy()
+    metrics = dict(
+        exported.metrics,
+        **slow.metrics,
+        cv_features=len(features.names()),
+        frames=int(len(segments)),
+        kinetic_lag_frames=int(lag),
+        kinetic_autocorrelation=float(tica_model.eigenvalues[0]),
+    )
+    metrics.update({f"nct_omega_{k + 1}_per_ps": float(w) for k, w in enumerate(slow.omega[:n_modes])})
+    metrics.update({f"kinetic_weight_q{k + 1}": float(v) for k, v in enumerate(share)})
+    return LearnedCV(
+        cv, exported.forces[0], exported.ranges[0], float(exported.stds[0]), values, target, metrics, exported.files
+    )
+
+
+def learn_cv(
+    system,
+    trajectories,
+    topology,
+    weights=None,
+    features: str = "auto",
+    atoms: str = "heavy",
+    out: Path = Path("cv"),
+    seed: int = 0,
+    lag_ps: float = 1.0,
+    frame_ps: float | None = None,
+    **settings,
+) -> LearnedCV:
+    """A checked slow CV of any ``system`` from its frames: features chosen from the System
+    (:func:`choose_features`), the kinetic lag ``lag_ps`` in frames of ``frame_ps`` (default: from the
+    first trajectory's DCD header). ``settings``: ``nct`` (``openflow.nct.train_nct``'s, default a small
+    transformation), ``hidden``, ``epochs``, ``n_modes``, ``export_frames``, ``progress`` of
+    :func:`learn_slow_cv`."""
+    feature_set, invariant, _ = choose_features(system, features, atoms)
+    paths = [trajectories] if isinstance(trajectories, (str, Path)) else list(trajectories)
+    if frame_ps is None:
+        header = dcd_header(paths[0]) if str(paths[0]).lower().endswith(".dcd") else None
+        if header is None:
+            raise ValueError(f"give frame_ps: the time between frames of {paths[0]} is not in a DCD header")
+        frame_ps = header["frame_ps"]
+    nct_settings = settings.pop("nct", {"layers": 4, "hidden": [32], "steps": 1000, "batch": 256, "lr": 2e-3})
+    return learn_slow_cv(
+        system,
+        paths,
+        topology,
+        feature_set,
+        invariant,
+        nct_settings,
+        seed=seed,
+        out=out,
+        atoms=atoms,
+        weights=weights,
+        lag=max(1, round(lag_ps / frame_ps)),
+        **settings,
+    )

@@ -32,6 +32,7 @@ import openmm.unit as unit
 
 from openflow.io import plain_json, read_record
 from openflow.io import progress as progress_bar
+from openflow.systems import kT_kjmol
 
 from .platforms import select_platform
 from .reporters import DCDStreamReporter, PhysicalEnergyReporter
@@ -108,7 +109,7 @@ def draw_seed(seed: int | None) -> int:
 
 def create_simulation(
     system,
-    seed: int,
+    seed: int | tuple[int, int],
     platform: str | None = None,
     timestep=None,
     friction=None,
@@ -124,7 +125,8 @@ def create_simulation(
     """A ready ``openmm.app.Simulation`` of an ``openflow.systems.System`` with Langevin dynamics.
 
     Args:
-        seed: seeds the integrator noise and the initial velocities (:func:`openmm_seeds`).
+        seed: seeds the integrator noise and the initial velocities (:func:`openmm_seeds`), or a pair
+            ``(noise, velocities)`` of OpenMM seeds (1..2**31-1) used as they are.
         platform: an OpenMM platform name, or None/"auto" (``select_platform``, measured for MD).
         timestep: Quantity or ps (default :func:`default_timestep`); friction: Quantity or 1/ps
             (default 1/ps); temperature: Quantity or K (default the system's).
@@ -148,7 +150,7 @@ def create_simulation(
         or equilibration_steps < 0
     ):
         raise ValueError(f"equilibration_steps must be a non-negative integer, got {equilibration_steps!r}")
-    noise_seed, velocity_seed = openmm_seeds(seed)
+    noise_seed, velocity_seed = (int(seed[0]), int(seed[1])) if isinstance(seed, tuple) else openmm_seeds(seed)
     omm_system = system.system if openmm_system is None else openmm_system
     chosen = select_platform(platform, system.system, system.positions, task="md")
     integrator = openmm.LangevinMiddleIntegrator(
@@ -380,3 +382,11 @@ def minimized_energies(system, starts, tolerance: float, max_iterations: int = 1
         state = context.getState(getEnergy=True, groups=system.energy_groups())
         energies.append(state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole))
     return np.array(energies)
+
+
+def temperature_log_weights(run: SimulationResult, temperature_K: float) -> np.ndarray:
+    """Log-weights ``(T,)`` that reweight the frames of a finished :func:`simulate` run to ``temperature_K``:
+    ``-(1/kT - 1/kT_run) U`` with ``U`` the physical potential energy of each frame (``energies.csv``)."""
+    record = json.loads(run.metadata.read_text())
+    energies = np.loadtxt(run.energies, delimiter=",", comments="#", ndmin=2)[:, 2]
+    return -(1.0 / kT_kjmol(temperature_K) - 1.0 / kT_kjmol(record["temperature_K"])) * energies

@@ -1,0 +1,195 @@
+"""The learned-CV loop for any OpenMM system: systems from files, features chosen from the System, the
+kinetic choice of the slow mode, and the loop end to end on a particle in a 2-D double well given only
+as XML + PDB, whose basin free energy is known by quadrature."""
+
+import json
+
+import numpy as np
+import openmm
+import openmm.app as app
+import openmm.unit as unit
+import pytest
+from helpers import WORKFLOWS
+from scipy.integrate import dblquad
+
+from openflow.cli import main
+from openflow.data import load_trajectory
+from openflow.estimators import state_free_energy
+from openflow.features import Positions, proper_torsions
+from openflow.plugins.openmm.export import check_export, to_custom_cv_force
+from openflow.plugins.openmm.learned_cv import choose_features, energy_is_rigid_invariant, learn_cv
+from openflow.plugins.openmm.md import simulate
+from openflow.systems import MOLAR_GAS_CONSTANT, alanine_dipeptide, from_files
+from openflow.systems.alanine_dipeptide import backbone_torsions, phi_psi, phi_states
+from openflow.workflows import run
+
+# U(x, y, z) = A ((x/a)^2 - 1)^2 - B x/a + C (y - 0.1 x/a)^2 + D z^2, kJ/mol and nm: a tilted double well in x
+A, WELL, B, C, D = 25.0, 0.3, 3.0, 100.0, 100.0
+
+
+def write_particle(folder, start_x=-WELL):
+    """A carbon-mass particle in the double well, as a serialized System + PDB (what a user would bring)."""
+    system = openmm.System()
+    system.addParticle(12.0)
+    force = openmm.CustomExternalForce(f"{A}*((x/{WELL})^2-1)^2-{B}*x/{WELL}+{C}*(y-0.1*x/{WELL})^2+{D}*z^2")
+    force.addParticle(0, [])
+    system.addForce(force)
+    (folder / "system.xml").write_text(openmm.XmlSerializer.serialize(system))
+    topology = app.Topology()
+    topology.addAtom("C1", app.Element.getBySymbol("C"), topology.addResidue("PRT", topology.addChain()))
+    with open(folder / "structure.pdb", "w") as handle:
+        app.PDBFile.writeFile(topology, np.array([[start_x, 0.0, 0.0]]) * unit.nanometer, handle)
+    return folder / "system.xml", folder / "structure.pdb"
+
+
+def exact_delta_f(temperature_K: float = 300.0) -> float:
+    """F(x > 0) - F(x < 0) in kT by quadrature (z is separable and cancels)."""
+    kT = MOLAR_GAS_CONSTANT * temperature_K
+
+    def boltzmann(y, x):
+        return np.exp(-(A * ((x / WELL) ** 2 - 1) ** 2 - B * x / WELL + C * (y - 0.1 * x / WELL) ** 2) / kT)
+
+    right = dblquad(boltzmann, 0.0, 1.0, -1.0, 1.0)[0]
+    left = dblquad(boltzmann, -1.0, 0.0, -1.0, 1.0)[0]
+    return float(-np.log(right / left))
+
+
+def test_systems_from_files_and_their_errors(tmp_path, capsys):
+    xml, pdb = write_particle(tmp_path)
+    system = from_files(xml, pdb, temperature_K=350.0)
+    assert system.n_atoms == 1 and system.dim == 3 and system.temperature_K == 350.0
+    with pytest.raises(FileNotFoundError, match="system XML file not found"):
+        from_files(tmp_path / "missing.xml", pdb)
+    (tmp_path / "garbage.xml").write_text("<System version='1'><Particles>")
+    with pytest.raises(ValueError, match="garbage.xml is not a serialized openmm.System"):
+        from_files(tmp_path / "garbage.xml", pdb)
+    ala = alanine_dipeptide()
+    (tmp_path / "ala.xml").write_text(openmm.XmlSerializer.serialize(ala.system))
+    with pytest.raises(ValueError, match="has 22 particles but .* has 1 atoms"):
+        from_files(tmp_path / "ala.xml", pdb)
+    pair = openmm.System()  # two charges on top of each other: an infinite starting energy
+    for _ in range(2):
+        pair.addParticle(1.0)
+    coulomb = openmm.CustomBondForce("1/r")
+    coulomb.addBond(0, 1, [])
+    pair.addForce(coulomb)
+    (tmp_path / "pair.xml").write_text(openmm.XmlSerializer.serialize(pair))
+    topology = app.Topology()
+    residue = topology.addResidue("X", topology.addChain())
+    for k in range(2):
+        topology.addAtom(f"X{k}", app.Element.getBySymbol("Ar"), residue)
+    with open(tmp_path / "pair.pdb", "w") as handle:
+        app.PDBFile.writeFile(topology, np.zeros((2, 3)) * unit.nanometer, handle)
+    with pytest.raises(ValueError, match="non-finite energy"):
+        from_files(tmp_path / "pair.xml", tmp_path / "pair.pdb")
+    command = [
+        "run",
+        str(WORKFLOWS / "learned_cv.yaml"),
+        "--out",
+        str(tmp_path / "run"),
+        "--set",
+        f"system.xml={tmp_path / 'ala.xml'}",
+        "--set",
+        f"system.pdb={pdb}",
+    ]
+    capsys.readouterr()
+    assert main(command) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "22 particles" in error[0] and not (tmp_path / "run" / "round0").exists()
+
+
+def test_features_are_chosen_from_the_system(tmp_path):
+    ala = alanine_dipeptide()
+    particle = from_files(*write_particle(tmp_path))
+    assert energy_is_rigid_invariant(ala) and not energy_is_rigid_invariant(particle)
+    features, align, kind = choose_features(ala)
+    assert (kind, align, features.n_out) == ("distances", True, 45)
+    features, align, kind = choose_features(particle)
+    assert (kind, align, features.n_out) == ("positions", False, 3)
+    # every proper torsion over bonded heavy atoms, from the bonds alone: phi and psi are among them, unasked
+    torsions = proper_torsions(ala)
+    named = backbone_torsions(ala)
+    for quad in (named["phi"][0], named["psi"][0]):
+        assert tuple(quad) in torsions or tuple(reversed(quad)) in torsions
+    assert all(len(set(t)) == 4 for t in torsions) and len(torsions) == len(set(torsions))
+    with pytest.raises(ValueError, match="features must be one of"):
+        choose_features(ala, "phi_psi")
+
+
+def test_position_features_export_exactly(tmp_path):
+    """Cartesian features fold into a CustomExternalForce: OpenMM's CV equals torch, values and forces."""
+    from openflow.cv import CVModel
+
+    cv = CVModel(Positions([(1,), (4,), (8,)]), hidden=(3,), seed=2).double()
+    frames = np.random.default_rng(0).normal(scale=0.5, size=(8, 22, 3))
+    report = check_export(cv, to_custom_cv_force(cv), frames)
+    assert report["max_value_error"] < 1e-12 and report["max_force_relative_error"] < 1e-10
+
+
+def test_kinetic_choice_finds_the_rare_basin_change_in_hot_alanine(tmp_path):
+    """From 0.3 ns of 700 K MD (no phi/psi anywhere in the learning) the learned CV separates the phi basins."""
+    hot = alanine_dipeptide(temperature=700.0 * unit.kelvin)
+    md = simulate(hot, ns=0.3, interval=100, out=tmp_path / "md", seed=0, platform="Reference", progress=False)
+    phi = phi_psi(load_trajectory(md.trajectory, md.topology))[0]
+    basin = phi_states(phi) == 1
+    assert 0.02 < basin.mean() < 0.98  # both basins visited: the test is meaningful
+    cv = learn_cv(
+        hot,
+        md.trajectory,
+        md.topology,
+        out=tmp_path / "cv",
+        lag_ps=1.0,
+        progress=False,
+        nct={"layers": 2, "hidden": [16], "steps": 200, "batch": 256, "lr": 2e-3},
+        epochs=30,
+    )
+    from openflow.analysis import basin_separation_auc
+
+    assert basin_separation_auc(cv.target, basin) > 0.95 and basin_separation_auc(cv.values, basin) > 0.95
+    assert cv.metrics["cv_export_max_value_error"] < 1e-10 and cv.metrics["kinetic_lag_frames"] == 10
+    variable = cv.bias_variable(0.25)
+    assert variable.minValue == cv.range[0] and variable.biasWidth == pytest.approx(0.25 * cv.std)
+    again = learn_cv(
+        hot,
+        md.trajectory,
+        md.topology,
+        out=tmp_path / "cv",
+        lag_ps=1.0,
+        progress=False,
+        nct={"layers": 2, "hidden": [16], "steps": 200, "batch": 256, "lr": 2e-3},
+        epochs=30,
+    )
+    np.testing.assert_array_equal(again.values, cv.values)  # the saved CV, reused
+
+
+def test_the_loop_on_a_particle_given_as_files_recovers_the_exact_basin_free_energy(tmp_path):
+    """Started in the higher basin, round 0 at 600 K, then the loop: ΔF(x > 0 - x < 0) from the production
+    frames and weights within 0.2 kT of quadrature; the workflow's own states are the two wells."""
+    xml, pdb = write_particle(tmp_path)
+    overrides = {
+        "system": {"xml": str(xml), "pdb": str(pdb)},
+        "interval": 50,
+        "round0": {"ns": 0.5},
+        "nct": {"steps": 200, "hidden": [16], "layers": 2},
+        "cv": {"epochs": 30, "hidden": [2]},
+        "rounds": {"max": 2, "ns": 1.0},
+        "production": {"ns": 6.0},
+        "speed": {"steps": 200, "repeats": 1},
+        "progress": False,
+    }
+    metrics = run(WORKFLOWS / "learned_cv.yaml", tmp_path / "run", overrides)
+    production = tmp_path / "run" / "production"
+    for name in ("trajectory.dcd", "topology.pdb", "weights.npy", "COLVAR", "cv.xml"):
+        assert (production / name).exists(), name
+    x = load_trajectory(production / "trajectory.dcd", production / "topology.pdb").xyz[:, 0, 0]
+    weights = np.load(production / "weights.npy")
+    assert weights.shape == x.shape and (weights >= 0).all()
+    estimate = state_free_energy(x > 0, np.log(weights), n_blocks=10)
+    exact = exact_delta_f()
+    assert abs(estimate.delta_f - exact) < min(0.2, 3 * estimate.error) and estimate.error < 0.15
+    assert metrics["features"] == "positions" and metrics["production_states"] == 2
+    assert abs(metrics["production_delta_f_kT"] - exact) < 0.3  # ΔF(other state - start state) along the CV
+    assert metrics["production_transitions_per_ns"] > 10 and metrics["biased_ns_total"] <= 14.0
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["rounds"] == metrics["rounds"] and (tmp_path / "run" / "delta_f_rounds.png").exists()
+    assert metrics["round1_cv_export_max_value_error"] < 1e-10  # the exported CV is the torch CV

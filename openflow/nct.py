@@ -126,6 +126,23 @@ def build_nct(variances: torch.Tensor, layers: int, hidden: Sequence[int]) -> Ne
     return NeuralCanonicalTransformation(transform, LatentHarmonicPrior(dim, variances.rsqrt())).to(NCT_DTYPE)
 
 
+SETTINGS = {"layers": 4, "hidden": [32], "steps": 1000, "batch": 256, "lr": 2e-3}  # a small transformation
+
+
+def nct_settings(settings: dict | None = None) -> dict:
+    """:data:`SETTINGS` updated by ``settings``; unknown keys and unusable values are a ``ValueError``."""
+    merged = {**SETTINGS, **(settings or {})}
+    unknown = sorted(set(merged) - set(SETTINGS))
+    if unknown:
+        raise ValueError(f"unknown NCT settings {unknown}; the settings are {sorted(SETTINGS)}")
+    counts = [merged[key] for key in ("layers", "steps", "batch")] + list(np.atleast_1d(merged["hidden"]))
+    if not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n > 0 for n in counts):
+        raise ValueError(f"NCT layers, steps, batch and hidden widths must be positive integers, got {merged}")
+    if not (isinstance(merged["lr"], (int, float)) and merged["lr"] > 0):
+        raise ValueError(f"NCT lr must be a positive number, got {merged['lr']!r}")
+    return merged
+
+
 def train_nct(
     p: torch.Tensor,
     q: torch.Tensor,
@@ -138,11 +155,13 @@ def train_nct(
 ) -> tuple[NeuralCanonicalTransformation, dict]:
     """Maximum likelihood of ``(p~, q~)`` (``(T, k)`` each) under :func:`build_nct`, Adam.
 
-    ``settings``: ``layers``, ``hidden``, ``steps``, ``batch``, ``lr``; ``weights (T,)``: frame
+    ``settings``: ``layers``, ``hidden``, ``steps``, ``batch``, ``lr`` (:func:`nct_settings`, missing ones
+    from :data:`SETTINGS`); ``weights (T,)``: frame
     weights of the likelihood (None: equal). Checkpoints go to ``out``: a rerun with the same settings
     resumes there (with more ``steps`` it continues training). Returns the model (eval mode) and
     ``{"nct_steps", "nct_final_loss"}``.
     """
+    settings = nct_settings(settings)
     p, q = p.to(NCT_DTYPE), q.to(NCT_DTYPE)
     torch.manual_seed(seed)
     model = build_nct(variances, settings["layers"], settings["hidden"])

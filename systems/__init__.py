@@ -3,7 +3,7 @@
 from .alanine_dipeptide import alanine_dipeptide
 from .base import INACTIVE_FORCE_GROUP, MOLAR_GAS_CONSTANT, System, kT_kjmol
 from .coulomb_cluster import coulomb_cluster
-from .files import from_files
+from .files import from_files, from_openmm
 from .harmonic_chain import HarmonicChain, harmonic_chain
 
 BUILDERS = {
@@ -29,6 +29,7 @@ __all__ = [
     "alanine_dipeptide",
     "coulomb_cluster",
     "from_files",
+    "from_openmm",
     "harmonic_chain",
     "build",
 ]

@@ -83,6 +83,19 @@ class System:
         """Number of active coordinates ``d``."""
         return int(self.active.sum())
 
+    def check_batch(self, x) -> None:
+        """Raise ``TypeError``/``ValueError`` (one line) unless ``x`` is a floating-point tensor ``(B, d)``."""
+        d = self.dim
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(
+                f"x must be a floating-point torch.Tensor of shape (B, {d}), "
+                f"got {type(x).__name__} {getattr(x, 'dtype', '')}"
+            )
+        if x.ndim != 2 or x.shape[1] != d:
+            raise ValueError(
+                f"x must have shape (B, {d}) (a batch of {d} active coordinates in nm), got {tuple(x.shape)}"
+            )
+
     @property
     def temperature_K(self) -> float:
         """The temperature in K as a float."""

@@ -3,6 +3,7 @@ kinetic choice of the slow mode, and the loop end to end on a particle in a 2-D 
 as XML + PDB, whose basin free energy is known by quadrature."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import openmm
@@ -12,14 +13,18 @@ import pytest
 from helpers import WORKFLOWS
 from scipy.integrate import dblquad
 
+from openflow import nct
+from openflow.analysis import basin_separation_auc
 from openflow.cli import main
 from openflow.data import load_trajectory
 from openflow.estimators import state_free_energy
 from openflow.features import Positions, proper_torsions
-from openflow.plugins.openmm.export import check_export, to_custom_cv_force
+from openflow.nct import nct_settings
+from openflow.plugins.openmm.export import check_export, load_cv_force, openmm_cv_values_and_forces, to_custom_cv_force
 from openflow.plugins.openmm.learned_cv import choose_features, energy_is_rigid_invariant, learn_cv
 from openflow.plugins.openmm.md import simulate
-from openflow.systems import MOLAR_GAS_CONSTANT, alanine_dipeptide, from_files
+from openflow.plugins.openmm.reporters import read_colvar
+from openflow.systems import MOLAR_GAS_CONSTANT, alanine_dipeptide, from_files, from_openmm
 from openflow.systems.alanine_dipeptide import backbone_torsions, phi_psi, phi_states
 from openflow.workflows import run
 
@@ -65,7 +70,7 @@ def test_systems_from_files_and_their_errors(tmp_path, capsys):
         from_files(tmp_path / "garbage.xml", pdb)
     ala = alanine_dipeptide()
     (tmp_path / "ala.xml").write_text(openmm.XmlSerializer.serialize(ala.system))
-    with pytest.raises(ValueError, match="has 22 particles but .* has 1 atoms"):
+    with pytest.raises(ValueError, match="ala.xml and .*: the System has 22 particles but the topology 1 atoms"):
         from_files(tmp_path / "ala.xml", pdb)
     pair = openmm.System()  # two charges on top of each other: an infinite starting energy
     for _ in range(2):
@@ -96,6 +101,26 @@ def test_systems_from_files_and_their_errors(tmp_path, capsys):
     assert main(command) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "22 particles" in error[0] and not (tmp_path / "run" / "round0").exists()
+
+
+def test_systems_in_memory_equal_their_files_and_their_errors(tmp_path):
+    """from_openmm on the objects a user holds gives the System from_files reads from their saved copies."""
+    xml, pdb = write_particle(tmp_path, start_x=0.25)
+    structure = app.PDBFile(str(pdb))
+    loaded = openmm.XmlSerializer.deserialize(xml.read_text())
+    system = from_openmm(loaded, structure.topology, structure.positions, temperature_K=320.0, name="particle")
+    saved = from_files(xml, pdb, temperature_K=320.0)
+    np.testing.assert_array_equal(system.masses, saved.masses)
+    np.testing.assert_array_equal(
+        system.positions.value_in_unit(unit.nanometer), saved.positions.value_in_unit(unit.nanometer)
+    )
+    assert system.name == "particle" and system.kT_kjmol == saved.kT_kjmol and system.dim == 3
+    with pytest.raises(ValueError, match="takes an openmm.System and an openmm.app.Topology, got str"):
+        from_openmm(str(xml), structure.topology, structure.positions)
+    with pytest.raises(ValueError, match=r"positions must be finite, shape \(1, 3\) in nm, got shape \(2, 3\)"):
+        from_openmm(loaded, structure.topology, np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="temperature_K must be a positive number"):
+        from_openmm(loaded, structure.topology, structure.positions, temperature_K=-1.0)
 
 
 def test_features_are_chosen_from_the_system(tmp_path):
@@ -133,33 +158,28 @@ def test_kinetic_choice_finds_the_rare_basin_change_in_hot_alanine(tmp_path):
     phi = phi_psi(load_trajectory(md.trajectory, md.topology))[0]
     basin = phi_states(phi) == 1
     assert 0.02 < basin.mean() < 0.98  # both basins visited: the test is meaningful
-    cv = learn_cv(
-        hot,
-        md.trajectory,
-        md.topology,
-        out=tmp_path / "cv",
-        lag_ps=1.0,
-        progress=False,
-        nct={"layers": 2, "hidden": [16], "steps": 200, "batch": 256, "lr": 2e-3},
-        epochs=30,
-    )
-    from openflow.analysis import basin_separation_auc
 
+    def learn():
+        small = {"layers": 2, "hidden": [16], "steps": 200}
+        return learn_cv(hot, md.trajectory, md.topology, out=tmp_path / "cv", progress=False, nct=small, epochs=30)
+
+    cv = learn()
     assert basin_separation_auc(cv.target, basin) > 0.95 and basin_separation_auc(cv.values, basin) > 0.95
     assert cv.metrics["cv_export_max_value_error"] < 1e-10 and cv.metrics["kinetic_lag_frames"] == 10
     variable = cv.bias_variable(0.25)
     assert variable.minValue == cv.range[0] and variable.biasWidth == pytest.approx(0.25 * cv.std)
-    again = learn_cv(
-        hot,
-        md.trajectory,
-        md.topology,
-        out=tmp_path / "cv",
-        lag_ps=1.0,
-        progress=False,
-        nct={"layers": 2, "hidden": [16], "steps": 200, "batch": 256, "lr": 2e-3},
-        epochs=30,
-    )
-    np.testing.assert_array_equal(again.values, cv.values)  # the saved CV, reused
+    np.testing.assert_array_equal(learn().values, cv.values)  # the saved CV, reused
+
+
+def test_partial_nct_settings_are_completed_and_bad_ones_named():
+    """learn_cv's ``nct={...}`` may give only what it changes; a typo or a bad value is one clear error."""
+    assert nct_settings({"steps": 5}) == {**nct.SETTINGS, "steps": 5}
+    with pytest.raises(ValueError, match=r"unknown NCT settings \['step'\]"):
+        nct_settings({"step": 5})
+    with pytest.raises(ValueError, match="positive integers"):
+        nct_settings({"hidden": [16, 0]})
+    with pytest.raises(ValueError, match="lr must be a positive number"):
+        nct_settings({"lr": "fast"})
 
 
 def test_the_loop_on_a_particle_given_as_files_recovers_the_exact_basin_free_energy(tmp_path):
@@ -168,7 +188,7 @@ def test_the_loop_on_a_particle_given_as_files_recovers_the_exact_basin_free_ene
     xml, pdb = write_particle(tmp_path)
     overrides = {
         "system": {"xml": str(xml), "pdb": str(pdb)},
-        "interval": 50,
+        "frame_ps": 0.5,
         "round0": {"ns": 0.5},
         "nct": {"steps": 200, "hidden": [16], "layers": 2},
         "cv": {"epochs": 30, "hidden": [2]},
@@ -193,3 +213,22 @@ def test_the_loop_on_a_particle_given_as_files_recovers_the_exact_basin_free_ene
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["rounds"] == metrics["rounds"] and (tmp_path / "run" / "delta_f_rounds.png").exists()
     assert metrics["round1_cv_export_max_value_error"] < 1e-10  # the exported CV is the torch CV
+
+
+B2_GUEST = Path(__file__).resolve().parents[1] / "systems" / "data" / "b2_guest"
+
+
+@pytest.mark.slow
+def test_the_loop_on_a_drug_like_guest_given_as_files(tmp_path):
+    """B2, a 30-atom GAFF guest in vacuum given as XML + PDB, the loop at its default settings: distance
+    features, two states crossed in production, and the shipped ``production/cv.xml`` is the CV of the
+    COLVAR on the production frames (OpenMM against what the run recorded)."""
+    xml, pdb = B2_GUEST / "system.xml", B2_GUEST / "structure.pdb"
+    metrics = run(WORKFLOWS / "learned_cv.yaml", tmp_path / "run", {"system": {"xml": str(xml), "pdb": str(pdb)}})
+    assert metrics["features"] == "distances" and metrics["n_features"] == 66  # 12 heavy atoms
+    assert metrics["production_states"] == 2 and metrics["production_transitions_per_ns"] >= 3
+    assert np.isfinite(metrics["production_delta_f_kT"]) and metrics["production_delta_f_error_kT"] < 1.0
+    production = tmp_path / "run" / "production"
+    frames = load_trajectory(production / "trajectory.dcd", production / "topology.pdb")
+    values = openmm_cv_values_and_forces(load_cv_force(production / "cv.xml"), frames)[0]
+    np.testing.assert_allclose(values, read_colvar(production / "COLVAR")["cv"], atol=1e-4)

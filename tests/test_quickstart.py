@@ -21,7 +21,7 @@ from openflow.systems.alanine_dipeptide import PHI_CORE_MARGIN, phi_states
 from openflow.workflows import run
 
 TINY = {
-    "interval": 100,
+    "frame_ps": 0.1,
     "round0": {"ns": 0.02},
     "nct": {"steps": 4, "batch": 64, "hidden": [8], "layers": 2},
     "cv": {"epochs": 3, "export_frames": 20},

@@ -10,7 +10,8 @@ BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 
 @pytest.mark.parametrize("code", BLOCKS, ids=[f"example{i}" for i in range(len(BLOCKS))])
-def test_readme_python_example_runs(code):
+def test_readme_python_example_runs(code, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # examples that write runs/... write them here
     exec(compile(code, str(README), "exec"), {"__name__": "readme"})
 
 

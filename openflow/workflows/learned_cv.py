@@ -14,6 +14,10 @@
    ``rounds.converge_kT`` (after ``rounds.min`` rounds).
 3. **Production**: the last round's metadynamics continued for ``production.ns``.
 
+Times are in ps (``frame_ps``, ``metad.pace_ps``, ``slow.lag_ps``) and become steps of the system's
+own time step (``openflow.plugins.openmm.md.default_timestep``), so one file serves a molecule at
+1 fs and a reduced model at 10 fs.
+
 Nothing about the molecule enters the learning. A peptide (``report.backbone``) also gets its
 backbone phi/psi reported: phi transitions, ΔF(phi > 0 - phi < 0), the reweighted Ramachandran plot
 and (``report.compare``) a metadynamics run on phi/psi with the same settings and length, for the
@@ -32,7 +36,7 @@ import torch
 from openflow import analysis, estimators
 from openflow.io import save_figure, say, write_json
 from openflow.plugins.openmm.learned_cv import FEATURES, choose_features, learn_slow_cv
-from openflow.plugins.openmm.md import simulate, temperature_log_weights
+from openflow.plugins.openmm.md import default_timestep, simulate, temperature_log_weights
 from openflow.plugins.openmm.metadynamics import run_metadynamics, step_costs, torsion_bias_variables
 from openflow.systems import build, from_files
 from openflow.systems.alanine_dipeptide import (
@@ -49,12 +53,12 @@ DEFAULTS = {
     "features": "auto",
     "atoms": "heavy",
     "platform": None,
-    "interval": 200,  # steps between frames of every run (the kinetic lag is counted in frames)
+    "frame_ps": 0.2,  # time between frames of every run (in steps of the system's own time step)
     "round0": {"ns": 1.0, "temperature_K": 600.0, "reweight": True},
-    "nct": {"layers": 4, "hidden": [32], "steps": 1000, "batch": 256, "lr": 2e-3, "modes": 4, "weighted": True},
+    "nct": {"layers": 4, "hidden": [32], "steps": 1000, "batch": 256, "lr": 2e-3, "modes": 8, "weighted": True},
     "slow": {"lag_ps": 1.0},
     "cv": {"hidden": [1], "epochs": 60, "export_frames": 100},
-    "metad": {"height": 1.2, "bias_factor": 6.0, "frequency": 1000, "width_std": 0.25},
+    "metad": {"height": 1.2, "bias_factor": 6.0, "pace_ps": 1.0, "width_std": 0.25},
     "rounds": {"max": 4, "min": 1, "ns": 1.0, "converge_kT": 0.5},
     "production": {"ns": 2.0},
     "report": {"backbone": True, "compare": True, "reference": {"system": None, "delta_f_kT": None, "error_kT": None}},
@@ -95,6 +99,15 @@ def make_system(settings: dict, temperature_K: float | None = None):
     if settings["xml"] is not None:
         return from_files(settings["xml"], settings["pdb"], temperature_K=kelvin)
     return build(settings["name"], **settings["options"], temperature=kelvin * unit.kelvin)
+
+
+def md_steps(system, config: dict) -> dict:
+    """``frame_ps`` and ``metad.pace_ps`` in steps of the system's time step: ``{"interval", "frequency"}``."""
+    dt_ps = default_timestep(system).value_in_unit(unit.picosecond)
+    return {
+        "interval": max(1, round(config["frame_ps"] / dt_ps)),
+        "frequency": max(1, round(config["metad"]["pace_ps"] / dt_ps)),
+    }
 
 
 def run_weights(log_w: np.ndarray) -> np.ndarray:
@@ -157,14 +170,16 @@ def run(config: dict, out: Path) -> dict:
     say(f"learned_cv: {system.name}, {kind} features ({features.n_out}), rigid-motion invariant: {invariant}")
     peptide = config["report"]["backbone"] and _has_backbone(system)
     observables = phi_psi_observables() if peptide else None
+    steps = md_steps(system, config)
     metrics = {"features": kind, "n_features": features.n_out, "energy_rigid_invariant": invariant}
+    metrics.update(frame_steps=steps["interval"], metad_pace_steps=steps["frequency"])
 
     hot = config["round0"]
     say("learned_cv: round 0, unbiased MD")
     md = simulate(
         make_system(config["system"], hot["temperature_K"]),
         ns=hot["ns"],
-        interval=config["interval"],
+        interval=steps["interval"],
         out=out / "round0",
         seed=seed,
         platform=platform,
@@ -178,6 +193,18 @@ def run(config: dict, out: Path) -> dict:
     )
     frame_ps = md.interval * md.timestep_ps
     metad, biased_ns, rounds, curves = config["metad"], 0.0, config["rounds"], {}
+    biased = dict(  # every biased run on the learned CV: the same metadynamics settings
+        height=metad["height"],
+        bias_factor=metad["bias_factor"],
+        frequency=steps["frequency"],
+        interval=steps["interval"],
+        platform=platform,
+        cv_names=["cv"],
+        observables=observables,
+        reuse=True,
+        overwrite=True,
+        progress=progress,
+    )
     for k in range(1, rounds["max"] + 1):
         folder = out / f"round{k}"
         say(f"learned_cv: round {k}: learning the CV from {len(runs)} run(s)")
@@ -203,21 +230,7 @@ def run(config: dict, out: Path) -> dict:
         variable = cv.bias_variable(metad["width_std"])
         say(f"learned_cv: round {k}: metadynamics on the CV")
         result = run_metadynamics(
-            system,
-            [variable],
-            ns=rounds["ns"],
-            out=folder / "metadynamics",
-            height=metad["height"],
-            bias_factor=metad["bias_factor"],
-            frequency=metad["frequency"],
-            interval=config["interval"],
-            platform=platform,
-            seed=seed + k,
-            cv_names=["cv"],
-            observables=observables,
-            reuse=True,
-            overwrite=True,
-            progress=progress,
+            system, [variable], ns=rounds["ns"], out=folder / "metadynamics", seed=seed + k, **biased
         )
         biased_ns += result.ns
         with torch.no_grad():  # the CV of the starting structure: its side is the start state
@@ -240,18 +253,9 @@ def run(config: dict, out: Path) -> dict:
         [variable],
         ns=config["production"]["ns"],
         out=out / "production",
-        height=metad["height"],
-        bias_factor=metad["bias_factor"],
-        frequency=metad["frequency"],
-        interval=config["interval"],
-        platform=platform,
         seed=seed + 100,
-        cv_names=["cv"],
-        observables=observables,
         continue_from=folder / "metadynamics",
-        reuse=True,
-        overwrite=True,
-        progress=progress,
+        **biased,
     )
     shutil.copy2(folder / "cv.xml", out / "production" / "cv.xml")
     final, curves["production"] = round_summary(production.cvs[:, 0], production.log_weights, production.time_ps, start)
@@ -268,7 +272,7 @@ def run(config: dict, out: Path) -> dict:
         steps=config["speed"]["steps"],
         repeats=config["speed"]["repeats"],
         platform=production.platform,
-        frequency=metad["frequency"],
+        frequency=steps["frequency"],
     )
     metrics.update(speed_relative_to_bare_md=cost["speed_ratio"], platform=production.platform)
     plot_rounds(curves, out / "delta_f_rounds.png")
@@ -312,7 +316,7 @@ def report_backbone(system, last_round, production, config: dict, out: Path, met
     }
     if config["report"]["compare"]:
         torsions = backbone_torsions(system)
-        metad = config["metad"]
+        metad, steps = config["metad"], md_steps(system, config)
         phipsi = run_metadynamics(
             system,
             torsion_bias_variables([torsions["phi"][0], torsions["psi"][0]]),
@@ -320,8 +324,8 @@ def report_backbone(system, last_round, production, config: dict, out: Path, met
             out=out / "compare_phipsi",
             height=metad["height"],
             bias_factor=metad["bias_factor"],
-            frequency=metad["frequency"],
-            interval=config["interval"],
+            frequency=steps["frequency"],
+            interval=steps["interval"],
             platform=production.platform,
             seed=config["seed"] + 200,
             cv_names=["cv_phi", "cv_psi"],

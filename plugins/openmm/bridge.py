@@ -209,16 +209,7 @@ class OpenMMEnergy(EvaluationCounts):
 
     def _coordinates(self, x) -> np.ndarray:
         """Validate ``x`` ``(B, d)`` and return it as a float64 numpy array on the CPU."""
-        d = self.dim
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise TypeError(
-                f"x must be a floating-point torch.Tensor of shape (B, {d}), "
-                f"got {type(x).__name__} {getattr(x, 'dtype', '')}"
-            )
-        if x.ndim != 2 or x.shape[1] != d:
-            raise ValueError(
-                f"x must have shape (B, {d}) (a batch of {d} active coordinates in nm), got {tuple(x.shape)}"
-            )
+        self.system.check_batch(x)
         return x.detach().to(device="cpu", dtype=torch.float64).numpy()
 
     @staticmethod

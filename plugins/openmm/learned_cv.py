@@ -248,7 +248,7 @@ def learn_slow_cv(
     nct_settings: dict,
     hidden=(1,),
     epochs: int = 60,
-    n_modes: int = 4,
+    n_modes: int = 8,
     lag: int = 10,
     seed: int = 0,
     out: Path = Path("cv"),
@@ -311,8 +311,8 @@ def learn_cv(
 ) -> LearnedCV:
     """A checked slow CV of any ``system`` from its frames: features chosen from the System
     (:func:`choose_features`), the kinetic lag ``lag_ps`` in frames of ``frame_ps`` (default: from the
-    first trajectory's DCD header). ``settings``: ``nct`` (``openflow.nct.train_nct``'s, default a small
-    transformation), ``hidden``, ``epochs``, ``n_modes``, ``export_frames``, ``progress`` of
+    first trajectory's DCD header). ``settings``: ``nct`` (a dict of ``openflow.nct.SETTINGS``'s keys,
+    missing ones from there), ``hidden``, ``epochs``, ``n_modes``, ``export_frames``, ``progress`` of
     :func:`learn_slow_cv`."""
     feature_set, invariant, _ = choose_features(system, features, atoms)
     paths = [trajectories] if isinstance(trajectories, (str, Path)) else list(trajectories)
@@ -321,7 +321,7 @@ def learn_cv(
         if header is None:
             raise ValueError(f"give frame_ps: the time between frames of {paths[0]} is not in a DCD header")
         frame_ps = header["frame_ps"]
-    nct_settings = settings.pop("nct", {"layers": 4, "hidden": [32], "steps": 1000, "batch": 256, "lr": 2e-3})
+    nct_settings = nct.nct_settings(settings.pop("nct", None))
     return learn_slow_cv(
         system,
         paths,

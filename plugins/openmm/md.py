@@ -89,6 +89,33 @@ def openmm_seeds(seed: int) -> tuple[int, int]:
     return int(noise), int(velocities)
 
 
+@dataclass
+class RunLength:
+    """A run's time step ``dt_ps``, friction ``gamma_ps`` (1/ps), length ``steps`` and frame ``interval`` (steps)."""
+
+    dt_ps: float
+    gamma_ps: float
+    steps: int
+    interval: int
+
+
+def run_length(system, steps=None, ns=None, timestep=None, friction=None, interval=None) -> RunLength:
+    """Resolve and check a run's settings: ``timestep`` (default :func:`default_timestep`) and
+    ``friction`` (default 1/ps) as Quantities or plain ps and 1/ps, exactly one of ``steps`` and
+    ``ns``, ``interval`` steps between frames (default one frame per ps, at most the run)."""
+    dt_ps = positive_number(default_timestep(system) if timestep is None else timestep, unit.picosecond, "timestep")
+    gamma_ps = positive_number(
+        DEFAULT_FRICTION_PER_PS if friction is None else friction, unit.picosecond**-1, "friction"
+    )
+    n_steps = steps_from(steps, ns, dt_ps)
+    interval = max(1, round(FRAME_EVERY_PS / dt_ps)) if interval is None else positive_integer(interval, "interval")
+    if interval > n_steps:
+        raise ValueError(
+            f"interval ({interval} steps) is longer than the run ({n_steps} steps): no frame would be saved"
+        )
+    return RunLength(dt_ps, gamma_ps, n_steps, interval)
+
+
 def steps_from(steps, ns, timestep_ps: float) -> int:
     """Run length in steps from exactly one of ``steps`` and ``ns`` (simulated time)."""
     if (steps is None) == (ns is None):
@@ -292,16 +319,8 @@ def simulate(
     physical energy ``System.energy_groups()``, without the tethers of inactive components) and
     ``simulation.json`` (every setting, the seed, the platform and the speed).
     """
-    dt_ps = positive_number(default_timestep(system) if timestep is None else timestep, unit.picosecond, "timestep")
-    gamma_ps = positive_number(
-        DEFAULT_FRICTION_PER_PS if friction is None else friction, unit.picosecond**-1, "friction"
-    )
-    n_steps = steps_from(steps, ns, dt_ps)
-    interval = max(1, round(FRAME_EVERY_PS / dt_ps)) if interval is None else positive_integer(interval, "interval")
-    if interval > n_steps:
-        raise ValueError(
-            f"interval ({interval} steps) is longer than the run ({n_steps} steps): no frame would be saved"
-        )
+    length = run_length(system, steps, ns, timestep, friction, interval)
+    dt_ps, gamma_ps, n_steps, interval = length.dt_ps, length.gamma_ps, length.steps, length.interval
     if equilibration_steps is None:
         equilibration_steps = round(EQUILIBRATION_PS / dt_ps)
     out = Path(out)

@@ -62,19 +62,7 @@ from openflow.io import plain_json, write_json
 from openflow.io import progress as progress_bar
 
 from .export import to_custom_cv_force, to_tabulated_cv_force
-from .md import (
-    DEFAULT_FRICTION_PER_PS,
-    FRAME_EVERY_PS,
-    create_simulation,
-    default_timestep,
-    draw_seed,
-    finished_run,
-    platform_name,
-    positions_nm,
-    positive_integer,
-    positive_number,
-    steps_from,
-)
+from .md import create_simulation, draw_seed, finished_run, platform_name, positions_nm, positive_integer, run_length
 from .reporters import ColvarReporter, add_colvar_columns, read_colvar
 
 DEFAULT_TORSION_WIDTH = 0.35  # rad, Gaussian standard deviation on a torsion
@@ -427,14 +415,8 @@ def run_metadynamics(
         if not height > 0:
             raise ValueError(f"height must be positive (kJ/mol), got {height}")
     frequency = positive_integer(frequency, "frequency")
-    dt_ps = positive_number(default_timestep(system) if timestep is None else timestep, unit.picosecond, "timestep")
-    gamma_ps = positive_number(
-        DEFAULT_FRICTION_PER_PS if friction is None else friction, unit.picosecond**-1, "friction"
-    )
-    n_steps = steps_from(steps, ns, dt_ps)
-    interval = max(1, round(FRAME_EVERY_PS / dt_ps)) if interval is None else positive_integer(interval, "interval")
-    if interval > n_steps:
-        raise ValueError(f"interval must be an integer in [1, {n_steps}] steps, got {interval}")
+    length = run_length(system, steps, ns, timestep, friction, interval)
+    dt_ps, gamma_ps, n_steps, interval = length.dt_ps, length.gamma_ps, length.steps, length.interval
     names = list(cv_names) if cv_names is not None else [f"cv{i + 1}" for i in range(len(variables))]
     if len(names) != len(variables):
         raise ValueError(f"{len(names)} cv_names for {len(variables)} CVs")

@@ -32,17 +32,7 @@ from openflow.io import plain_json
 from openflow.io import progress as progress_bar
 from openflow.systems import MOLAR_GAS_CONSTANT
 
-from .md import (
-    DEFAULT_FRICTION_PER_PS,
-    create_simulation,
-    default_timestep,
-    finished_run,
-    partial_outputs,
-    platform_name,
-    positive_integer,
-    positive_number,
-    steps_from,
-)
+from .md import create_simulation, finished_run, partial_outputs, platform_name, positive_integer, run_length
 
 OUTPUT_NAMES = dict(
     trajectory="trajectory.dcd", topology="topology.pdb", frames="frames.csv", metadata="tempering.json"
@@ -130,21 +120,13 @@ def simulate_tempering(
         reuse: return the finished run in ``out`` if it has exactly these settings.
     """
     temperatures = _check_temperatures(system, temperatures_K)
-    dt_ps = positive_number(default_timestep(system) if timestep is None else timestep, unit.picosecond, "timestep")
-    gamma_ps = positive_number(
-        DEFAULT_FRICTION_PER_PS if friction is None else friction, unit.picosecond**-1, "friction"
-    )
-    n_steps = steps_from(steps, ns, dt_ps)
-    interval, exchange_interval = (
-        positive_integer(interval, "interval"),
-        positive_integer(exchange_interval, "exchange_interval"),
-    )
+    length = run_length(system, steps, ns, timestep, friction, positive_integer(interval, "interval"))
+    dt_ps, gamma_ps, n_steps, interval = length.dt_ps, length.gamma_ps, length.steps, length.interval
+    exchange_interval = positive_integer(exchange_interval, "exchange_interval")
     if exchange_interval % interval:
         raise ValueError(f"exchange_interval ({exchange_interval}) must be a multiple of interval ({interval})")
-    if interval > n_steps or int(equilibration_steps) != equilibration_steps or equilibration_steps < 0:
-        raise ValueError(
-            f"need interval <= steps ({interval} > {n_steps}?) and equilibration_steps >= 0 ({equilibration_steps})"
-        )
+    if int(equilibration_steps) != equilibration_steps or equilibration_steps < 0:
+        raise ValueError(f"equilibration_steps must be a whole number >= 0, got {equilibration_steps}")
     out = Path(out)
     settings = dict(
         system=system.name,

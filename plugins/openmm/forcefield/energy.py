@@ -331,16 +331,7 @@ class TorchEnergy(EvaluationCounts, nn.Module):
 
     def _coordinates(self, x) -> torch.Tensor:
         """Validate ``x`` ``(B, d)``; move the parameters to its device; return it in ``self.dtype``."""
-        d = self.dim
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise TypeError(
-                f"x must be a floating-point torch.Tensor of shape (B, {d}), "
-                f"got {type(x).__name__} {getattr(x, 'dtype', '')}"
-            )
-        if x.ndim != 2 or x.shape[1] != d:
-            raise ValueError(
-                f"x must have shape (B, {d}) (a batch of {d} active coordinates in nm), got {tuple(x.shape)}"
-            )
+        self.system.check_batch(x)
         if x.device != self.device:
             self.to(x.device)
         return x.to(self.dtype)

@@ -27,28 +27,10 @@ from numba import njit
 from openflow.io import atomic_path
 
 from . import kernels
-from .lepton import coordinate_leaves, derivative
+from .lepton import ELEMENTARY, coordinate_leaves, derivative
 
 _CODE = {  # Lepton function -> Python code (numba), given its arguments' code
-    **{
-        name: f"math.{name}({{0}})"
-        for name in (
-            "sqrt",
-            "exp",
-            "log",
-            "sin",
-            "cos",
-            "tan",
-            "asin",
-            "acos",
-            "atan",
-            "sinh",
-            "cosh",
-            "tanh",
-            "erf",
-            "erfc",
-        )
-    },
+    **{name: f"math.{name}({{0}})" for name in ELEMENTARY},
     "floor": "np.floor({0})",  # a float, as Lepton's (math.floor gives an integer)
     "ceil": "np.ceil({0})",
     "atan2": "math.atan2({0}, {1})",

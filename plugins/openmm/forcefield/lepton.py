@@ -29,29 +29,9 @@ _TOKEN = re.compile(
     r"|(?P<symbol>[-+*/^(),]))"
 )
 _BINARY = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv, "^": operator.pow}
+ELEMENTARY = ("sqrt", "exp", "log", "sin", "cos", "tan", "asin", "acos", "atan", "sinh", "cosh", "tanh", "erf", "erfc")
 _FUNCTIONS = {  # name: (number of arguments, torch implementation)
-    **{
-        name: (1, getattr(torch, name))
-        for name in (
-            "sqrt",
-            "exp",
-            "log",
-            "sin",
-            "cos",
-            "tan",
-            "asin",
-            "acos",
-            "atan",
-            "sinh",
-            "cosh",
-            "tanh",
-            "erf",
-            "erfc",
-            "abs",
-            "floor",
-            "ceil",
-        )
-    },
+    **{name: (1, getattr(torch, name)) for name in (*ELEMENTARY, "abs", "floor", "ceil")},
     "sec": (1, lambda a: 1.0 / torch.cos(a)),
     "csc": (1, lambda a: 1.0 / torch.sin(a)),
     "cot": (1, lambda a: 1.0 / torch.tan(a)),

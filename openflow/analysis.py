@@ -245,12 +245,19 @@ def two_states(
     return TwoStates(low, barrier, high, (low + barrier) / 2, (high + barrier) / 2, float(depth))
 
 
-def transition_frames(states) -> np.ndarray:
+def transition_frames(states, segments=None) -> np.ndarray:
     """Frame indices ``(k,)`` at which a state series ``(T,)`` (+1, -1, 0 between cores) enters the core
-    of the other state."""
+    of the other state. ``segments (T,)``: a run label per frame (e.g. the walker) when the series
+    holds several runs one after the other; transitions are then counted inside each run."""
     label = np.asarray(states)
     if label.ndim != 1:
         raise ValueError(f"states must be a 1-D series, got shape {label.shape}")
+    if segments is not None:
+        runs = np.asarray(segments)
+        if runs.shape != label.shape:
+            raise ValueError(f"segments {runs.shape} and states {label.shape} must be (T,) alike")
+        starts = np.concatenate([[0], np.flatnonzero(runs[1:] != runs[:-1]) + 1, [label.size]])
+        return np.concatenate([transition_frames(label[a:b]) + a for a, b in zip(starts[:-1], starts[1:])]).astype(int)
     committed = np.flatnonzero(label != 0)
     if committed.size == 0:
         return committed
@@ -259,9 +266,10 @@ def transition_frames(states) -> np.ndarray:
     return committed[changes]
 
 
-def count_transitions(states) -> int:
-    """Number of transitions between the two states of a state series ``(T,)`` (+1, -1, 0 between cores)."""
-    return int(transition_frames(states).size)
+def count_transitions(states, segments=None) -> int:
+    """Number of transitions between the two states of a state series ``(T,)`` (+1, -1, 0 between cores),
+    inside each run of ``segments`` (see :func:`transition_frames`)."""
+    return int(transition_frames(states, segments).size)
 
 
 def delta_f_convergence(in_state, log_weights, n_points: int = 20) -> tuple[np.ndarray, np.ndarray]:

@@ -408,6 +408,15 @@ def _metad_arguments(parser):
         "--overwrite", action="store_true", help="empty --out of an earlier run (its bias would otherwise be loaded)"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    walkers = parser.add_argument_group("walkers (Dask)")
+    walkers.add_argument(
+        "--walkers", type=int, default=1, help="walkers sharing one bias; --ns/--steps is their total (default 1)"
+    )
+    walkers.add_argument("--scheduler", help="a Dask scheduler's address (default: a LocalCluster on this machine)")
+    walkers.add_argument("--workers", type=int, help="LocalCluster worker processes (default: one per walker)")
+    walkers.add_argument(
+        "--checkpoint-ps", type=float, default=50.0, help="ps between a walker's checkpoints (default 50)"
+    )
 
 
 @subcommand(
@@ -419,7 +428,8 @@ def metad(args):
     from openflow import analysis, estimators
     from openflow.io import write_json
     from openflow.plugins.openmm.export import load_cv_force
-    from openflow.plugins.openmm.metadynamics import learned_bias_variables, run_metadynamics, torsion_bias_variables
+    from openflow.plugins.openmm.metadynamics import learned_bias_variables, torsion_bias_variables
+    from openflow.plugins.openmm.walkers import biased_run, check_walkers, client_for
     from openflow.systems.alanine_dipeptide import (
         PHI_CORE_MARGIN,
         PHI_POSITIVE_BASIN,
@@ -448,24 +458,29 @@ def metad(args):
         variables = learned_bias_variables(
             [load_cv_force(args.cv)], args.width or (hi - lo) / 50.0, args.grid, [(lo, hi)]
         )
-    result = run_metadynamics(
-        system,
-        variables,
-        steps=args.steps,
-        ns=args.ns,
-        out=args.out,
-        height=args.height,
-        bias_factor=args.bias_factor,
-        frequency=args.frequency,
-        interval=args.interval,
-        platform=args.platform,
-        seed=args.seed,
-        continue_from=args.continue_from,
-        cv_names=["cv_phi", "cv_psi"] if args.cv == "phi-psi" else None,
-        observables=phi_psi_observables() if torsions else None,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
-    )
+    check_walkers(args.walkers, {"address": args.scheduler, "n_workers": args.workers})
+    with client_for(args.walkers, args.scheduler, args.workers) as client:
+        result = biased_run(
+            system,
+            variables,
+            args.out,
+            client,
+            args.walkers,
+            steps=args.steps,
+            ns=args.ns,
+            height=args.height,
+            bias_factor=args.bias_factor,
+            frequency=args.frequency,
+            interval=args.interval,
+            platform=args.platform,
+            seed=args.seed if args.walkers == 1 else (args.seed or 0),
+            continue_from=args.continue_from,
+            cv_names=["cv_phi", "cv_psi"] if args.cv == "phi-psi" else None,
+            observables=phi_psi_observables() if torsions else None,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+            checkpoint_ps=args.checkpoint_ps,
+        )
     print(
         f"{result.steps} steps on {result.platform}: {result.ns_per_day:.1f} ns/day, {len(result.time_ps)} frames, "
         f"ESS of the reweighting weights {result.summary()['weights_ess_fraction']:.3f}"
@@ -474,7 +489,7 @@ def metad(args):
         phi, psi = result.observables["phi"], result.observables["psi"]
         state = analysis.state_populations(phi_states(phi) == 1, result.weights)
         estimate = estimators.state_free_energy(phi_states(phi) == 1, result.log_weights, n_blocks=min(20, phi.size))
-        transitions = analysis.count_transitions(phi_states(phi, PHI_CORE_MARGIN))
+        transitions = analysis.count_transitions(phi_states(phi, PHI_CORE_MARGIN), result.observables.get("walker"))
         surface = analysis.ramachandran((phi, psi), weights=result.weights, temperature=system.temperature_K)
         bias_fes = None
         if args.cv == "phi-psi":  # the bias is a function of (phi, psi): its sum_hills FES goes beside the histogram
@@ -508,7 +523,7 @@ def metad(args):
 
 # ----------------------------------------------------------------------------- bench
 
-BENCHMARKS = ("energy", "energy_table", "flows", "md")
+BENCHMARKS = ("energy", "energy_table", "flows", "md", "walkers")
 
 
 def _bench_arguments(parser):
@@ -516,7 +531,8 @@ def _bench_arguments(parser):
         "benchmark",
         choices=BENCHMARKS,
         help="which benchmark (energy: OpenMM loop vs batched torch; energy_table: the README's table of it; "
-        "flows: sampling and training step per flow family; md: ns/day bare and with a CV bias)",
+        "flows: sampling and training step per flow family; md: ns/day bare and with a CV bias; walkers: wall "
+        "time of the same biased ns with 1 and N walkers on Dask)",
     )
     parser.add_argument(
         "options",

@@ -61,6 +61,16 @@ def _plain(value):
     return value
 
 
+def check_folder(path) -> None:
+    """Raise ``NotADirectoryError`` (one line) when ``path`` or a folder above it exists as a file, so
+    that an unusable output folder is an error before any work (nothing is created)."""
+    for folder in (Path(path), *Path(path).parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise NotADirectoryError(f"{folder} is a file, not a folder: cannot write {path}")
+            return
+
+
 def write_json(path, data) -> Path:
     """Write ``data`` as indented JSON atomically; numpy/torch values are converted."""
     with atomic_path(path) as tmp:

@@ -42,6 +42,11 @@ def test_transition_counting_on_synthetic_phi():
     assert analysis.count_transitions(phi_states(phi, PHI_CORE_MARGIN)) == 4
     assert analysis.count_transitions(phi_states(phi, margin=0.0)) == 8  # without hysteresis every sign change counts
     assert analysis.count_transitions(phi_states(np.full(10, 0.1), PHI_CORE_MARGIN)) == 0  # never in a core
+    two_runs = np.concatenate([phi, phi[4:]])  # two walkers one after the other: the join is no transition
+    walker = np.repeat([0, 1], [phi.size, phi.size - 4])
+    states = phi_states(two_runs, PHI_CORE_MARGIN)
+    assert analysis.transition_frames(states, walker).tolist() == [4, 10, 13, 14, 21, 24, 25]
+    assert analysis.count_transitions(states) == 8  # counted as one run: the join (-1 -> +1) as well
 
 
 def test_state_populations_weighted_exact():

@@ -14,6 +14,11 @@
    ``rounds.converge_kT`` (after ``rounds.min`` rounds).
 3. **Production**: the last round's metadynamics continued for ``production.ns``.
 
+With ``walkers: N`` (N > 1) round 0 is N independent runs of ``round0.ns`` each and every biased run
+N walkers sharing one bias, started spread along the round's CV, as Dask tasks (``cluster``: a
+scheduler's address, else a LocalCluster); the biased runs' ``ns`` are totals over the walkers
+(``openflow.plugins.openmm.walkers``).
+
 Times are in ps (``frame_ps``, ``metad.pace_ps``, ``slow.lag_ps``) and become steps of the system's
 own time step (``openflow.plugins.openmm.md.default_timestep``), so one file serves a molecule at
 1 fs and a reduced model at 10 fs.
@@ -34,10 +39,12 @@ import openmm.unit as unit
 import torch
 
 from openflow import analysis, estimators
+from openflow.data import load_trajectory
 from openflow.io import save_figure, say, write_json
 from openflow.plugins.openmm.learned_cv import FEATURES, choose_features, learn_slow_cv
 from openflow.plugins.openmm.md import default_timestep, simulate, temperature_log_weights
-from openflow.plugins.openmm.metadynamics import run_metadynamics, step_costs, torsion_bias_variables
+from openflow.plugins.openmm.metadynamics import step_costs, torsion_bias_variables
+from openflow.plugins.openmm.walkers import biased_run, check_walkers, client_for, run_independent
 from openflow.systems import build, from_files
 from openflow.systems.alanine_dipeptide import (
     PHI_CORE_MARGIN,
@@ -63,9 +70,20 @@ DEFAULTS = {
     "production": {"ns": 2.0},
     "report": {"backbone": True, "compare": True, "reference": {"system": None, "delta_f_kT": None, "error_kT": None}},
     "speed": {"steps": 5000, "repeats": 3},
+    "walkers": 1,  # metadynamics walkers sharing each round's bias (and round 0 as that many runs), on Dask
+    "cluster": {"address": None, "n_workers": None},  # a scheduler's address, else a LocalCluster
+    "checkpoint_ps": 50.0,  # walkers: a checkpoint every so many ps of each walker
     "progress": None,
 }
-FREE = ("system.options", "system.xml", "system.pdb", "system.name", "report.reference")
+FREE = (
+    "system.options",
+    "system.xml",
+    "system.pdb",
+    "system.name",
+    "report.reference",
+    "cluster.address",
+    "cluster.n_workers",
+)
 
 
 def check(config: dict) -> None:
@@ -87,6 +105,7 @@ def check(config: dict) -> None:
         raise ValueError(
             f"rounds.min ({config['rounds']['min']}) must not exceed rounds.max ({config['rounds']['max']})"
         )
+    check_walkers(config["walkers"], config["cluster"])
     reference = config["report"]["reference"]
     if not isinstance(reference, dict) or set(reference) != {"system", "delta_f_kT", "error_kT"}:
         raise ValueError(f"report.reference must be a mapping with system, delta_f_kT and error_kT, got {reference!r}")
@@ -117,21 +136,25 @@ def run_weights(log_w: np.ndarray) -> np.ndarray:
     return w / w.sum() * (w.sum() ** 2 / np.sum(w * w))
 
 
-def delta_f_curve(inside: np.ndarray, log_w: np.ndarray, time_ps: np.ndarray, points: int = 40) -> list:
-    """ΔF(t) between a state and the rest over one run: ``[(time ps, ΔF kT), ...]``."""
-    ends, curve = analysis.delta_f_convergence(inside, log_w, n_points=points)
-    return list(zip(time_ps[ends - 1].tolist(), curve.tolist()))
+def delta_f_curve(inside: np.ndarray, log_w: np.ndarray, time_ps: np.ndarray, walker=None, points: int = 40) -> list:
+    """ΔF(t) between a state and the rest over one run, or over walkers (``walker (T,)``: each frame's)
+    taken in time order, the time then counted over all walkers: ``[(biased time ps, ΔF kT), ...]``."""
+    order = np.argsort(time_ps, kind="stable")
+    walkers = 1 if walker is None else np.unique(walker).size
+    ends, curve = analysis.delta_f_convergence(inside[order], log_w[order], n_points=points)
+    return list(zip((walkers * time_ps[order][ends - 1]).tolist(), curve.tolist()))
 
 
-def round_summary(values: np.ndarray, log_w: np.ndarray, time_ps: np.ndarray, start: float) -> tuple[dict, list]:
-    """The two states along the CV in one run and ΔF(t) = F(other) - F(start) between them, the start
-    state being the one of the system's starting structure (CV value ``start``): transitions, ΔF with
-    its error and its drift over the run's second half; and the curve ΔF(t)."""
+def round_summary(result, start: float) -> tuple[dict, list]:
+    """The two states along the CV in one biased run (its walkers pooled) and ΔF(t) = F(other) - F(start)
+    between them, the start state being the one of the system's starting structure (CV value
+    ``start``): transitions, ΔF with its error and its drift over the run's second half; and ΔF(t)."""
+    values, log_w, walker = result.cvs[:, 0], result.log_weights, result.observables.get("walker")
     states = analysis.two_states(values, np.exp(log_w - log_w.max()))
     if states is None:
         return {"states": 1, "transitions": 0, "delta_f_kT": np.nan, "delta_f_error_kT": np.inf, "drift_kT": np.inf}, []
     inside = (values > states.barrier) != (start > states.barrier)  # the state the run did not start in
-    curve = delta_f_curve(inside, log_w, time_ps)
+    curve = delta_f_curve(inside, log_w, result.time_ps, walker)
     times, values_t = np.array(curve).T
     half = values_t[times >= times[-1] / 2]
     estimate = estimators.state_free_energy(inside, log_w, n_blocks=min(10, inside.size))
@@ -139,7 +162,7 @@ def round_summary(values: np.ndarray, log_w: np.ndarray, time_ps: np.ndarray, st
     summary = {
         "states": 2,
         "barrier": states.barrier,
-        "transitions": analysis.count_transitions(states.series(values)),
+        "transitions": analysis.count_transitions(states.series(values), walker),
         "delta_f_kT": estimate.delta_f,
         "delta_f_error_kT": estimate.error,
         "drift_kT": drift,
@@ -152,7 +175,8 @@ def backbone_report(result, system, name: str) -> tuple[dict, list]:
     phi = result.observables["phi"]
     inside = phi_states(phi) == 1
     estimate = estimators.state_free_energy(inside, result.log_weights, n_blocks=min(10, inside.size))
-    transitions = analysis.count_transitions(phi_states(phi, PHI_CORE_MARGIN))
+    walker = result.observables.get("walker")
+    transitions = analysis.count_transitions(phi_states(phi, PHI_CORE_MARGIN), walker)
     metrics = {
         f"{name}_phi_transitions": transitions,
         f"{name}_phi_transitions_per_ns": transitions / result.ns,
@@ -160,50 +184,43 @@ def backbone_report(result, system, name: str) -> tuple[dict, list]:
         f"{name}_phi_delta_f_error_kT": estimate.error,
         f"{name}_phi_delta_f_kjmol": estimate.delta_f * system.kT_kjmol,
     }
-    return metrics, delta_f_curve(inside, result.log_weights, result.time_ps)
+    return metrics, delta_f_curve(inside, result.log_weights, result.time_ps, walker)
 
 
 def run(config: dict, out: Path) -> dict:
-    progress, seed, platform = config["progress"] is not False, config["seed"], config["platform"]
+    with client_for(config["walkers"], **config["cluster"]) as client:
+        return learn_and_bias(config, out, client)
+
+
+def learn_and_bias(config: dict, out: Path, client) -> dict:
+    """The loop (see the module); ``client``: Dask's, for walkers (None: one walker, here)."""
+    progress, seed = config["progress"] is not False, config["seed"]
     system = make_system(config["system"])
     features, invariant, kind = choose_features(system, config["features"], config["atoms"])
     say(f"learned_cv: {system.name}, {kind} features ({features.n_out}), rigid-motion invariant: {invariant}")
     peptide = config["report"]["backbone"] and _has_backbone(system)
-    observables = phi_psi_observables() if peptide else None
     steps = md_steps(system, config)
     metrics = {"features": kind, "n_features": features.n_out, "energy_rigid_invariant": invariant}
-    metrics.update(frame_steps=steps["interval"], metad_pace_steps=steps["frequency"])
+    metrics.update(frame_steps=steps["interval"], metad_pace_steps=steps["frequency"], walkers=config["walkers"])
 
-    hot = config["round0"]
     say("learned_cv: round 0, unbiased MD")
-    md = simulate(
-        make_system(config["system"], hot["temperature_K"]),
-        ns=hot["ns"],
-        interval=steps["interval"],
-        out=out / "round0",
-        seed=seed,
-        platform=platform,
-        progress=progress,
-        reuse=True,
-    )
-    log_w0 = temperature_log_weights(md, system.temperature_K)
-    runs = [(md.trajectory, log_w0 if hot["reweight"] else np.zeros_like(log_w0))]
-    metrics.update(
-        round0_ns=md.steps * md.timestep_ps / 1000.0, round0_ess_fraction=estimators.effective_sample_size(log_w0)
-    )
-    frame_ps = md.interval * md.timestep_ps
+    runs, topology, frame_ps, round0 = round_zero(config, out, client, steps["interval"])
+    metrics.update(round0)
     metad, biased_ns, rounds, curves = config["metad"], 0.0, config["rounds"], {}
     biased = dict(  # every biased run on the learned CV: the same metadynamics settings
         height=metad["height"],
         bias_factor=metad["bias_factor"],
         frequency=steps["frequency"],
         interval=steps["interval"],
-        platform=platform,
+        platform=config["platform"],
         cv_names=["cv"],
-        observables=observables,
+        observables=phi_psi_observables() if peptide else None,
         reuse=True,
         overwrite=True,
         progress=progress,
+        client=client,
+        walkers=config["walkers"],
+        checkpoint_ps=config["checkpoint_ps"],
     )
     for k in range(1, rounds["max"] + 1):
         folder = out / f"round{k}"
@@ -212,7 +229,7 @@ def run(config: dict, out: Path) -> dict:
         cv = learn_slow_cv(
             system,
             [path for path, _ in runs],
-            md.topology,
+            topology,
             features,
             invariant,
             {key: value for key, value in config["nct"].items() if key not in ("modes", "weighted")},
@@ -229,42 +246,44 @@ def run(config: dict, out: Path) -> dict:
         )
         variable = cv.bias_variable(metad["width_std"])
         say(f"learned_cv: round {k}: metadynamics on the CV")
-        result = run_metadynamics(
-            system, [variable], ns=rounds["ns"], out=folder / "metadynamics", seed=seed + k, **biased
+        starts = walker_starts(cv.values, [path for path, _ in runs], topology, config["walkers"])
+        result = biased_run(
+            system, [variable], folder / "metadynamics", ns=rounds["ns"], seed=seed + k, starts=starts, **biased
         )
         biased_ns += result.ns
         with torch.no_grad():  # the CV of the starting structure: its side is the start state
             start = float(
                 cv.model(torch.as_tensor(np.asarray(system.positions.value_in_unit(unit.nanometer)))[None])[0, 0]
             )
-        summary, curves[f"round{k}"] = round_summary(result.cvs[:, 0], result.log_weights, result.time_ps, start)
+        summary, curves[f"round{k}"] = round_summary(result, start)
         metrics.update({f"round{k}_{key}": value for key, value in {**summary, **cv.metrics}.items()})
         if peptide:
             metrics.update(backbone_report(result, system, f"round{k}")[0])
-        runs.append((result.files["trajectory"], result.log_weights))
+        runs.extend(walker_runs(result))
         converged = max(summary["drift_kT"], summary["delta_f_error_kT"]) < rounds["converge_kT"]
         if k >= rounds["min"] and converged:
             break
     metrics.update(rounds=k, converged=bool(converged))
 
     say("learned_cv: production, the last round's metadynamics continued")
-    production = run_metadynamics(
+    production = biased_run(
         system,
         [variable],
+        out / "production",
         ns=config["production"]["ns"],
-        out=out / "production",
         seed=seed + 100,
         continue_from=folder / "metadynamics",
         **biased,
     )
     shutil.copy2(folder / "cv.xml", out / "production" / "cv.xml")
-    final, curves["production"] = round_summary(production.cvs[:, 0], production.log_weights, production.time_ps, start)
+    final, curves["production"] = round_summary(production, start)
     metrics.update({f"production_{key}": value for key, value in final.items()})
     metrics.update(
         biased_ns_total=biased_ns + production.ns,
         production_ns=production.ns,
         production_frame_ps=production.settings["interval"] * production.timestep_ps,
         production_transitions_per_ns=final["transitions"] / production.ns,
+        production_wall_time_s=production.wall_time_s,
     )
     cost = step_costs(
         system,
@@ -277,9 +296,54 @@ def run(config: dict, out: Path) -> dict:
     metrics.update(speed_relative_to_bare_md=cost["speed_ratio"], platform=production.platform)
     plot_rounds(curves, out / "delta_f_rounds.png")
     if peptide:
-        report_backbone(system, result, production, config, out, metrics, progress)
+        report_backbone(system, result, production, dict(biased, seed=seed + 200), out, metrics, config)
     write_json(out / "curves.json", curves)
     return metrics
+
+
+def round_zero(config: dict, out: Path, client, interval: int) -> tuple[list, Path, float, dict]:
+    """Unbiased MD at ``round0.temperature_K``: one run, or one of ``round0.ns`` per walker, spread over
+    the Dask workers (N times the data in the same wall time: a rare crossing needs the length).
+    Returns the runs ``[(trajectory, log-weights at the target temperature or zeros), ...]``, their
+    topology, the time between frames (ps) and metrics."""
+    hot, seed = config["round0"], config["seed"]
+    hot_system = make_system(config["system"], hot["temperature_K"])
+    target = float(config["system"]["temperature_K"])
+    settings = dict(interval=interval, seed=seed, platform=config["platform"], reuse=True)
+    if config["walkers"] > 1:
+        mds = run_independent(hot_system, config["walkers"], out / "round0", client, ns=hot["ns"], **settings)
+    else:
+        mds = [
+            simulate(hot_system, ns=hot["ns"], out=out / "round0", progress=config["progress"] is not False, **settings)
+        ]
+    log_ws = [temperature_log_weights(md, target) for md in mds]
+    runs = [(md.trajectory, log_w if hot["reweight"] else np.zeros_like(log_w)) for md, log_w in zip(mds, log_ws)]
+    metrics = dict(
+        round0_ns=sum(md.steps * md.timestep_ps for md in mds) / 1000.0,
+        round0_runs=len(mds),
+        round0_ess_fraction=estimators.effective_sample_size(np.concatenate(log_ws)),
+    )
+    return runs, mds[0].topology, mds[0].interval * mds[0].timestep_ps, metrics
+
+
+def walker_starts(values: np.ndarray, paths, topology, walkers: int):
+    """Starting positions ``(n_atoms, 3)`` nm for ``walkers`` walkers: the frames of ``paths`` (in order)
+    whose CV ``values`` lie nearest the quantiles ``(i + 1/2) / walkers``, so that the walkers start
+    spread along the CV (None for one walker: it starts from the system's structure)."""
+    if walkers <= 1:
+        return None
+    frames = [load_trajectory(path, topology) for path in paths]
+    xyz = np.concatenate([part.xyz for part in frames])
+    targets = np.quantile(values, (np.arange(walkers) + 0.5) / walkers)
+    return [xyz[int(np.argmin(np.abs(values - target)))].astype(np.float64) for target in targets]
+
+
+def walker_runs(result) -> list:
+    """The unbroken runs of a biased run: ``[(trajectory, log-weights)]``, one per walker."""
+    walker = result.observables.get("walker")
+    if walker is None:
+        return [(result.files["trajectory"], result.log_weights)]
+    return [(result.out / f"walker{i}" / "trajectory.dcd", result.log_weights[walker == i]) for i in np.unique(walker)]
 
 
 def _has_backbone(system) -> bool:
@@ -290,9 +354,10 @@ def _has_backbone(system) -> bool:
     return True
 
 
-def report_backbone(system, last_round, production, config: dict, out: Path, metrics: dict, progress: bool) -> None:
+def report_backbone(system, last_round, production, biased: dict, out: Path, metrics: dict, config: dict) -> None:
     """A peptide's phi/psi: the reweighted Ramachandran plot of production, the CV against phi, and the
-    comparison run on phi/psi with the same metadynamics settings and length as the final CV's run."""
+    comparison run on phi/psi with the same metadynamics settings (``biased``, the seed included) and
+    length as the final CV's run."""
     phi, psi = production.observables["phi"], production.observables["psi"]
     surface = analysis.ramachandran((phi, psi), weights=production.weights, temperature=system.temperature_K)
     analysis.plot_ramachandran(
@@ -311,28 +376,18 @@ def report_backbone(system, last_round, production, config: dict, out: Path, met
     production_metrics, _ = backbone_report(production, system, "production")
     metrics.update(production_metrics, final_cv_phi_delta_f_kT=both.delta_f, final_cv_phi_delta_f_error_kT=both.error)
     times = np.concatenate([last_round.time_ps, production.time_ps])
-    curves = {
-        "learned CV": delta_f_curve(inside, np.concatenate([last_round.log_weights, production.log_weights]), times)
-    }
+    walkers = [run.observables.get("walker") for run in (last_round, production)]
+    walker = None if walkers[0] is None else np.concatenate(walkers)
+    log_w = np.concatenate([last_round.log_weights, production.log_weights])
+    curves = {"learned CV": delta_f_curve(inside, log_w, times, walker)}
     if config["report"]["compare"]:
         torsions = backbone_torsions(system)
-        metad, steps = config["metad"], md_steps(system, config)
-        phipsi = run_metadynamics(
+        phipsi = biased_run(
             system,
             torsion_bias_variables([torsions["phi"][0], torsions["psi"][0]]),
+            out / "compare_phipsi",
             ns=last_round.ns + production.ns,
-            out=out / "compare_phipsi",
-            height=metad["height"],
-            bias_factor=metad["bias_factor"],
-            frequency=steps["frequency"],
-            interval=steps["interval"],
-            platform=production.platform,
-            seed=config["seed"] + 200,
-            cv_names=["cv_phi", "cv_psi"],
-            observables=phi_psi_observables(),
-            reuse=True,
-            overwrite=True,
-            progress=progress,
+            **dict(biased, cv_names=["cv_phi", "cv_psi"], observables=phi_psi_observables()),
         )
         compare_metrics, curves["phi/psi"] = backbone_report(phipsi, system, "phipsi")
         metrics.update(compare_metrics)

@@ -42,10 +42,10 @@ from openflow.plugins.openmm.md import simulate, temperature_log_weights
 from openflow.plugins.openmm.metadynamics import (
     fes_state_delta_f,
     learned_bias_variables,
-    run_metadynamics,
     step_costs,
     torsion_bias_variables,
 )
+from openflow.plugins.openmm.walkers import biased_run, check_walkers, client_for
 from openflow.systems.alanine_dipeptide import (
     PHI_CORE_MARGIN,
     PHI_POSITIVE_BASIN,
@@ -92,12 +92,15 @@ DEFAULTS = {
         "width_std": 0.25,
     },
     "speed": {"steps": 5000, "repeats": 5},
+    "walkers": 1,  # walkers per run sharing its bias (md.ns is their total), as Dask tasks
+    "cluster": {"address": None, "n_workers": None},  # a scheduler's address, else a LocalCluster
+    "checkpoint_ps": 50.0,
     "progress": None,
 }
 
 
 SIGNED = ("cv.target_center",)  # rad
-FREE = ("cv.width",)  # one width, or one per CV
+FREE = ("cv.width", "cluster.address", "cluster.n_workers")  # cv.width: one width, or one per CV
 
 
 def check(config: dict) -> None:
@@ -118,6 +121,7 @@ def check(config: dict) -> None:
         raise ValueError(f"cv.features must be 'distances' or 'torsions', got {settings['features']!r}")
     if not config["metad"]["bias_factor"] > 1:
         raise ValueError(f"metad.bias_factor must be > 1 (well-tempered), got {config['metad']['bias_factor']}")
+    check_walkers(config["walkers"], config["cluster"])
 
 
 def features_of(system, name: str) -> FeatureSet:
@@ -215,9 +219,11 @@ def xml_cvs(xml, ranges) -> tuple[list, list[tuple[float, float]]]:
 def convergence(result) -> dict:
     """Final ΔF, ΔF at half time, the largest deviation from the final value over the second half (kT),
     and ΔF(t) as ``(time ps, ΔF)`` pairs."""
-    phi = result.observables["phi"]
-    ends, values = analysis.delta_f_convergence(phi_states(phi) == 1, result.log_weights)
-    times = result.time_ps[ends - 1]
+    order = np.argsort(result.time_ps, kind="stable")  # walkers: their frames in time order
+    walkers = np.unique(result.observables.get("walker", [0])).size
+    phi = result.observables["phi"][order]
+    ends, values = analysis.delta_f_convergence(phi_states(phi) == 1, result.log_weights[order])
+    times = walkers * result.time_ps[order][ends - 1]  # biased time over all walkers
     second_half = values[times >= times[-1] / 2]
     finite = np.isfinite(second_half).all()
     return {
@@ -247,6 +253,12 @@ def plot_delta_f(curves: dict, path: Path) -> None:
 
 
 def run(config: dict, out: Path) -> dict:
+    with client_for(config["walkers"], **config["cluster"]) as client:
+        return compare_runs(config, out, client)
+
+
+def compare_runs(config: dict, out: Path, client) -> dict:
+    """Unbiased, phi/psi and learned-CV runs of the same length (see the module); ``client``: Dask's."""
     system = alanine_dipeptide(**config["system"])
     md, metad = config["md"], config["metad"]
     progress = config["progress"] is not False
@@ -263,14 +275,17 @@ def run(config: dict, out: Path) -> dict:
         observables=phi_psi_observables(),
         reuse=True,
         overwrite=True,
+        client=client,
+        walkers=config["walkers"],
+        checkpoint_ps=config["checkpoint_ps"],
     )
     results, metrics = {}, {}
-    results["unbiased"] = run_metadynamics(system, [], out=out / "unbiased", **common)
+    results["unbiased"] = biased_run(system, [], out / "unbiased", **common)
     torsions = backbone_torsions(system)
     phipsi = torsion_bias_variables(
         [torsions["phi"][0], torsions["psi"][0]], width=config["phipsi"]["width"], grid=config["phipsi"]["grid"]
     )
-    results["phipsi"] = run_metadynamics(system, phipsi, out=out / "phipsi", cv_names=["cv_phi", "cv_psi"], **common)
+    results["phipsi"] = biased_run(system, phipsi, out / "phipsi", cv_names=["cv_phi", "cv_psi"], **common)
 
     settings, widths, grid = config["cv"], config["cv"]["width"], config["cv"]["grid"]
     if settings["source"] == "xml" or settings["xml"]:
@@ -288,12 +303,12 @@ def run(config: dict, out: Path) -> dict:
         metrics.update(cv_metrics)
     learned = learned_bias_variables(forces, widths, grid, cv_ranges)
     names = ["cv"] if len(forces) == 1 else [f"cv{k + 1}" for k in range(len(forces))]
-    results["learned"] = run_metadynamics(system, learned, out=out / "learned", cv_names=names, **common)
+    results["learned"] = biased_run(system, learned, out / "learned", cv_names=names, **common)
 
     curves = {}
     for name, result in results.items():
         phi, psi = result.observables["phi"], result.observables["psi"]
-        transitions = analysis.count_transitions(phi_states(phi, PHI_CORE_MARGIN))
+        transitions = analysis.count_transitions(phi_states(phi, PHI_CORE_MARGIN), result.observables.get("walker"))
         converged = convergence(result)
         curves[name] = converged.pop("delta_f_kT_t")
         metrics.update(

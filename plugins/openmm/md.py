@@ -30,7 +30,7 @@ import openmm
 import openmm.app as app
 import openmm.unit as unit
 
-from openflow.io import plain_json, read_record
+from openflow.io import check_folder, plain_json, read_record
 from openflow.io import progress as progress_bar
 from openflow.systems import kT_kjmol
 
@@ -346,6 +346,7 @@ def simulate(
             f"{out / OUTPUT_NAMES['trajectory']} exists: choose another folder or overwrite it (--overwrite)"
         )
     settings["seed"] = seed = draw_seed(seed)
+    check_folder(out)  # before any work
     simulation = create_simulation(
         system, seed, platform, dt_ps, gamma_ps, minimize=minimize, equilibration_steps=int(equilibration_steps)
     )

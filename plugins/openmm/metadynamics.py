@@ -55,15 +55,18 @@ import openmm.app as app
 import openmm.unit as unit
 from scipy.special import logsumexp
 
+from openflow import analysis
 from openflow.cv import CVModel
 from openflow.data import load_trajectory
 from openflow.features import Dihedrals
 from openflow.io import plain_json, write_json
 from openflow.io import progress as progress_bar
 
+from . import bias_files
 from .export import to_custom_cv_force, to_tabulated_cv_force
 from .md import create_simulation, draw_seed, finished_run, platform_name, positions_nm, positive_integer, run_length
-from .reporters import ColvarReporter, add_colvar_columns, read_colvar
+from .reporters import ColvarReporter, DCDStreamReporter, add_colvar_columns, read_colvar
+from .segments import CHECKPOINT, Segments
 
 DEFAULT_TORSION_WIDTH = 0.35  # rad, Gaussian standard deviation on a torsion
 OUTPUTS = dict(
@@ -311,7 +314,10 @@ def _fresh_bias_id(create):
         np.random.set_state(saved)
 
 
-def _prepare_continuation(continue_from: Path, bias_dir: Path, signature: list[dict]) -> Path:
+def _prepare_continuation(continue_from: Path, bias_dir: Path, signature: list[dict], copy_bias: bool = True) -> Path:
+    """Check that ``continue_from`` holds a finished run with these CVs, copy its bias files into
+    ``bias_dir`` (unless ``copy_bias`` is False: a shared directory prepared once by the caller) and
+    return its final state file."""
     settings = continue_from / OUTPUTS["settings"]
     state = continue_from / OUTPUTS["state"]
     for path in (settings, state, continue_from / OUTPUTS["bias_dir"]):
@@ -320,15 +326,25 @@ def _prepare_continuation(continue_from: Path, bias_dir: Path, signature: list[d
     previous = json.loads(settings.read_text()).get("settings", {}).get("variables")
     if previous != signature:
         raise ValueError(f"cannot continue from {continue_from}: its CVs {previous} differ from these {signature}")
-    for file in (continue_from / OUTPUTS["bias_dir"]).glob("bias_*.npy"):
-        shutil.copy2(file, bias_dir / file.name)
+    if copy_bias:
+        copy_bias_files(continue_from / OUTPUTS["bias_dir"], bias_dir)
     return state
 
 
-def _clear_earlier_run(out: Path, files: dict, overwrite: bool) -> None:
-    """Refuse (or, with ``overwrite``, empty) a folder that holds an earlier run's bias or outputs."""
-    earlier = sorted(files["bias_dir"].glob("bias_*.npy")) if files["bias_dir"].is_dir() else []
+def copy_bias_files(source: Path, bias_dir: Path) -> None:
+    """Copy the newest bias file of every walker id in ``source`` into ``bias_dir`` (a continuation)."""
+    bias_dir.mkdir(parents=True, exist_ok=True)
+    for _, path in bias_files.newest_files(source).values():
+        shutil.copy2(path, bias_dir / path.name)
+
+
+def _clear_earlier_run(out: Path, files: dict, overwrite: bool, shared: bool = False) -> None:
+    """Refuse (or, with ``overwrite``, empty) a folder that holds an earlier run's bias or outputs (a
+    shared bias directory is the caller's to check)."""
+    own_bias = not shared and files["bias_dir"].is_dir()
+    earlier = sorted(files["bias_dir"].glob("bias_*.npy")) if own_bias else []
     outputs = [path for key, path in files.items() if key != "bias_dir" and path.exists()]
+    outputs += [out / CHECKPOINT] if (out / CHECKPOINT).exists() else []
     if not (earlier or outputs):
         return
     if not overwrite:
@@ -385,6 +401,10 @@ def run_metadynamics(
     reuse: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    checkpoint_ps: float | None = None,
+    bias_dir=None,
+    positions=None,
+    state=None,
 ) -> MetadynamicsResult:
     """Well-tempered metadynamics (or, with ``variables=[]``, plain MD written the same way).
 
@@ -404,6 +424,14 @@ def run_metadynamics(
         reporters: the caller's further OpenMM reporters.
         reuse: return the finished run in ``out`` when it has exactly these settings (needs a seed).
         overwrite: empty ``out`` of an earlier run's bias and outputs instead of refusing it.
+        checkpoint_ps: write the run in segments of about this length, each closed by a checkpoint
+            (``openflow.plugins.openmm.segments``): the same call on a killed run resumes from its
+            last checkpoint (default: one segment).
+        bias_dir: a bias directory shared with other walkers (default ``out/bias``, this run's own);
+            the caller prepares it (continuation files, an earlier run's bias).
+        positions / state: where a fresh run starts: positions ``(n_atoms, 3)`` nm (minimised), or a
+            ``Simulation.saveState`` file (default: the system's positions; with ``continue_from``,
+            its ``state.xml``).
     Returns a :class:`MetadynamicsResult`; the files are listed in the module docstring.
     """
     variables = [clone_variable(v) for v in variables]
@@ -420,9 +448,14 @@ def run_metadynamics(
     names = list(cv_names) if cv_names is not None else [f"cv{i + 1}" for i in range(len(variables))]
     if len(names) != len(variables):
         raise ValueError(f"{len(names)} cv_names for {len(variables)} CVs")
+    if positions is not None and state is not None:
+        raise ValueError("give positions or a state to start from, not both")
     observables = dict(observables or {})
     out = Path(out)
     files = {key: out / name for key, name in OUTPUTS.items()}
+    shared = bias_dir is not None
+    if shared:
+        files["bias_dir"] = Path(bias_dir)
     signature = variable_signature(variables)
     settings = dict(
         system=system.name,
@@ -440,6 +473,8 @@ def run_metadynamics(
         equilibration_steps=int(equilibration_steps),
         temperature_K=system.temperature.value_in_unit(unit.kelvin),
         continue_from=str(continue_from) if continue_from else None,
+        segment_steps=segment_steps(n_steps, interval, frequency, checkpoint_ps, dt_ps),
+        start=start_signature(positions, state),
     )
     if continue_from is not None:
         if not biased:
@@ -452,19 +487,60 @@ def run_metadynamics(
         )
         if record is not None and (result := _load_finished(out, record, observables)) is not None:
             return result
-    _clear_earlier_run(out, files, overwrite)
+    segments = Segments(out, settings)
+    if not segments.resumed:
+        _clear_earlier_run(out, files, overwrite, shared)
     existed = out.exists()
     try:
-        return _run(system, variables, out, files, settings, continue_from, platform, observables, reporters, progress)
-    except BaseException:  # a failed or interrupted run leaves no outputs that look like a run
+        return _run(
+            system,
+            variables,
+            out,
+            files,
+            settings,
+            segments,
+            continue_from,
+            (positions, state),
+            platform,
+            observables,
+            reporters,
+            progress,
+            shared,
+        )
+    except BaseException:  # outputs that look like a run are removed; a checkpoint is kept to resume from
+        keep = ("bias_dir",) if segments.record is None else ("bias_dir", "topology")  # what a resume needs
         for key, path in files.items():
-            if key == "bias_dir":
-                shutil.rmtree(path, ignore_errors=True)
-            else:
+            if key not in keep:
                 path.unlink(missing_ok=True)
-        if not existed:
-            shutil.rmtree(out, ignore_errors=True)
+        if segments.record is None:
+            segments.clear()
+            if not shared:
+                shutil.rmtree(files["bias_dir"], ignore_errors=True)
+            if not existed:
+                shutil.rmtree(out, ignore_errors=True)
         raise
+
+
+def segment_steps(n_steps: int, interval: int, frequency: int, checkpoint_ps: float | None, dt_ps: float) -> int:
+    """Steps per checkpointed segment: about ``checkpoint_ps``, a multiple of the frame ``interval`` and
+    of the deposit ``frequency`` (so that a checkpoint falls where OpenMM has just saved the bias);
+    the whole run when ``checkpoint_ps`` is None."""
+    if checkpoint_ps is None:
+        return n_steps
+    if not checkpoint_ps > 0:
+        raise ValueError(f"checkpoint_ps must be positive, got {checkpoint_ps}")
+    unit_steps = int(np.lcm(interval, frequency))
+    return int(min(n_steps, max(1, round(checkpoint_ps / dt_ps / unit_steps)) * unit_steps))
+
+
+def start_signature(positions=None, state=None) -> str | None:
+    """What a fresh run starts from, for its settings: a hash of the positions or of the state file."""
+    if positions is not None:
+        xyz = np.asarray(positions.value_in_unit(unit.nanometer) if unit.is_quantity(positions) else positions)
+        return "positions:" + hashlib.sha256(np.ascontiguousarray(xyz, dtype=np.float64).tobytes()).hexdigest()[:16]
+    if state is not None:
+        return "state:" + hashlib.sha256(Path(state).read_bytes()).hexdigest()[:16]
+    return None
 
 
 def _run(
@@ -473,21 +549,30 @@ def _run(
     out: Path,
     files: dict,
     settings: dict,
+    segments: Segments,
     continue_from,
+    start,
     platform,
     observables: dict,
     reporters,
     progress: bool,
+    shared: bool,
 ) -> MetadynamicsResult:
-    """The run of :func:`run_metadynamics` once its settings are checked."""
+    """The run of :func:`run_metadynamics` once its settings are checked, segment after segment."""
     biased, names, signature = bool(variables), settings["cv_names"], settings["variables"]
-    interval, n_steps, dt_ps, seed = settings["interval"], settings["steps"], settings["timestep_ps"], settings["seed"]
+    interval, n_steps, dt_ps = settings["interval"], settings["steps"], settings["timestep_ps"]
     bias_factor, frequency = settings["bias_factor"], settings["frequency"]
     files["bias_dir"].mkdir(parents=True, exist_ok=True)
-    start_state = (
-        None if continue_from is None else _prepare_continuation(Path(continue_from), files["bias_dir"], signature)
-    )
-    settings["seed"] = seed = draw_seed(seed)
+    positions, start_state = start
+    if segments.resumed:  # a new noise seed for each restart: the lost piece is not replayed
+        base_seed, restarts, start_state = segments.record["seed"], segments.record["restarts"] + 1, segments.state
+        own_ids = list(segments.record["own_bias_ids"])
+    else:
+        base_seed, restarts, own_ids = draw_seed(settings["seed"]), 0, []
+        if continue_from is not None:
+            continued = _prepare_continuation(Path(continue_from), files["bias_dir"], signature, copy_bias=not shared)
+            start_state = start_state or continued
+    segments.start(files["bias_dir"] if biased else None)
 
     omm_system = openmm.XmlSerializer.clone(system.system)
     meta, bias_group = None, None
@@ -504,46 +589,67 @@ def _run(
                 biasDir=str(files["bias_dir"]),
             )
         )
+        own_ids.append(meta._id)  # OpenMM's name for this process's bias files (bias_<id>_<index>.npy)
         bias_group = omm_system.getForce(omm_system.getNumForces() - 1).getForceGroup()
     simulation = create_simulation(
         system,
-        seed,
+        base_seed + 7919 * restarts,
         platform,
         dt_ps,
         settings["friction_per_ps"],
         openmm_system=omm_system,
+        positions=positions,
         state=start_state,
         equilibration_steps=settings["equilibration_steps"],
-    )  # the bias is still zero
-    with open(files["topology"], "w") as handle:
-        app.PDBFile.writeFile(system.topology, positions_nm(simulation) * unit.nanometer, handle)
-    colvar = ColvarReporter(
-        files["colvar"],
-        interval,
-        meta.getCollectiveVariables if biased else None,
-        names if biased else None,
-        bias_group,
-    )
-    simulation.reporters.extend([app.DCDReporter(str(files["trajectory"]), interval), colvar, *reporters])
+    )  # the bias is still zero, or the checkpoint's
+    first_step = segments.record["first_step"] if segments.resumed else simulation.currentStep
+    if not segments.resumed:
+        with open(files["topology"], "w") as handle:
+            app.PDBFile.writeFile(system.topology, positions_nm(simulation) * unit.nanometer, handle)
+    simulation.reporters.extend(reporters)
     kT = system.kT_kjmol
     periodic = biased and variables[0].periodic
-    constants = []
-
-    start = time.perf_counter()
-    with progress_bar(n_steps, "metadynamics" if biased else "MD", progress, unit="step") as bar:
-        remaining = n_steps
-        while remaining > 0:  # chunks end where the reporters write a row, so c(t) matches each row
-            chunk = min(interval - simulation.currentStep % interval, remaining)
-            meta.step(simulation, chunk) if biased else simulation.step(chunk)
-            if simulation.currentStep % interval == 0:
-                constants.append(reweighting_constant(bias_grid(meta), bias_factor, kT, periodic) if biased else 0.0)
-            remaining -= chunk
-            bar.update(chunk)
-    wall = time.perf_counter() - start
-    colvar.close()
-    simulation.reporters.clear()  # closes the DCD file
+    end, done = first_step + n_steps, simulation.currentStep - first_step
+    wall = segments.record["wall_time_s"] if segments.resumed else 0.0
+    with progress_bar(n_steps, "metadynamics" if biased else "MD", progress, initial=done, unit="step") as bar:
+        while simulation.currentStep < end:
+            start_time, segment_end = time.perf_counter(), min(simulation.currentStep + settings["segment_steps"], end)
+            with segments.segment() as part, open(part.dcd, "wb") as dcd:
+                colvar = ColvarReporter(
+                    part.colvar,
+                    interval,
+                    meta.getCollectiveVariables if biased else None,
+                    names if biased else None,
+                    bias_group,
+                )
+                writers = [DCDStreamReporter(dcd, interval), colvar]
+                simulation.reporters.extend(writers)
+                while simulation.currentStep < segment_end:  # chunks end where the reporters write a row
+                    chunk = min(interval - simulation.currentStep % interval, segment_end - simulation.currentStep)
+                    meta.step(simulation, chunk) if biased else simulation.step(chunk)
+                    if simulation.currentStep % interval == 0:
+                        part.values.append(
+                            reweighting_constant(bias_grid(meta), bias_factor, kT, periodic) if biased else 0.0
+                        )
+                    bar.update(chunk)
+                colvar.close()
+                for writer in writers:
+                    simulation.reporters.remove(writer)
+            wall += time.perf_counter() - start_time
+            segments.checkpoint(
+                simulation,
+                simulation.currentStep,
+                files["bias_dir"] if biased else None,
+                own_ids,
+                seed=base_seed,
+                restarts=restarts,
+                first_step=first_step,
+                wall_time_s=wall,
+                progress=_progress(segments, simulation.currentStep - first_step, n_steps, dt_ps),
+            )
+    simulation.reporters.clear()
     simulation.saveState(str(files["state"]))
-
+    constants = segments.join(files["trajectory"], files["colvar"], files["topology"], simulation, interval, first_step)
     data = read_colvar(files["colvar"])
     if len(constants) != data["time"].size:
         raise RuntimeError(f"{data['time'].size} COLVAR rows but {len(constants)} reweighting constants")
@@ -556,6 +662,7 @@ def _run(
         add_colvar_columns(files["colvar"], values)
     log_w = (data["bias"] - np.asarray(constants)) / kT
     np.save(files["log_weights"], log_w)
+    settings = dict(settings, seed=base_seed)
     result = MetadynamicsResult(
         out=out,
         files=files,
@@ -581,11 +688,26 @@ def _run(
         files["settings"],
         dict(
             settings=plain_json(settings),
-            results=result.summary(),
+            results=dict(result.summary(), restarts=restarts),
             reweighting="Tiwary-Parrinello c(t): w = exp((V(s,t) - c(t))/kT)",
         ),
     )
+    segments.finish()
     return result
+
+
+def _progress(segments: Segments, done: int, n_steps: int, dt_ps: float) -> dict:
+    """How far a run is after ``done`` of its ``n_steps`` steps, for a checkpoint record: ns done and
+    in all, frames, transitions between the first CV's two states so far (None before they show)."""
+    colvar = segments.colvar()
+    cvs = [name for name in colvar if name not in ("time", "bias")]
+    states = analysis.two_states(colvar[cvs[0]]) if cvs and colvar[cvs[0]].size >= 20 else None
+    return dict(
+        ns_done=done * dt_ps / 1000.0,
+        ns_total=n_steps * dt_ps / 1000.0,
+        frames=int(colvar["time"].size) if colvar else 0,
+        transitions=analysis.count_transitions(states.series(colvar[cvs[0]])) if states else None,
+    )
 
 
 def step_costs(

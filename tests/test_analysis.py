@@ -100,17 +100,22 @@ def test_free_energy_profile_of_boltzmann_samples():
     assert np.allclose(f, exact - exact.min(), atol=1e-4)
 
 
-def test_rama_command_on_a_short_trajectory(tmp_path):
-    md = simulate(
+def short_md(folder):
+    """400 steps of alanine dipeptide, 20 frames, in ``folder/md``."""
+    return simulate(
         alanine_dipeptide(),
         steps=400,
         interval=20,
-        out=tmp_path / "md",
+        out=folder / "md",
         seed=2,
         platform="Reference",
         equilibration_steps=50,
         progress=False,
     )
+
+
+def test_rama_command_on_a_short_trajectory(tmp_path):
+    md = short_md(tmp_path)
     weights = np.arange(1.0, 21.0)
     np.savetxt(tmp_path / "w.txt", weights)
     status = main(
@@ -153,16 +158,7 @@ def test_rama_command_on_a_short_trajectory(tmp_path):
 
 
 def test_rama_refuses_a_truncated_trajectory_and_takes_plot_options(tmp_path, capsys):
-    md = simulate(
-        alanine_dipeptide(),
-        steps=400,
-        interval=20,
-        out=tmp_path / "md",
-        seed=2,
-        platform="Reference",
-        equilibration_steps=50,
-        progress=False,
-    )
+    md = short_md(tmp_path)
     data = md.trajectory.read_bytes()
     cut = tmp_path / "cut.dcd"
     cut.write_bytes(data[: len(data) - len(data) // 3])  # an interrupted copy: the header still promises 20 frames

@@ -17,10 +17,10 @@ from helpers import WORKFLOWS
 
 from openflow.cli import main
 from openflow.plugins.openmm import bias_files
-from openflow.plugins.openmm.md import create_simulation
+from openflow.plugins.openmm.md import create_simulation, simulate
 from openflow.plugins.openmm.metadynamics import bias_grid, run_metadynamics, torsion_bias_variables
 from openflow.plugins.openmm.reporters import read_colvar
-from openflow.plugins.openmm.segments import CHECKPOINT
+from openflow.plugins.openmm.segments import CHECKPOINT, join_dcd
 from openflow.plugins.openmm.walkers import dask_client, run_walkers
 from openflow.systems import alanine_dipeptide
 from openflow.systems.alanine_dipeptide import backbone_torsions
@@ -213,3 +213,18 @@ def test_the_learned_cv_loop_and_the_metad_command_run_with_two_walkers(tmp_path
     capsys.readouterr()
     assert main(argv + ["--walkers", "0"]) == 2  # checked before any work
     assert "walkers must be a positive integer" in capsys.readouterr().err
+
+
+def test_joined_segments_are_an_exact_copy_of_the_frames(ala, tmp_path):
+    """A run written in segments reads back bit for bit as the frames OpenMM wrote (float32 Angstrom)."""
+    import mdtraj
+
+    md = simulate(ala, steps=600, interval=100, out=tmp_path / "md", seed=1, platform="Reference", progress=False)
+    join_dcd([md.trajectory, md.trajectory], tmp_path / "joined.dcd", md.topology, 0.001, 100)
+    with (
+        mdtraj.formats.DCDTrajectoryFile(str(md.trajectory)) as one,
+        mdtraj.formats.DCDTrajectoryFile(str(tmp_path / "joined.dcd")) as joined,
+    ):
+        frames, twice = one.read()[0], joined.read()[0]
+    assert twice.shape == (12, 22, 3)
+    np.testing.assert_array_equal(twice, np.concatenate([frames, frames]))

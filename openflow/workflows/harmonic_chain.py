@@ -117,25 +117,30 @@ def stage_config(config: dict, route: str) -> dict:
     }
 
 
-def train_mle(model, p, q, config: dict, out: Path) -> dict:
+def fit_stage(model, loss, config: dict, stage: str, out: Path) -> dict:
+    """L-BFGS on ``loss(model, batch)`` for ``config[stage]["steps"]``, resumed from ``out``'s checkpoint."""
     trainer = Trainer(
         model,
-        lambda m, _: m.nll(p, q),
+        loss,
         optimizer="lbfgs",
-        lr=config["mle"]["lr"],
+        lr=config[stage]["lr"],
         device="cpu",
         seed=config["seed"],
         out_dir=out,
         checkpoint_every=50,
         progress=config["progress"] is not False,
-        config=stage_config(config, "mle"),
+        config=stage_config(config, stage),
     )
-    history = trainer.fit(config["mle"]["steps"], resume=(out / "checkpoint.pt").exists())
+    history = trainer.fit(config[stage]["steps"], resume=(out / "checkpoint.pt").exists())
     return {
         "train_steps": trainer.step,
         "skipped_steps": trainer.n_skipped,
         "final_loss": history[-1]["loss"] if history else math.nan,
     }
+
+
+def train_mle(model, p, q, config: dict, out: Path) -> dict:
+    return fit_stage(model, lambda m, _: m.nll(p, q), config, "mle", out)
 
 
 def train_variational(model, H, config: dict, out: Path, generator: torch.Generator) -> dict:
@@ -147,24 +152,7 @@ def train_variational(model, H, config: dict, out: Path, generator: torch.Genera
         p, q = m.transform(P, Q)
         return (H(p, q) + m.prior.log_prob(P, Q)).mean()
 
-    trainer = Trainer(
-        model,
-        free_energy_bound,
-        optimizer="lbfgs",
-        lr=config["variational"]["lr"],
-        device="cpu",
-        seed=config["seed"],
-        out_dir=out,
-        checkpoint_every=50,
-        progress=config["progress"] is not False,
-        config=stage_config(config, "variational"),
-    )
-    history = trainer.fit(config["variational"]["steps"], resume=(out / "checkpoint.pt").exists())
-    return {
-        "train_steps": trainer.step,
-        "skipped_steps": trainer.n_skipped,
-        "final_loss": history[-1]["loss"] if history else math.nan,
-    }
+    return fit_stage(model, free_energy_bound, config, "variational", out)
 
 
 def evaluate(model, system, H, n_samples: int, generator: torch.Generator) -> tuple[dict, dict]:

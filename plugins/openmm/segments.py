@@ -166,12 +166,15 @@ class Segments:
 
 def join_dcd(paths, trajectory, pdb, timestep_ps: float, interval: int, first_step: int = 0) -> None:
     """Write the frames of the DCD files ``paths`` (atoms of the PDB ``pdb``) one after the other into
-    ``trajectory``, with the time step, the frame ``interval`` and the first frame's step in its header."""
+    ``trajectory``, with the time step, the frame ``interval`` and the first frame's step in its header.
+    The coordinates are copied exactly (the files' float32 Angstrom values, read raw), and so are the
+    box lengths of a periodic system."""
     topology = app.PDBFile(str(pdb)).topology
     with open(trajectory, "wb") as handle:
         dcd = app.DCDFile(handle, topology, timestep_ps * unit.picosecond, first_step + interval, interval)
         for path in paths:
-            with quiet_stdout():
-                frames = mdtraj.load_dcd(str(path), top=str(pdb))
-            for xyz in frames.xyz:
-                dcd.writeModel(xyz.astype(np.float64) * unit.nanometer)
+            with quiet_stdout(), mdtraj.formats.DCDTrajectoryFile(str(path)) as source:
+                angstrom, lengths, _ = source.read()
+            for k, xyz in enumerate(angstrom.astype(np.float64) / 10.0):
+                box = None if lengths is None else lengths[k].astype(np.float64) / 10.0 * unit.nanometer
+                dcd.writeModel(xyz * unit.nanometer, unitCellDimensions=box)

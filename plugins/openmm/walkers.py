@@ -34,7 +34,7 @@ import numpy as np
 from openflow.io import plain_json, read_record, say, write_json, write_record
 
 from . import bias_files
-from .md import simulate
+from .md import positive_integer, simulate
 from .metadynamics import (
     OUTPUTS,
     MetadynamicsResult,
@@ -77,17 +77,15 @@ def dask_client(address: str | None = None, n_workers: int | None = None):
 def check_walkers(walkers, cluster: dict) -> None:
     """One-line errors for ``walkers`` (a positive integer) and ``cluster`` (``address``: a scheduler
     address or None, ``n_workers``: a positive integer or None), before any work starts."""
-    if isinstance(walkers, bool) or not isinstance(walkers, int) or walkers < 1:
-        raise ValueError(f"walkers must be a positive integer, got {walkers!r}")
+    positive_integer(walkers, "walkers")
     if not isinstance(cluster, dict) or set(cluster) != {"address", "n_workers"}:
         raise ValueError(f"cluster must be a mapping with address and n_workers, got {cluster!r}")
     if cluster["address"] is not None and not isinstance(cluster["address"], str):
         raise ValueError(
             f"cluster.address must be a scheduler address such as tcp://host:8786, got {cluster['address']!r}"
         )
-    workers = cluster["n_workers"]
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-        raise ValueError(f"cluster.n_workers must be a positive integer or null, got {workers!r}")
+    if cluster["n_workers"] is not None:
+        positive_integer(cluster["n_workers"], "cluster.n_workers")
 
 
 @contextlib.contextmanager
@@ -144,8 +142,7 @@ def run_walkers(
     ``observables``, ...). A folder whose shared bias came from another run is refused unless
     ``overwrite``; an interrupted one resumes (each walker from its checkpoint).
     """
-    if isinstance(n_walkers, bool) or not isinstance(n_walkers, int) or n_walkers < 1:
-        raise ValueError(f"walkers must be a positive integer, got {n_walkers!r}")
+    n_walkers = positive_integer(n_walkers, "walkers")
     starts = [None] * n_walkers if starts is None else list(starts)
     if len(starts) != n_walkers:
         raise ValueError(f"{len(starts)} starting points for {n_walkers} walkers")
@@ -188,7 +185,7 @@ def run_walkers(
         )
     _follow(futures, folders, progress)
     results = client.gather(futures)
-    return pool_walkers(results, variables, out, bias_dir, settings.get("bias_factor", 6.0), system.kT_kjmol)
+    return pool_walkers(results, variables, out, bias_dir)
 
 
 def _prepare_shared_bias(out: Path, bias_dir: Path, folders, record: dict, continue_from, overwrite: bool) -> None:
@@ -243,7 +240,7 @@ def _follow(futures, folders, progress: bool) -> None:
                 say(f"walker {i}: {done['ns_done']:.2f}/{done['ns_total']:.2f} ns{crossings}{again}")
 
 
-def pool_walkers(results, variables, out: Path, bias_dir: Path, bias_factor: float, kT: float) -> MetadynamicsResult:
+def pool_walkers(results, variables, out: Path, bias_dir: Path) -> MetadynamicsResult:
     """The walkers' frames as one run (see the module): pooled files in ``out``, arrays walker after
     walker, ``observables["walker"]`` the walker of each frame."""
     files = {key: out / name for key, name in OUTPUTS.items()}
@@ -275,7 +272,8 @@ def pool_walkers(results, variables, out: Path, bias_dir: Path, bias_factor: flo
         bias = np.ascontiguousarray(bias_files.shared_bias(bias_dir, shape).transpose())
         axes = {f"axis_{i}": a for i, a in enumerate(grid_axes(variables))}
         np.savez(files["bias"], bias_kjmol=bias, names=np.array(names), **axes)
-        np.savez(files["fes"], free_energy_kjmol=fes_from_bias(bias, bias_factor), names=np.array(names), **axes)
+        fes = fes_from_bias(bias, results[0].settings["bias_factor"])
+        np.savez(files["fes"], free_energy_kjmol=fes, names=np.array(names), **axes)
     steps = sum(r.steps for r in results)
     wall = max(r.wall_time_s for r in results)
     pooled = MetadynamicsResult(
@@ -308,8 +306,7 @@ def _restarts(result: MetadynamicsResult) -> int:
 def run_independent(system, n_runs: int, out, client, seed: int = 0, platform: str | None = None, **settings) -> list:
     """``n_runs`` independent unbiased runs (:func:`~openflow.plugins.openmm.md.simulate`, seeds
     ``seed + i``, folders ``out/run<i>``) as Dask tasks on ``client``; their results in order."""
-    if isinstance(n_runs, bool) or not isinstance(n_runs, int) or n_runs < 1:
-        raise ValueError(f"runs must be a positive integer, got {n_runs!r}")
+    n_runs = positive_integer(n_runs, "runs")
     platform = select_platform(platform, system.system, system.positions, task="md").getName()
     futures = [
         client.submit(

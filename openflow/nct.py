@@ -13,7 +13,8 @@
 4. :func:`latent_modes`: the latent positions ``Q_k`` of the smallest frequencies, slowest first.
    The frequencies order modes by spread (``w_k^2 = <P_k^2>/<Q_k^2>``), which is not slowness:
    :func:`kinetic_slowest` picks the combination of the lowest-frequency modes with the longest
-   autocorrelation (TICA over time-ordered pieces of trajectory) as the slow CV.
+   autocorrelation (TICA over time-ordered pieces of trajectory) as the slow CV, and
+   :func:`slow_together` says whether the next TICA component is about as slow (then it is a CV too).
 
 Everything is in torch (training) and numpy (TICA); nothing assumes a molecule.
 """
@@ -40,6 +41,7 @@ from openflow.training import Trainer
 
 RIGID_BODY_DOF = 6  # translations and rotations removed by an alignment
 NCT_DTYPE = torch.float32  # training precision
+SLOW_TOGETHER_RATIO = 0.5  # a second CV when its process is at least half as slow as the slowest one
 
 
 @dataclass
@@ -197,15 +199,26 @@ def latent_modes(model: NeuralCanonicalTransformation, q: torch.Tensor, k: int, 
 
 
 def kinetic_slowest(
-    modes: np.ndarray, segments: Sequence[np.ndarray] | np.ndarray, lag: int
+    modes: np.ndarray, segments: Sequence[np.ndarray] | np.ndarray, lag: int, dim: int = 1
 ) -> tuple[TICA, np.ndarray]:
-    """The slowest combination of latent modes: the leading TICA component of ``modes (T, k)`` at ``lag``
-    frames, time-lagged pairs taken inside each piece of ``segments`` (a label per frame ``(T,)``:
-    frames with equal consecutive labels follow each other in time). Returns the TICA model and the
-    CV's values ``(T,)``."""
+    """The slowest combinations of latent modes: the leading ``dim`` TICA components of ``modes (T, k)``
+    at ``lag`` frames, time-lagged pairs taken inside each piece of ``segments`` (a label per frame
+    ``(T,)``: frames with equal consecutive labels follow each other in time). Returns the TICA model
+    and the components' values ``(T, dim)``."""
     modes = np.asarray(modes, dtype=np.float64)
-    model = tica(split_segments(modes, np.asarray(segments)), lag=lag, dim=1)
-    return model, model.transform(modes)[:, 0]
+    model = tica(split_segments(modes, np.asarray(segments)), lag=lag, dim=dim)
+    return model, model.transform(modes)[:, :dim]
+
+
+def slow_together(eigenvalues: Sequence[float], most: int = 2, ratio: float = SLOW_TOGETHER_RATIO) -> int:
+    """How many leading TICA components are slow together: those whose implied timescale
+    ``-lag / ln(lambda)`` is at least ``ratio`` times the slowest one's, at most ``most``, at least 1.
+    Slow processes of about the same timescale (the pair of slow eigenfunctions of a three-state rotor)
+    need a CV each: one of them alone leaves a barrier hidden along the other."""
+    eigenvalues = np.asarray(eigenvalues, dtype=np.float64)[:most]
+    with np.errstate(divide="ignore"):
+        rates = -np.log(np.clip(eigenvalues, 0.0, 1.0 - 1e-12))  # 1 / timescale, in units of 1 / lag
+    return int(max(1, np.sum(rates[0] >= ratio * rates)))
 
 
 def split_segments(values: np.ndarray, segments: np.ndarray) -> list[np.ndarray]:

@@ -163,6 +163,7 @@ def kinetically_slowest(
     each feature's share in units of its spread), prefixed by ``name``, and its values ``(T,)``."""
     lag = max(1, round(settings["kinetic_lag_ps"] / train["frame_ps"]))
     model, values = nct.kinetic_slowest(features, train["segments"], lag)
+    values = values[:, 0]
     metrics = {
         f"{name}_kinetic_autocorrelation": float(model.eigenvalues[0]),
         f"{name}_kinetic_timescale_ps": float(model.timescales(lag * train["frame_ps"])[0]),

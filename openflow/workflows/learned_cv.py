@@ -8,8 +8,11 @@
    (``openflow.plugins.openmm.learned_cv``), the kinetically slowest combination of its
    lowest-frequency modes over each run's time order, a ``CVModel`` over features chosen from the
    System (``features: auto``: distances when the energy is invariant under rigid motions, else
-   positions), exported as a checked ``CustomCVForce``, then well-tempered metadynamics on it. The two
-   basins of the reweighted CV are the states; the round ends the loop when ΔF between them stopped
+   positions), exported as a checked ``CustomCVForce``, then well-tempered metadynamics on it. With
+   ``cv.dims: auto`` the next TICA component becomes a second CV, biased with the first, when its
+   process is at least half as slow (``openflow.nct.slow_together``: a three-state rotor has two
+   such; one CV alone would hide the barrier along the other). The two basins of the reweighted
+   (first) CV are the states; the round ends the loop when ΔF between them stopped
    drifting and is known: its drift over the run's second half and its error bar both below
    ``rounds.converge_kT`` (after ``rounds.min`` rounds).
 3. **Production**: the last round's metadynamics continued for ``production.ns``.
@@ -36,7 +39,6 @@ from pathlib import Path
 
 import numpy as np
 import openmm.unit as unit
-import torch
 
 from openflow import analysis, estimators
 from openflow.data import load_trajectory
@@ -64,10 +66,10 @@ DEFAULTS = {
     "round0": {"ns": 1.0, "temperature_K": 600.0, "reweight": True},
     "nct": {"layers": 4, "hidden": [32], "steps": 1000, "batch": 256, "lr": 2e-3, "modes": 8, "weighted": True},
     "slow": {"lag_ps": 1.0},
-    "cv": {"hidden": [1], "epochs": 60, "export_frames": 100},
-    "metad": {"height": 1.2, "bias_factor": 6.0, "pace_ps": 1.0, "width_std": 0.25},
+    "cv": {"hidden": [1], "epochs": 60, "export_frames": 100, "dims": "auto"},
+    "metad": {"height": 1.2, "bias_factor": 10.0, "pace_ps": 1.0, "width_std": 0.25},
     "rounds": {"max": 4, "min": 1, "ns": 1.0, "converge_kT": 0.5},
-    "production": {"ns": 2.0},
+    "production": {"ns": 4.0},
     "report": {"backbone": True, "compare": True, "reference": {"system": None, "delta_f_kT": None, "error_kT": None}},
     "speed": {"steps": 5000, "repeats": 3},
     "walkers": 1,  # metadynamics walkers sharing each round's bias (and round 0 as that many runs), on Dask
@@ -97,6 +99,8 @@ def check(config: dict) -> None:
         raise ValueError("system.options apply to a builder (system.name), not to system.xml/system.pdb")
     if not isinstance(system["options"], dict):
         raise ValueError(f"system.options must be a mapping of builder arguments, got {system['options']!r}")
+    if config["cv"]["dims"] not in ("auto", 1, 2):
+        raise ValueError(f"cv.dims must be 1, 2 or auto, got {config['cv']['dims']!r}")
     if config["features"] not in FEATURES:
         raise ValueError(f"features must be one of {', '.join(FEATURES)}, got {config['features']!r}")
     if not config["metad"]["bias_factor"] > 1:
@@ -127,6 +131,11 @@ def md_steps(system, config: dict) -> dict:
         "interval": max(1, round(config["frame_ps"] / dt_ps)),
         "frequency": max(1, round(config["metad"]["pace_ps"] / dt_ps)),
     }
+
+
+def cv_names(n: int) -> list[str]:
+    """The COLVAR names of a round's CVs: ``cv``, ``cv2``, ... (slowest first)."""
+    return ["cv"] + [f"cv{k + 1}" for k in range(1, n)]
 
 
 def run_weights(log_w: np.ndarray) -> np.ndarray:
@@ -213,7 +222,6 @@ def learn_and_bias(config: dict, out: Path, client) -> dict:
         frequency=steps["frequency"],
         interval=steps["interval"],
         platform=config["platform"],
-        cv_names=["cv"],
         observables=phi_psi_observables() if peptide else None,
         reuse=True,
         overwrite=True,
@@ -243,18 +251,23 @@ def learn_and_bias(config: dict, out: Path, client) -> dict:
             atoms=config["atoms"],
             weights=weights,
             export_frames=config["cv"]["export_frames"],
+            dims=config["cv"]["dims"],
         )
-        variable = cv.bias_variable(metad["width_std"])
+        variables, names = cv.bias_variables(metad["width_std"]), cv_names(len(cv.forces))
         say(f"learned_cv: round {k}: metadynamics on the CV")
-        starts = walker_starts(cv.values, [path for path, _ in runs], topology, config["walkers"])
+        starts = walker_starts(cv.values[:, 0], [path for path, _ in runs], topology, config["walkers"])
         result = biased_run(
-            system, [variable], folder / "metadynamics", ns=rounds["ns"], seed=seed + k, starts=starts, **biased
+            system,
+            variables,
+            folder / "metadynamics",
+            ns=rounds["ns"],
+            seed=seed + k,
+            starts=starts,
+            cv_names=names,
+            **biased,
         )
         biased_ns += result.ns
-        with torch.no_grad():  # the CV of the starting structure: its side is the start state
-            start = float(
-                cv.model(torch.as_tensor(np.asarray(system.positions.value_in_unit(unit.nanometer)))[None])[0, 0]
-            )
+        start = float(cv(system.positions.value_in_unit(unit.nanometer)[None])[0, 0])  # its side: the start state
         summary, curves[f"round{k}"] = round_summary(result, start)
         metrics.update({f"round{k}_{key}": value for key, value in {**summary, **cv.metrics}.items()})
         if peptide:
@@ -268,14 +281,17 @@ def learn_and_bias(config: dict, out: Path, client) -> dict:
     say("learned_cv: production, the last round's metadynamics continued")
     production = biased_run(
         system,
-        [variable],
+        variables,
         out / "production",
         ns=config["production"]["ns"],
         seed=seed + 100,
         continue_from=folder / "metadynamics",
+        cv_names=names,
         **biased,
     )
-    shutil.copy2(folder / "cv.xml", out / "production" / "cv.xml")
+    for path in cv.files.values():
+        if path.suffix == ".xml":
+            shutil.copy2(path, out / "production" / path.name)
     final, curves["production"] = round_summary(production, start)
     metrics.update({f"production_{key}": value for key, value in final.items()})
     metrics.update(
@@ -287,7 +303,7 @@ def learn_and_bias(config: dict, out: Path, client) -> dict:
     )
     cost = step_costs(
         system,
-        [variable],
+        variables,
         steps=config["speed"]["steps"],
         repeats=config["speed"]["repeats"],
         platform=production.platform,

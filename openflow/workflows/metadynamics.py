@@ -186,6 +186,7 @@ def learned_cv_force(config: dict, out: Path, progress: bool) -> tuple[openmm.Fo
         nct=learn["nct"],
         hidden=learn["hidden"],
         epochs=learn["epochs"],
+        dims=1,
         progress=progress,
     )
     phi = phi_psi(load_trajectory(md.trajectory, md.topology))[0]  # reported, never used to learn
@@ -195,11 +196,11 @@ def learned_cv_force(config: dict, out: Path, progress: bool) -> tuple[openmm.Fo
         frames=md.n_frames,
         md_platform=md.platform,
         md_population_positive=float(basin.mean()),
-        learned_cv_phi_basin_auc=analysis.basin_separation_auc(cv.values, basin)
+        learned_cv_phi_basin_auc=analysis.basin_separation_auc(cv.values[:, 0], basin)
         if 0 < basin.sum() < basin.size
         else float("nan"),
     )
-    return cv.force, cv.range, cv.std, metrics
+    return cv.forces[0], cv.ranges[0], cv.stds[0], metrics
 
 
 def xml_cvs(xml, ranges) -> tuple[list, list[tuple[float, float]]]:

@@ -1,7 +1,7 @@
 """From MD frames to slow CVs as checked ``CustomCVForce``s, for any OpenMM system.
 
     cv = learn_cv(system, "md/trajectory.dcd", "md/topology.pdb", out="cv")   # frames (and weights) in
-    meta = openmm.app.Metadynamics(system.system, [cv.bias_variable()], ...)   # a checked CustomCVForce out
+    meta = openmm.app.Metadynamics(system.system, cv.bias_variables(), ...)   # checked CustomCVForces out
 
 - :func:`choose_features`: ``auto`` tests the System's energy for invariance under rigid motions
   (:func:`energy_is_rigid_invariant`): invariant -> pair distances of the selected atoms (and the
@@ -12,9 +12,10 @@
   selected atoms (``openflow.nct``, weighted by the frames' reweighting weights) and the latent
   positions of its lowest-frequency modes on every frame.
 - :func:`learn_slow_cv`: the kinetic choice among those modes (their leading TICA component over
-  the runs' own time order, so not the widest mode but the slowest) regressed by a ``CVModel``
-  over the features and exported (:func:`fit_and_export`): checked value-for-value and
-  force-for-force against torch, saved as OpenMM XML.
+  the runs' own time order, so not the widest mode but the slowest; and the next one too when its
+  process is about as slow) regressed by a ``CVModel`` over the features and exported
+  (:func:`fit_and_export`): checked value-for-value and force-for-force against torch, saved as
+  OpenMM XML.
 
 Nothing here assumes a molecule: the atoms are an mdtraj selection, the features are chosen from
 the System itself.
@@ -213,30 +214,39 @@ def fit_and_export(
 
 @dataclass
 class LearnedCV:
-    """A learned slow CV: the torch ``model`` (features -> MLP, one output), its exported and checked
-    OpenMM ``force``, the guaranteed ``range`` ``(lo, hi)`` of its values, their standard deviation
-    ``std`` on the training frames, the ``values`` ``(T,)`` of the model and the kinetic ``target``
-    ``(T,)`` it was fitted to on those frames, flat ``metrics`` and the written ``files``."""
+    """Learned slow CVs, slowest first: the torch ``models`` (features -> MLP, one output each), their
+    exported and checked OpenMM ``forces``, the guaranteed ``ranges`` ``[(lo, hi), ...]`` of their
+    values, their standard deviations ``stds`` on the training frames, the models' ``values (T, n)``
+    and the kinetic ``target (T, n)`` they were fitted to on those frames, flat ``metrics`` and the
+    written ``files``."""
 
-    model: CVModel
-    force: openmm.Force
-    range: tuple
-    std: float
+    models: list
+    forces: list
+    ranges: list
+    stds: list
     values: np.ndarray
     target: np.ndarray
     metrics: dict
     files: dict
 
-    def bias_variable(self, width_std: float = 0.25, grid: int | None = None, max_grid: int = 2000) -> app.BiasVariable:
-        """A non-periodic ``openmm.app.BiasVariable`` on a copy of the force over the CV's whole range
-        (the bias is zero outside it), Gaussians ``width_std`` standard deviations wide, ``grid`` points
-        (default OpenMM's ``5 * range / width``, at most ``max_grid``)."""
-        lo, hi = self.range
-        width = width_std * self.std
-        if not (width > 0 and np.isfinite(lo) and np.isfinite(hi) and hi > lo):
-            raise ValueError(f"cannot bias a CV with range ({lo}, {hi}) and width {width}: use hidden tanh units")
-        points = grid if grid is not None else int(min(max_grid, np.ceil(5.0 * (hi - lo) / width)))
-        return app.BiasVariable(openmm.XmlSerializer.clone(self.force), lo, hi, width, False, points)
+    def __call__(self, positions) -> np.ndarray:
+        """The CVs ``(B, n)`` of positions ``(B, n_atoms, 3)`` nm (torch, float64)."""
+        xyz = torch.as_tensor(np.asarray(positions, dtype=np.float64))
+        with torch.no_grad():
+            return torch.cat([model(xyz) for model in self.models], 1).numpy()
+
+    def bias_variables(self, width_std: float = 0.25, max_grid: int = 2000) -> list:
+        """One non-periodic ``openmm.app.BiasVariable`` per CV, on a copy of its force over its whole
+        range (the bias is zero outside it), Gaussians ``width_std`` of its standard deviation wide,
+        OpenMM's ``5 * range / width`` grid points (at most ``max_grid``)."""
+        variables = []
+        for force, (lo, hi), std in zip(self.forces, self.ranges, self.stds):
+            width = width_std * std
+            if not (width > 0 and np.isfinite(lo) and np.isfinite(hi) and hi > lo):
+                raise ValueError(f"cannot bias a CV with range ({lo}, {hi}) and width {width}: use hidden tanh units")
+            points = int(min(max_grid, np.ceil(5.0 * (hi - lo) / width)))
+            variables.append(app.BiasVariable(openmm.XmlSerializer.clone(force), lo, hi, width, False, points))
+        return variables
 
 
 def learn_slow_cv(
@@ -256,14 +266,19 @@ def learn_slow_cv(
     atoms: str = "heavy",
     weights=None,
     export_frames: int = 100,
+    dims="auto",
 ) -> LearnedCV:
-    """The slow CV of ``trajectories`` (one path or a list, each an unbroken run; ``topology``: PDB) of
+    """The slow CVs of ``trajectories`` (one path or a list, each an unbroken run; ``topology``: PDB) of
     ``system``: the canonical transformation of the selected ``atoms`` (weighted by ``weights``, one
-    per frame of all runs in order), the leading TICA component of its ``n_modes`` lowest-frequency
-    latent modes at ``lag`` frames inside each run (the kinetically slowest combination), and a
-    ``CVModel`` over ``features`` with ``hidden`` tanh units regressed on it, exported (checked on
-    ``export_frames`` frames) into ``out/cv.xml``. Everything is kept in ``out`` and reused by a call
-    with the same data and settings."""
+    per frame of all runs in order), the leading TICA components of its ``n_modes`` lowest-frequency
+    latent modes at ``lag`` frames inside each run (the kinetically slowest combinations), and for
+    each a ``CVModel`` over ``features`` with ``hidden`` tanh units regressed on it, exported (checked
+    on ``export_frames`` frames) into ``out/cv.xml`` (the second: ``out/cv2/cv2.xml``). ``dims``: how
+    many CVs, 1, 2 or ``auto`` (the second when its process is about as slow as the first:
+    ``openflow.nct.slow_together``). Everything is kept in ``out`` and reused by a call with the same
+    data and settings."""
+    if dims not in ("auto", 1, 2):
+        raise ValueError(f"dims must be 1, 2 or 'auto', got {dims!r}")
     paths = [trajectories] if isinstance(trajectories, (str, Path)) else list(trajectories)
     frames = [load_trajectory(path, topology) for path in paths]
     segments = np.concatenate([np.full(part.n_frames, k) for k, part in enumerate(frames)])
@@ -273,26 +288,53 @@ def learn_slow_cv(
         system, paths, topology, n_modes, nct_settings, seed, out / "nct", progress, atoms, align, weights
     )
     modes = slow.modes.double().numpy()  # at most as many modes as the frame has axes
-    tica_model, target = nct.kinetic_slowest(modes, segments, lag)
+    spectrum = nct.kinetic_slowest(modes, segments, lag, dim=min(2, n_modes))[0].eigenvalues
+    dims = min(nct.slow_together(spectrum) if dims == "auto" else dims, n_modes)
+    tica_model, target = nct.kinetic_slowest(modes, segments, lag, dim=dims)
     share = tica_model.eigenvectors[:, 0] * modes.std(0)
     share = share / np.linalg.norm(share)
-    cv = CVModel(features, hidden=hidden, n_out=1, seed=seed).double()
     joined = frames[0] if len(frames) == 1 else mdtraj.join(frames)
-    exported = fit_and_export(cv, joined, torch.as_tensor(target), epochs, seed, out, export_frames, names=["cv"])
+    positions = torch.as_tensor(joined.xyz, dtype=DTYPE)
+    models, exported, metrics = [], [], {}
+    for k in range(dims):
+        name = "cv" if k == 0 else f"cv{k + 1}"
+        cv = CVModel(features, hidden=hidden, n_out=1, seed=seed + k).double()
+        part = fit_and_export(
+            cv,
+            joined,
+            torch.as_tensor(target[:, k : k + 1]),
+            epochs,
+            seed + k,
+            out if k == 0 else out / name,
+            export_frames,
+            names=[name],
+        )
+        models.append(cv)
+        exported.append(part)
+        metrics.update({key if k == 0 else key.replace("cv_", f"{name}_", 1): v for key, v in part.metrics.items()})
     with torch.no_grad():
-        values = cv(torch.as_tensor(joined.xyz, dtype=DTYPE))[:, 0].numpy()
-    metrics = dict(
-        exported.metrics,
-        **slow.metrics,
+        values = torch.cat([cv(positions) for cv in models], 1).numpy()
+    metrics.update(
+        slow.metrics,
+        cv_dims=dims,
         cv_features=len(features.names()),
         frames=int(len(segments)),
         kinetic_lag_frames=int(lag),
-        kinetic_autocorrelation=float(tica_model.eigenvalues[0]),
+        kinetic_autocorrelation=float(spectrum[0]),
     )
+    if len(spectrum) > 1:
+        metrics["kinetic_autocorrelation_2"] = float(spectrum[1])
     metrics.update({f"nct_omega_{k + 1}_per_ps": float(w) for k, w in enumerate(slow.omega[:n_modes])})
     metrics.update({f"kinetic_weight_q{k + 1}": float(v) for k, v in enumerate(share)})
     return LearnedCV(
-        cv, exported.forces[0], exported.ranges[0], float(exported.stds[0]), values, target, metrics, exported.files
+        models,
+        [part.forces[0] for part in exported],
+        [part.ranges[0] for part in exported],
+        [float(part.stds[0]) for part in exported],
+        values,
+        target,
+        metrics,
+        {key: value for part in exported for key, value in part.files.items()},
     )
 
 
@@ -312,7 +354,7 @@ def learn_cv(
     """A checked slow CV of any ``system`` from its frames: features chosen from the System
     (:func:`choose_features`), the kinetic lag ``lag_ps`` in frames of ``frame_ps`` (default: from the
     first trajectory's DCD header). ``settings``: ``nct`` (a dict of ``openflow.nct.SETTINGS``'s keys,
-    missing ones from there), ``hidden``, ``epochs``, ``n_modes``, ``export_frames``, ``progress`` of
+    missing ones from there), ``hidden``, ``epochs``, ``n_modes``, ``export_frames``, ``dims``, ``progress`` of
     :func:`learn_slow_cv`."""
     feature_set, invariant, _ = choose_features(system, features, atoms)
     paths = [trajectories] if isinstance(trajectories, (str, Path)) else list(trajectories)

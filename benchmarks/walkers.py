@@ -22,7 +22,7 @@ import numpy as np
 
 from openflow import analysis, estimators
 from openflow.benchmarks.common import add_output_arguments, emit, machine_description, machine_line
-from openflow.plugins.openmm.metadynamics import torsion_bias_variables
+from openflow.plugins.openmm.bias import torsion_bias_variables
 from openflow.plugins.openmm.walkers import biased_run, dask_client
 from openflow.systems import alanine_dipeptide
 from openflow.systems.alanine_dipeptide import PHI_CORE_MARGIN, backbone_torsions, phi_psi_observables, phi_states

@@ -427,8 +427,8 @@ def metad(args):
 
     from openflow import analysis, estimators
     from openflow.io import write_json
+    from openflow.plugins.openmm.bias import learned_bias_variables, torsion_bias_variables
     from openflow.plugins.openmm.export import load_cv_force
-    from openflow.plugins.openmm.metadynamics import learned_bias_variables, torsion_bias_variables
     from openflow.plugins.openmm.walkers import biased_run, check_walkers, client_for
     from openflow.systems.alanine_dipeptide import (
         PHI_CORE_MARGIN,

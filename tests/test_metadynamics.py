@@ -16,15 +16,15 @@ from openflow import analysis
 from openflow.cli import main
 from openflow.cv import CVModel
 from openflow.features import distance_features
-from openflow.plugins.openmm.export import save_cv_force, to_custom_cv_force
-from openflow.plugins.openmm.metadynamics import (
+from openflow.plugins.openmm.bias import (
     fes_from_bias,
     fes_state_delta_f,
     learned_bias_variables,
     reweighting_constant,
-    run_metadynamics,
     torsion_bias_variables,
 )
+from openflow.plugins.openmm.export import save_cv_force, to_custom_cv_force
+from openflow.plugins.openmm.metadynamics import run_metadynamics
 from openflow.plugins.openmm.reporters import read_colvar
 from openflow.systems import alanine_dipeptide
 from openflow.systems.alanine_dipeptide import PHI_CORE_MARGIN, backbone_torsions, phi_psi_observables, phi_states

@@ -18,8 +18,9 @@ from helpers import WORKFLOWS
 from openflow import analysis
 from openflow.cli import main
 from openflow.plugins.openmm import bias_files
+from openflow.plugins.openmm.bias import bias_grid, torsion_bias_variables
 from openflow.plugins.openmm.md import create_simulation, simulate
-from openflow.plugins.openmm.metadynamics import bias_grid, run_metadynamics, torsion_bias_variables
+from openflow.plugins.openmm.metadynamics import run_metadynamics
 from openflow.plugins.openmm.reporters import read_colvar
 from openflow.plugins.openmm.segments import CHECKPOINT, join_dcd
 from openflow.plugins.openmm.walkers import dask_client, run_walkers

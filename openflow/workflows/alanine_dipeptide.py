@@ -45,7 +45,8 @@ from openflow.flows.internal import zmatrix_from_topology
 from openflow.io import cached_stage, save_figure, say
 from openflow.losses import mean_nll, nll, reverse_kl
 from openflow.plugins.openmm import batched_energy
-from openflow.plugins.openmm.metadynamics import run_metadynamics, torsion_bias_variables
+from openflow.plugins.openmm.bias import torsion_bias_variables
+from openflow.plugins.openmm.metadynamics import run_metadynamics
 from openflow.plugins.openmm.tempering import geometric_temperatures, simulate_tempering
 from openflow.systems import kT_kjmol
 from openflow.systems.alanine_dipeptide import (

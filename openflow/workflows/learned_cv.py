@@ -43,9 +43,10 @@ import openmm.unit as unit
 from openflow import analysis, estimators
 from openflow.data import load_trajectory
 from openflow.io import save_figure, say, write_json
+from openflow.plugins.openmm.bias import torsion_bias_variables
 from openflow.plugins.openmm.learned_cv import FEATURES, choose_features, learn_slow_cv
 from openflow.plugins.openmm.md import default_timestep, simulate, temperature_log_weights
-from openflow.plugins.openmm.metadynamics import step_costs, torsion_bias_variables
+from openflow.plugins.openmm.metadynamics import step_costs
 from openflow.plugins.openmm.walkers import biased_run, check_walkers, client_for, run_independent
 from openflow.systems import build, from_files
 from openflow.systems.alanine_dipeptide import (

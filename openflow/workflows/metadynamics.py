@@ -37,14 +37,10 @@ from openflow.data import load_trajectory
 from openflow.features import Dihedrals, FeatureSet, distance_features
 from openflow.io import save_figure
 from openflow.plugins.openmm import learned_cv
+from openflow.plugins.openmm.bias import fes_state_delta_f, learned_bias_variables, torsion_bias_variables
 from openflow.plugins.openmm.export import export_cv, load_cv_force, save_cv_force
 from openflow.plugins.openmm.md import simulate, temperature_log_weights
-from openflow.plugins.openmm.metadynamics import (
-    fes_state_delta_f,
-    learned_bias_variables,
-    step_costs,
-    torsion_bias_variables,
-)
+from openflow.plugins.openmm.metadynamics import step_costs
 from openflow.plugins.openmm.walkers import biased_run, check_walkers, client_for
 from openflow.systems.alanine_dipeptide import (
     PHI_CORE_MARGIN,

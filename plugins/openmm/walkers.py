@@ -34,17 +34,9 @@ import numpy as np
 from openflow.io import plain_json, read_record, say, write_json, write_record
 
 from . import bias_files
+from .bias import fes_from_bias, grid_axes, variable_signature
 from .md import positive_integer, simulate
-from .metadynamics import (
-    OUTPUTS,
-    MetadynamicsResult,
-    copy_bias_files,
-    fes_from_bias,
-    grid_axes,
-    run_metadynamics,
-    start_signature,
-    variable_signature,
-)
+from .metadynamics import OUTPUTS, MetadynamicsResult, copy_bias_files, run_metadynamics, start_signature
 from .platforms import select_platform
 from .segments import CHECKPOINT, join_dcd
 

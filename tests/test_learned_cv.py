@@ -225,6 +225,13 @@ def test_a_three_state_rotor_gets_two_cvs_that_tell_its_wells_apart(tmp_path):
     )
 
 
+@pytest.mark.parametrize("dims", [0, 3, 2.0, True, "two"])
+def test_a_bad_number_of_cvs_is_one_clear_error_before_any_work(dims, tmp_path):
+    with pytest.raises(ValueError, match=r"dims\) must be 1, 2 or auto, got"):
+        run(WORKFLOWS / "learned_cv.yaml", tmp_path / "run", {"cv": {"dims": dims}})
+    assert not (tmp_path / "run").exists()
+
+
 def test_partial_nct_settings_are_completed_and_bad_ones_named():
     """learn_cv's ``nct={...}`` may give only what it changes; a typo or a bad value is one clear error."""
     assert nct_settings({"steps": 5}) == {**nct.SETTINGS, "steps": 5}

@@ -44,7 +44,7 @@ from openflow import analysis, estimators
 from openflow.data import load_trajectory
 from openflow.io import save_figure, say, write_json
 from openflow.plugins.openmm.bias import torsion_bias_variables
-from openflow.plugins.openmm.learned_cv import FEATURES, choose_features, learn_slow_cv
+from openflow.plugins.openmm.learned_cv import FEATURES, check_dims, choose_features, learn_slow_cv
 from openflow.plugins.openmm.md import default_timestep, simulate, temperature_log_weights
 from openflow.plugins.openmm.metadynamics import step_costs
 from openflow.plugins.openmm.walkers import biased_run, check_walkers, client_for, run_independent
@@ -86,6 +86,7 @@ FREE = (
     "report.reference",
     "cluster.address",
     "cluster.n_workers",
+    "cv.dims",
 )
 
 
@@ -100,8 +101,7 @@ def check(config: dict) -> None:
         raise ValueError("system.options apply to a builder (system.name), not to system.xml/system.pdb")
     if not isinstance(system["options"], dict):
         raise ValueError(f"system.options must be a mapping of builder arguments, got {system['options']!r}")
-    if config["cv"]["dims"] not in ("auto", 1, 2):
-        raise ValueError(f"cv.dims must be 1, 2 or auto, got {config['cv']['dims']!r}")
+    check_dims(config["cv"]["dims"])
     if config["features"] not in FEATURES:
         raise ValueError(f"features must be one of {', '.join(FEATURES)}, got {config['features']!r}")
     if not config["metad"]["bias_factor"] > 1:

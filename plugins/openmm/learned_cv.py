@@ -249,6 +249,12 @@ class LearnedCV:
         return variables
 
 
+def check_dims(dims) -> None:
+    """``dims``, the number of slow CVs: 1, 2 or ``"auto"``, else a ``ValueError``."""
+    if dims != "auto" and not (type(dims) is int and dims in (1, 2)):
+        raise ValueError(f"the number of CVs (dims) must be 1, 2 or auto, got {dims!r}")
+
+
 def learn_slow_cv(
     system,
     trajectories,
@@ -277,8 +283,7 @@ def learn_slow_cv(
     many CVs, 1, 2 or ``auto`` (the second when its process is about as slow as the first:
     ``openflow.nct.slow_together``). Everything is kept in ``out`` and reused by a call with the same
     data and settings."""
-    if dims not in ("auto", 1, 2):
-        raise ValueError(f"dims must be 1, 2 or 'auto', got {dims!r}")
+    check_dims(dims)
     paths = [trajectories] if isinstance(trajectories, (str, Path)) else list(trajectories)
     frames = [load_trajectory(path, topology) for path in paths]
     segments = np.concatenate([np.full(part.n_frames, k) for k, part in enumerate(frames)])

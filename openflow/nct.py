@@ -9,7 +9,8 @@
 3. :func:`train_nct`: maximum likelihood (optionally weighted, e.g. reweighted biased frames) of
    ``(p~, q~)`` under a RealNVP point transformation between fixed whitening scalings and a latent
    harmonic prior ``K = sum_k (P_k^2 + w_k^2 Q_k^2) / 2`` whose frequencies start at
-   ``1/sqrt(variance)`` per axis.
+   ``1/sqrt(variance)`` per axis; :func:`train_nct_kinetically` keeps the training length (of ten
+   checks, and none) whose modes hold the slowest process best.
 4. :func:`latent_modes`: the latent positions ``Q_k`` of the smallest frequencies, slowest first.
    The frequencies order modes by spread (``w_k^2 = <P_k^2>/<Q_k^2>``), which is not slowness:
    :func:`kinetic_slowest` picks the combination of the lowest-frequency modes with the longest
@@ -21,6 +22,7 @@ Everything is in torch (training) and numpy (TICA); nothing assumes a molecule.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +39,7 @@ from openflow.flows.symplectic import (
     PointTransformation,
     SymplecticScaling,
 )
+from openflow.io import read_record, write_record
 from openflow.training import Trainer
 
 RIGID_BODY_DOF = 6  # translations and rotations removed by an alignment
@@ -190,6 +193,71 @@ def train_nct(
     history = trainer.fit(settings["steps"], resume=out is not None)
     model.eval()
     return model, {"nct_steps": trainer.step, "nct_final_loss": history[-1]["loss"] if history else float("nan")}
+
+
+def train_nct_kinetically(
+    p: torch.Tensor,
+    q: torch.Tensor,
+    variances: torch.Tensor,
+    settings: dict,
+    seed: int,
+    out: Path,
+    progress: bool,
+    n_modes: int,
+    segments: np.ndarray,
+    lag: int,
+    weights: torch.Tensor | None = None,
+    checks: int = 10,
+) -> tuple[NeuralCanonicalTransformation, dict]:
+    """:func:`train_nct` with its length chosen by the slow process: the transformation untrained and
+    after every ``settings["steps"] / checks`` steps is scored by the autocorrelation at ``lag`` of
+    the slowest combination of its ``n_modes`` lowest-frequency modes (:func:`kinetic_slowest` over
+    ``segments``), and the best one is kept (by the variational principle of conformation dynamics
+    an estimated autocorrelation stays below the true slowest one, so higher is better). Likelihood
+    alone keeps improving while it turns a double well into one Gaussian, whose latent coordinate
+    is flat across the barrier, or while it fits the few frames that reweighting leaves effective.
+    The choice is kept in ``out`` (``selected.pt``, ``selection.json``) and reused by a call with
+    the same data and settings. Returns the model (eval mode) and metrics: ``nct_steps`` (kept),
+    ``nct_steps_trained``, ``nct_final_loss`` and ``nct_check_autocorrelations``."""
+    settings = nct_settings(settings)
+    record_settings = dict(
+        settings, seed=int(seed), n_modes=int(n_modes), lag=int(lag), checks=int(checks), data=_digest(p, q, weights)
+    )
+    out = Path(out)  # each check continues the previous one from its checkpoint there
+    record = read_record(out / "selection.json", record_settings, [out / "selected.pt"])
+    if record is not None:
+        model = build_nct(variances, settings["layers"], settings["hidden"])
+        model.load_state_dict(torch.load(out / "selected.pt"))
+        return model.eval(), record["metrics"]
+
+    def score(model) -> float:
+        return float(kinetic_slowest(latent_modes(model, q, n_modes).double().numpy(), segments, lag)[0].eigenvalues[0])
+
+    torch.manual_seed(seed)
+    model = build_nct(variances, settings["layers"], settings["hidden"]).eval()
+    best, kept, loss = score(model), 0, float("nan")
+    best_state, scores = {k: v.clone() for k, v in model.state_dict().items()}, [best]
+    stops = sorted({max(1, round(settings["steps"] * (k + 1) / checks)) for k in range(checks)})
+    for stop in stops:
+        model, trained = train_nct(p, q, variances, dict(settings, steps=stop), seed, out, progress, weights)
+        scores.append(score(model))
+        loss = trained["nct_final_loss"]
+        if scores[-1] > best:
+            best, kept, best_state = scores[-1], stop, {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    metrics = dict(nct_steps=kept, nct_steps_trained=stops[-1], nct_final_loss=loss, nct_check_autocorrelations=scores)
+    torch.save(best_state, out / "selected.pt")
+    write_record(out / "selection.json", record_settings, metrics=metrics)
+    return model.eval(), metrics
+
+
+def _digest(*arrays) -> str:
+    """A short hash of tensors (None skipped): what a cached result was computed from."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        if array is not None:
+            digest.update(torch.as_tensor(array).detach().cpu().double().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def latent_modes(model: NeuralCanonicalTransformation, q: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:

@@ -60,7 +60,9 @@ def test_every_file_is_written(tiny_run):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["features"] == "distances" and saved["n_features"] == 45 and saved["energy_rigid_invariant"]
-    assert saved["round1_nct_steps"] == 4 and saved["round1_frames"] == 200  # 0.02 ns at 1 fs, a frame every 100 steps
+    assert (
+        saved["round1_nct_steps_trained"] == 4 and saved["round1_frames"] == 200
+    )  # 0.02 ns at 1 fs, a frame every 100 steps
     assert saved["biased_ns_total"] == pytest.approx(0.02) and saved["production_frame_ps"] == pytest.approx(0.1)
     assert saved["reference_delta_f_kT"] == 3.52  # the reference of the system it names
     config = yaml.safe_load((out / "config.yaml").read_text())

@@ -90,7 +90,7 @@ def choose_features(system, kind: str = "auto", atoms: str = "heavy") -> tuple[F
 class SlowModes:
     """The trained transformation, its principal frame, the frames' coordinates ``q (T, k)`` on it,
     the latent positions ``modes (T, n_modes)`` of the smallest frequencies, every frequency ``omega
-    (k,)`` 1/ps in increasing order, and the training's metrics (``nct_steps``, ``nct_final_loss``)."""
+    (k,)`` 1/ps in increasing order, and the training's metrics (``nct_steps`` kept of ``nct_steps_trained``, ...)."""
 
     model: NeuralCanonicalTransformation
     frame: nct.PrincipalFrame
@@ -112,18 +112,25 @@ def slow_modes_of_trajectory(
     atoms: str = "heavy",
     align: bool = True,
     weights=None,
+    segments=None,
+    lag: int = 10,
 ) -> SlowModes:
     """Train the canonical transformation on the selected atoms of a trajectory file, or a list of them
     (``topology``: their PDB), of ``system`` (masses, temperature): positions aligned by Kabsch onto the
     first frame when ``align`` (the energy is invariant under rigid motions), mass-weighted principal
     axes, Maxwell-Boltzmann momenta drawn with ``seed``. ``settings``: ``openflow.nct.train_nct``'s;
-    ``weights (T,)``: frame weights of all frames in order."""
+    ``weights (T,)``: frame weights of all frames in order; ``segments (T,)``: each frame's run
+    (default: one run), for the kinetic choice of the training length at ``lag`` frames
+    (``openflow.nct.train_nct_kinetically``)."""
     positions = load(trajectory, topology, selection=atoms, align=align, dtype=DTYPE)
     masses = system.masses[select_atoms(system, atoms)]
     w = None if weights is None else torch.as_tensor(np.asarray(weights), dtype=DTYPE)
     frame = nct.principal_frame(positions, masses, system.kT_kjmol, rigid_body=align, weights=w)
     p, q = nct.phase_space(frame, positions, torch.Generator().manual_seed(seed))
-    model, metrics = nct.train_nct(p, q, frame.variances, settings, seed, out, progress, weights=w)
+    segments = np.zeros(len(q), dtype=int) if segments is None else np.asarray(segments)
+    model, metrics = nct.train_nct_kinetically(
+        p, q, frame.variances, settings, seed, out, progress, n_modes, segments, lag, weights=w
+    )
     return SlowModes(model, frame, q, nct.latent_modes(model, q, n_modes), model.slow_modes()[1].detach(), metrics)
 
 
@@ -290,7 +297,19 @@ def learn_slow_cv(
     out = Path(out)
     n_modes = min(n_modes, 3 * len(select_atoms(system, atoms)) - (nct.RIGID_BODY_DOF if align else 0))
     slow = slow_modes_of_trajectory(
-        system, paths, topology, n_modes, nct_settings, seed, out / "nct", progress, atoms, align, weights
+        system,
+        paths,
+        topology,
+        n_modes,
+        nct_settings,
+        seed,
+        out / "nct",
+        progress,
+        atoms,
+        align,
+        weights,
+        segments,
+        lag,
     )
     modes = slow.modes.double().numpy()  # at most as many modes as the frame has axes
     spectrum = nct.kinetic_slowest(modes, segments, lag, dim=min(2, n_modes))[0].eigenvalues

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import json
 import os
 import sys
@@ -81,6 +82,16 @@ def write_json(path, data) -> Path:
 def plain_json(value):
     """``value`` as it reads back from JSON (tuples as lists, numpy numbers as floats, paths as strings)."""
     return json.loads(json.dumps(_plain(value), default=str))
+
+
+def digest(*arrays) -> str:
+    """A short hash of arrays (numpy, or torch tensors on the CPU; None skipped) taken as float64:
+    what a cached result was computed from."""
+    hashed = hashlib.sha256()
+    for array in arrays:
+        if array is not None:
+            hashed.update(np.asarray(array, dtype=np.float64).tobytes())
+    return hashed.hexdigest()[:16]
 
 
 def read_record(path, settings: dict, files=()) -> dict | None:

@@ -22,7 +22,6 @@ Everything is in torch (training) and numpy (TICA); nothing assumes a molecule.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ from openflow.flows.symplectic import (
     PointTransformation,
     SymplecticScaling,
 )
-from openflow.io import read_record, write_record
+from openflow.io import digest, read_record, write_record
 from openflow.training import Trainer
 
 RIGID_BODY_DOF = 6  # translations and rotations removed by an alignment
@@ -221,7 +220,7 @@ def train_nct_kinetically(
     ``nct_steps_trained``, ``nct_final_loss`` and ``nct_check_autocorrelations``."""
     settings = nct_settings(settings)
     record_settings = dict(
-        settings, seed=int(seed), n_modes=int(n_modes), lag=int(lag), checks=int(checks), data=_digest(p, q, weights)
+        settings, seed=int(seed), n_modes=int(n_modes), lag=int(lag), checks=int(checks), data=digest(p, q, weights)
     )
     out = Path(out)  # each check continues the previous one from its checkpoint there
     record = read_record(out / "selection.json", record_settings, [out / "selected.pt"])
@@ -249,15 +248,6 @@ def train_nct_kinetically(
     torch.save(best_state, out / "selected.pt")
     write_record(out / "selection.json", record_settings, metrics=metrics)
     return model.eval(), metrics
-
-
-def _digest(*arrays) -> str:
-    """A short hash of tensors (None skipped): what a cached result was computed from."""
-    digest = hashlib.sha256()
-    for array in arrays:
-        if array is not None:
-            digest.update(torch.as_tensor(array).detach().cpu().double().numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def latent_modes(model: NeuralCanonicalTransformation, q: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:

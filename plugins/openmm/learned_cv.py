@@ -23,7 +23,6 @@ the System itself.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +38,7 @@ from openflow.cv import CVModel, fit_cv
 from openflow.data import dcd_header, load, load_trajectory
 from openflow.features import FeatureSet, distance_features, position_features, select_atoms, torsion_features
 from openflow.flows.symplectic import NeuralCanonicalTransformation
-from openflow.io import read_record, write_record
+from openflow.io import digest, read_record, write_record
 
 from .export import export_cv, load_cv_force, save_cv_force
 
@@ -165,9 +164,6 @@ def fit_and_export(
     model, frames, targets and settings returns the saved CV (``cv`` gets its fitted state)."""
     names = list(names) if names is not None else [f"cv_q{k + 1}" for k in range(cv.n_out)]
     positions = torch.as_tensor(frames.xyz, dtype=DTYPE)
-    digest = hashlib.sha256()
-    for array in (positions, torch.as_tensor(targets, dtype=DTYPE), *cv.state_dict().values()):
-        digest.update(array.detach().cpu().double().numpy().tobytes())
     settings = dict(
         names=names,
         epochs=epochs,
@@ -176,7 +172,7 @@ def fit_and_export(
         table_points=table_points,
         features=cv.features.names(),
         hidden=list(cv.hidden),
-        data=digest.hexdigest()[:16],
+        data=digest(positions, targets, *cv.state_dict().values()),
     )
     files = {f"{name}_xml": out / f"{name}.xml" for name in names}
     files["cv_model"] = out / "cv.pt"

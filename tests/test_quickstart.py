@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import WORKFLOWS
+from helpers import TINY_LOOP, WORKFLOWS
 
 from openflow import analysis
 from openflow.cv import CVModel
@@ -20,22 +20,11 @@ from openflow.systems import alanine_dipeptide
 from openflow.systems.alanine_dipeptide import PHI_CORE_MARGIN, phi_states
 from openflow.workflows import run
 
-TINY = {
-    "frame_ps": 0.1,
-    "round0": {"ns": 0.02},
-    "nct": {"steps": 4, "batch": 64, "hidden": [8], "layers": 2},
-    "cv": {"epochs": 3, "export_frames": 20},
-    "rounds": {"max": 1, "ns": 0.01},
-    "production": {"ns": 0.01},
-    "speed": {"steps": 200, "repeats": 1},
-    "progress": False,
-}
-
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("quickstart")
-    return out, run(WORKFLOWS / "quickstart.yaml", out, TINY)
+    return out, run(WORKFLOWS / "quickstart.yaml", out, TINY_LOOP)
 
 
 def test_every_file_is_written(tiny_run):
@@ -101,7 +90,7 @@ def test_a_rerun_reuses_every_finished_stage(tiny_run):
         "production/COLVAR",
     ]
     stamps = {name: (out / name).stat().st_mtime_ns for name in watched}
-    again = run(WORKFLOWS / "quickstart.yaml", out, TINY)
+    again = run(WORKFLOWS / "quickstart.yaml", out, TINY_LOOP)
     assert {name: (out / name).stat().st_mtime_ns for name in watched} == stamps
     for key, value in metrics.items():
         if not key.startswith(("wall_time", "speed_relative")):

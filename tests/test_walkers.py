@@ -13,7 +13,7 @@ import openmm
 import openmm.app as app
 import openmm.unit as unit
 import pytest
-from helpers import WORKFLOWS
+from helpers import TINY_LOOP, WORKFLOWS
 
 from openflow import analysis
 from openflow.cli import main
@@ -181,19 +181,15 @@ def test_two_walkers_share_one_bias_and_survive_a_killed_worker(ala, tmp_path):
 def test_the_learned_cv_loop_and_the_metad_command_run_with_two_walkers(tmp_path, capsys):
     """Round 0 as two runs (of round0.ns each), each biased run as two walkers started apart along the CV, production
     continuing each walker's own state and the shared bias; ``openflow metad --walkers 2`` pools them."""
-    tiny = {
-        "walkers": 2,
-        "frame_ps": 0.1,
-        "round0": {"ns": 0.04},
-        "nct": {"steps": 4, "batch": 64, "hidden": [8], "layers": 2},
-        "cv": {"epochs": 3, "export_frames": 20},
-        "rounds": {"max": 1, "ns": 0.02},
-        "production": {"ns": 0.02},
-        "checkpoint_ps": 5.0,
-        "report": {"compare": False},
-        "speed": {"steps": 200, "repeats": 1},
-        "progress": False,
-    }
+    tiny = dict(
+        TINY_LOOP,
+        walkers=2,
+        round0={"ns": 0.04},
+        rounds={"max": 1, "ns": 0.02},
+        production={"ns": 0.02},
+        checkpoint_ps=5.0,
+        report={"compare": False},
+    )
     metrics = run(WORKFLOWS / "quickstart.yaml", tmp_path / "loop", tiny)
     assert metrics["walkers"] == 2 and metrics["round0_runs"] == 2 and metrics["round1_frames"] == 800
     for folder in ("round1/metadynamics", "production"):

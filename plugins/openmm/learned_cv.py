@@ -308,6 +308,7 @@ def learn_slow_cv(
         lag,
     )
     modes = slow.modes.double().numpy()  # at most as many modes as the frame has axes
+    # two components' spectrum decide how many CVs; the targets are then the transform of exactly that many
     spectrum = nct.kinetic_slowest(modes, segments, lag, dim=min(2, n_modes))[0].eigenvalues
     dims = min(nct.slow_together(spectrum) if dims == "auto" else dims, n_modes)
     tica_model, target = nct.kinetic_slowest(modes, segments, lag, dim=dims)
